@@ -1,0 +1,137 @@
+"""Typed reading of one TOML table, with errors that name the file, the field path and the bad value.
+
+Every scenario section is read through a `Fields` view; a view remembers which keys were read so
+unknown keys (usually typos) are reported instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from fedsim.errors import ScenarioError
+
+__all__ = ["Fields", "MISSING"]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return f"a list of {len(value)} items" if len(value) > 4 else repr(value)
+    return repr(value)
+
+
+class Fields:
+    """A read-only view of one TOML table at `path` inside `source`."""
+
+    def __init__(self, table: Any, source: str, path: str):
+        if not isinstance(table, dict):
+            raise ScenarioError(source, path, f"must be a table, got {_show(table)}")
+        self.table = table
+        self.source = source
+        self.path = path
+        self._read: set[str] = set()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def field(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> ScenarioError:
+        return ScenarioError(self.source, self.field(key), message)
+
+    def has(self, key: str) -> bool:
+        return key in self.table
+
+    def raw(self, key: str, default: Any = MISSING) -> Any:
+        self._read.add(key)
+        if key not in self.table:
+            if default is MISSING:
+                raise self.error(key, "missing required field")
+            return default
+        return self.table[key]
+
+    def sub(self, key: str, default_empty: bool = False) -> "Fields":
+        value = self.raw(key, {} if default_empty else MISSING)
+        return Fields(value, self.source, self.field(key))
+
+    def sub_list(self, key: str) -> list["Fields"]:
+        value = self.raw(key)
+        if not isinstance(value, list) or not value:
+            raise self.error(key, f"must be a non-empty list of tables, got {_show(value)}")
+        return [Fields(item, self.source, f"{self.field(key)}[{i}]") for i, item in enumerate(value)]
+
+    def finish(self) -> None:
+        """Reject keys nobody read: a misspelt field must not be ignored silently."""
+        unknown = sorted(set(self.table) - self._read)
+        if unknown:
+            known = ", ".join(sorted(self._read)) or "none"
+            raise self.error(unknown[0], f"unknown field (known fields here: {known})")
+
+    # -- typed readers ----------------------------------------------------------------------------
+    def integer(self, key: str, default: Any = MISSING, *, low: int | None = None,
+                high: int | None = None) -> int:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer() and math.isfinite(value):
+                value = int(value)
+            else:
+                raise self.error(key, f"must be an integer, got {_show(value)}")
+        if low is not None and value < low:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise self.error(key, f"must be {what}, got {value}")
+        if high is not None and value > high:
+            raise self.error(key, f"must be at most {high}, got {value}")
+        return value
+
+    def number(self, key: str, default: Any = MISSING, *, low: float | None = None,
+               high: float | None = None, low_open: bool = False) -> float:
+        value = self.raw(key, default)
+        return self.check_number(key, value, low=low, high=high, low_open=low_open)
+
+    def check_number(self, key: str, value: Any, *, low: float | None = None,
+                     high: float | None = None, low_open: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(key, f"must be a number, got {_show(value)}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise self.error(key, f"must be a finite number, got {value}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise self.error(key, f"must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+        if high is not None and value > high:
+            raise self.error(key, f"must be <= {high:g}, got {value:g}")
+        return value
+
+    def optional_number(self, key: str, **limits: Any) -> float | None:
+        if self.raw(key, None) is None:
+            return None
+        return self.number(key, **limits)
+
+    def string(self, key: str, default: Any = MISSING) -> str:
+        value = self.raw(key, default)
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"must be a non-empty string, got {_show(value)}")
+        return value
+
+    def choice(self, key: str, options: Iterable[str], default: Any = MISSING) -> str:
+        options = tuple(options)
+        value = self.raw(key, default)
+        if value not in options:
+            raise self.error(key, f"must be one of {', '.join(options)}; got {_show(value)}")
+        return value
+
+    def boolean(self, key: str, default: Any = MISSING) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false, got {_show(value)}")
+        return value

@@ -1,0 +1,20 @@
+"""Straggler policies, one module each, registered here by their scenario name."""
+
+from __future__ import annotations
+
+from fedsim.fields import Fields
+from fedsim.strategies.base import Aggregation, Policy, RoundInputs, RoundUpdate
+from fedsim.strategies.drop import Drop
+from fedsim.strategies.salf import Salf
+from fedsim.strategies.wait import Wait
+
+__all__ = ["POLICIES", "Aggregation", "Policy", "RoundInputs", "RoundUpdate", "read_policy"]
+
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Salf, Drop, Wait)}
+
+
+def read_policy(fields: Fields, training) -> Policy:
+    name = fields.choice("name", sorted(POLICIES))
+    policy = POLICIES[name].read(fields, training)
+    fields.finish()
+    return policy

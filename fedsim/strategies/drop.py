@@ -1,0 +1,32 @@
+"""Drop stragglers: only devices that delivered every layer by the deadline count; the rest are discarded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from fedsim.fields import Fields
+from fedsim.strategies.base import Aggregation, Policy, RoundInputs, RoundUpdate
+from fedsim.strategies.layerwise import layerwise_fedsgd
+
+__all__ = ["Drop"]
+
+
+@dataclass(frozen=True)
+class Drop(Policy):
+    name: ClassVar[str] = "drop"
+    deadline_s: float
+    aggregation: Aggregation = Aggregation.MEAN
+
+    @classmethod
+    def read(cls, fields: Fields, training) -> "Drop":
+        return cls(
+            deadline_s=fields.number("deadline_s", low=0.0, low_open=True),
+            aggregation=Aggregation(fields.choice("aggregation", ["mean", "all"], "mean")),
+        )
+
+    def aggregate(self, inputs: RoundInputs, grads) -> RoundUpdate:
+        full = np.where(inputs.depths == inputs.n_layers, inputs.n_layers, 0)
+        return layerwise_fedsgd(inputs, grads, full, self.aggregation)

@@ -1,0 +1,75 @@
+"""Durations of one device-round, computed for all participants at once (pure numpy, no simulation).
+
+The engine turns these durations into SimPy timeouts. Layers are handled in backward order (last layer
+first) everywhere in this module: column k of `backward_s` is the k-th layer the backward pass finishes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsim.profile import ModelProfile
+
+__all__ = ["RoundPlan", "plan_round", "max_depth_fitting"]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    devices: np.ndarray          # int64 device ids, one row per participant
+    samples: np.ndarray          # samples each participant processes per local step
+    steps: np.ndarray            # local steps per participant
+    download_s: np.ndarray       # model download, latency included
+    forward_s: np.ndarray        # forward pass(es) over every local step but the last's backward
+    backward_s: np.ndarray       # (n, L): backward duration of each layer, in backward order
+    upload_s: np.ndarray         # (n, L): transfer time of each layer's gradient, in backward order
+    layer_order: tuple[int, ...]  # forward index of the k-th layer in backward order
+    upload_bytes: tuple[int, ...]  # bytes of each layer's gradient, in backward order
+    download_bytes: int
+    target_depth: np.ndarray     # layers each device intends to deliver (after_compute plans ahead)
+
+    @property
+    def n(self) -> int:
+        return int(self.devices.shape[0])
+
+
+def plan_round(profile: ModelProfile, devices: np.ndarray, speed_flops: np.ndarray, slowdown: np.ndarray,
+               samples: np.ndarray, steps: np.ndarray, downlink_bps: np.ndarray, uplink_bps: np.ndarray,
+               latency_s: np.ndarray, fwd_flops_scale: np.ndarray | None = None) -> RoundPlan:
+    """Durations for each participant from the model profile and the device's speed in this round.
+
+    With several local steps, every step but the last is a whole forward+backward counted into
+    `forward_s`; only the last step's backward is split per layer, because only it produces the update
+    that is delivered layer by layer.
+    """
+    order = profile.backward_order
+    fwd = np.array([profile.layers[i].fwd_flops_per_sample for i in order])
+    bwd = np.array([profile.layers[i].bwd_flops_per_sample for i in order])
+    sizes = np.array([profile.layers[i].size_bytes for i in order], dtype=np.int64)
+    scale = np.ones(len(devices)) if fwd_flops_scale is None else fwd_flops_scale
+    sec_per_flop = slowdown * scale / speed_flops                  # (n,)
+    per_sample = samples * sec_per_flop                             # (n,)
+    full_step = (fwd.sum() + bwd.sum()) * per_sample
+    forward_s = fwd.sum() * per_sample + (steps - 1) * full_step
+    backward_s = per_sample[:, None] * bwd[None, :]
+    download_s = latency_s + profile.total_bytes * 8.0 / downlink_bps
+    upload_s = latency_s[:, None] + sizes[None, :] * 8.0 / uplink_bps[:, None]
+    n_layers = len(order)
+    return RoundPlan(
+        devices=devices, samples=samples, steps=steps, download_s=download_s, forward_s=forward_s,
+        backward_s=backward_s, upload_s=upload_s, layer_order=tuple(order),
+        upload_bytes=tuple(int(s) for s in sizes), download_bytes=int(profile.total_bytes),
+        target_depth=np.full(len(devices), n_layers, dtype=np.int64),
+    )
+
+
+def max_depth_fitting(plan: RoundPlan, deadline_s: float) -> np.ndarray:
+    """Deepest k such that computing k layers and then uploading them one by one ends by the deadline.
+
+    This is what an `after_compute` device plans from its known speed and nominal link rate.
+    """
+    compute_end = (plan.download_s + plan.forward_s)[:, None] + np.cumsum(plan.backward_s, axis=1)
+    upload_total = np.cumsum(plan.upload_s, axis=1)
+    fits = compute_end + upload_total <= deadline_s           # (n, L), monotone: True then False
+    return fits.sum(axis=1).astype(np.int64)
