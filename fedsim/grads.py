@@ -38,8 +38,10 @@ class LayerSums:
 class GradientEngine:
     """Gradients of the model's current parameters on devices' mini-batches."""
 
-    def __init__(self, model: nn.Module, profile: ModelProfile, x_train: torch.Tensor, y_train: torch.Tensor):
+    def __init__(self, model: nn.Module, profile: ModelProfile, x_train: torch.Tensor, y_train: torch.Tensor,
+                 path: str = "auto"):
         self.model = model
+        self.path = path
         self.profile = profile
         dtype = next(model.parameters()).dtype
         self.x = x_train.to(dtype)

@@ -66,6 +66,7 @@ class TrainingSpec:
     lr: float
     momentum: float
     local_steps: int
+    grad_path: str           # "auto", "grouped", "vmap" or "loop" (see fedsim/grads.py)
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ def _read_training(f: Fields) -> TrainingSpec:
         lr=f.number("lr", low=0.0, low_open=True),
         momentum=f.number("momentum", 0.0, low=0.0, high=1.0),
         local_steps=f.integer("local_steps", 1, low=1, high=10_000),
+        grad_path=f.choice("grad_path", ["auto", "grouped", "vmap", "loop"], "auto"),
     )
     f.finish()
     return spec

@@ -64,7 +64,8 @@ class Server:
         dtype = next(model.parameters()).dtype
         self.x_test = dataset.x_test.to(dtype)
         self.y_test = dataset.y_test
-        self.grads = GradientEngine(model, profile, dataset.x_train, dataset.y_train)
+        self.grads = GradientEngine(model, profile, dataset.x_train, dataset.y_train,
+                                    path=scenario.training.grad_path)
         t = scenario.training
         self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum)
         self.current_round = 0

@@ -1,0 +1,38 @@
+"""The naive reference: one model copy per device, full backward, keep the delivered layers (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def per_device_grads(model, x, y, batches):
+    """Full gradient of each device's mini-batch mean loss, in float64, one device at a time."""
+    out = []
+    for idx in batches:
+        m = copy.deepcopy(model).double()
+        m.zero_grad()
+        loss = F.cross_entropy(m(x[torch.from_numpy(idx)].double()), y[torch.from_numpy(idx)])
+        loss.backward()
+        out.append({n: p.grad.detach().clone() for n, p in m.named_parameters()})
+    return out
+
+
+def layerwise_update(model, profile, x, y, batches, depths, divisor="count", scales=None):
+    """sum over devices reaching layer l of g_{u,l}, divided per layer; None where nobody reached."""
+    n_layers = profile.n_layers
+    grads = per_device_grads(model, x, y, batches)
+    layer_of = profile.layer_of_param()
+    update = {}
+    for name, layer in layer_of.items():
+        members = [i for i, d in enumerate(depths) if d >= n_layers - layer]
+        if not members:
+            update[name] = None
+            continue
+        total = sum(grads[i][name] for i in members)
+        div = len(members) if divisor == "count" else len(depths)
+        update[name] = total / div * (1.0 if scales is None else float(scales[layer]))
+    return update
