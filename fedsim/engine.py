@@ -3,14 +3,17 @@
 `env.now` is the only clock. A device process yields one timeout per phase (download, forward, each
 layer's backward, each layer's upload). The deadline is not a SimPy event every device waits on (that
 would cost a condition per layer): a device compares the end of its next phase with the deadline and,
-if the phase would overrun it, idles until the deadline and reports what it had delivered by then.
+if the phase would overrun it, works until the deadline and reports what it had delivered by then.
+Other endings are SimPy interrupts: the device going offline (churn) or the round reaching its quorum
+(overselect). Either way the energy of the unfinished phase is accounted to the simulated second.
 Real gradients are computed only after the round's processes are done, by the server callback, for
 exactly what each device delivered.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
@@ -20,7 +23,19 @@ from fedsim.scenario import DeviceClassSpec, UploadMode
 from fedsim.timing import RoundPlan
 from fedsim.trace import SERVER, DeviceStatus, EventKind, TraceWriter
 
-__all__ = ["DeviceOutcome", "RoundSetup", "RoundServer", "run_device_round", "run_round", "serve_rounds"]
+__all__ = ["DeviceOutcome", "RoundSetup", "RoundServer", "StopCause", "run_device_round", "run_round",
+           "serve_rounds"]
+
+
+class StopCause(enum.Enum):
+    OFFLINE = "offline"      # churn: the device left; undelivered work is lost
+    QUORUM = "quorum"        # the round already has the updates it waits for
+
+
+class _Phase(enum.Enum):
+    DOWNLOAD = "download"
+    COMPUTE = "compute"
+    UPLOAD = "upload"
 
 
 @dataclass
@@ -32,12 +47,23 @@ class DeviceOutcome:
     compute_s: float = 0.0
     upload_s: float = 0.0
     active_until_at: float = 0.0   # simulated time the device stopped working in this round
-    done_at: float | None = None   # time it delivered everything it intended to, None if cut
+    done_at: float | None = None   # time it delivered everything it intended to; None if stopped
+    stopped: StopCause | None = None
 
     def status(self, n_layers: int) -> DeviceStatus:
+        if self.stopped is StopCause.OFFLINE:
+            return DeviceStatus.OFFLINE
         if self.depth == 0:
             return DeviceStatus.NOTHING
         return DeviceStatus.COMPLETE if self.depth == n_layers else DeviceStatus.PARTIAL
+
+    def add(self, phase: "_Phase", seconds: float) -> None:
+        if phase is _Phase.DOWNLOAD:
+            self.download_s += seconds
+        elif phase is _Phase.COMPUTE:
+            self.compute_s += seconds
+        else:
+            self.upload_s += seconds
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,135 @@ class RoundSetup:
     deadline_s: float | None
     upload_mode: UploadMode
     powers: list[DeviceClassSpec]     # the class spec (power figures) of each participant
+    quorum: int | None = None         # end the round once this many participants are done
+
+
+class _Cut(Exception):
+    """The next phase would overrun the deadline; the lane worked until the deadline."""
+
+
+@dataclass
+class _Lane:
+    """One activity stream of a device (compute, or the uplink in streaming mode)."""
+    env: simpy.Environment
+    trace: TraceWriter
+    round: int
+    device: int
+    limit_at: float
+    out: DeviceOutcome
+    phase: _Phase | None = None
+    phase_start_at: float = 0.0
+    power_w: float = 0.0
+    layer: int = -1
+
+    def run(self, phase: _Phase, dur: float, power_w: float, layer: int, end: EventKind, nbytes: int = 0):
+        """One phase; raises _Cut at the deadline if it would end after it."""
+        env = self.env
+        self.phase, self.phase_start_at, self.power_w, self.layer = phase, env.now, power_w, layer
+        if env.now + dur > self.limit_at:
+            yield env.timeout(self.limit_at - env.now)
+            self.stop(EventKind.CUT)
+            raise _Cut
+        yield env.timeout(dur)
+        self.phase = None
+        self.out.add(phase, dur)
+        self.trace.event(self.round, env.now, self.device, end, layer, nbytes, power_w * dur)
+
+    def stop(self, kind: EventKind) -> None:
+        """Account the unfinished phase (if any) up to now."""
+        now = self.env.now
+        if self.phase is not None:
+            spent = now - self.phase_start_at
+            self.out.add(self.phase, spent)
+            self.trace.event(self.round, now, self.device, kind, self.layer, 0, self.power_w * spent)
+            self.phase = None
+        self.out.active_until_at = max(self.out.active_until_at, now)
+
+
+def run_device_round(env: simpy.Environment, setup: RoundSetup, i: int, deadline_at: float | None,
+                     trace: TraceWriter, on_done: Callable[[int], None] | None = None):
+    """One participant's round: download, forward, per-layer backward, uploads; returns DeviceOutcome."""
+    plan, r = setup.plan, setup.round
+    device = int(plan.devices[i])
+    power = setup.powers[i]
+    out = DeviceOutcome()
+    limit = float("inf") if deadline_at is None else deadline_at
+    lane = _Lane(env, trace, r, device, limit, out)
+    up_lane = _Lane(env, trace, r, device, limit, out)
+    uploader = None
+    mode = setup.upload_mode
+    try:
+        trace.event(r, env.now, device, EventKind.DOWNLOAD_START)
+        yield from lane.run(_Phase.DOWNLOAD, float(plan.download_s[i]), power.power_rx_w, -1,
+                            EventKind.DOWNLOAD_END, int(plan.download_bytes[i]))
+        yield from lane.run(_Phase.COMPUTE, float(plan.forward_s[i]), power.power_compute_w, -1,
+                            EventKind.FORWARD_END)
+        queue = None
+        if mode is UploadMode.STREAMING:
+            queue = simpy.Store(env)
+            uploader = env.process(_stream_uploads(env, setup, i, up_lane, queue))
+        target = int(plan.target_depth[i])
+        backward = plan.backward_s[i]
+        try:
+            for k in range(target):
+                yield from lane.run(_Phase.COMPUTE, float(backward[k]), power.power_compute_w,
+                                    plan.layer_order[k], EventKind.BACKWARD_END)
+                out.layers_computed += 1
+                if mode is UploadMode.IDEAL:
+                    out.depth = out.layers_computed
+                elif queue is not None:
+                    queue.put(k)
+        finally:
+            if queue is not None:
+                queue.put(None)
+        if uploader is not None:
+            yield uploader
+        elif mode is UploadMode.AFTER_COMPUTE:
+            for k in range(target):
+                yield from _upload(setup, i, k, lane)
+        if out.depth == target:
+            out.done_at = env.now
+            if on_done is not None:
+                on_done(i)
+        out.active_until_at = max(out.active_until_at, env.now)
+    except _Cut:
+        if uploader is not None and uploader.is_alive:
+            try:
+                yield uploader       # it ends at the deadline too
+            except simpy.Interrupt:
+                pass                 # stopped at the deadline instant: nothing left to account
+    except simpy.Interrupt as stop:
+        out.stopped = stop.cause
+        kind = EventKind.OFFLINE if stop.cause is StopCause.OFFLINE else EventKind.STOPPED
+        lane.stop(kind)
+        if uploader is not None and uploader.is_alive:
+            uploader.interrupt(stop.cause)
+            yield uploader
+    return out
+
+
+def _upload(setup: RoundSetup, i: int, k: int, lane: _Lane):
+    """Send the gradient of the k-th layer in backward order; it counts once it has fully arrived."""
+    plan = setup.plan
+    layer = plan.layer_order[k]
+    lane.trace.event(setup.round, lane.env.now, lane.device, EventKind.UPLOAD_START, layer)
+    yield from lane.run(_Phase.UPLOAD, float(plan.upload_s[i, k]), setup.powers[i].power_tx_w, layer,
+                        EventKind.UPLOAD_END, int(plan.upload_bytes[i, k]))
+    lane.out.depth += 1
+
+
+def _stream_uploads(env, setup: RoundSetup, i: int, lane: _Lane, queue: simpy.Store):
+    """Streaming mode: each finished layer is queued on the uplink; uploads run one after another."""
+    try:
+        while True:
+            k = yield queue.get()
+            if k is None or env.now >= lane.limit_at:
+                return
+            yield from _upload(setup, i, k, lane)
+    except _Cut:
+        return
+    except simpy.Interrupt as stop:
+        lane.stop(EventKind.OFFLINE if stop.cause is StopCause.OFFLINE else EventKind.STOPPED)
 
 
 class RoundServer(Protocol):
@@ -55,132 +210,43 @@ class RoundServer(Protocol):
 
     current_round: int
     trace: TraceWriter
+    active: dict[int, simpy.Process]     # device id -> its process in the round under way
 
     def setup_round(self, round_: int, env: simpy.Environment) -> RoundSetup: ...
     def finish_round(self, setup: RoundSetup, start_at: float, end_at: float,
                      outcomes: list[DeviceOutcome]) -> None: ...
 
 
-def _cut(env, trace, r, device, deadline_at, power_w, layer, out: DeviceOutcome):
-    """Idle the rest of the round in the current phase and record the energy spent on it."""
-    spent_s = deadline_at - env.now
-    yield env.timeout(spent_s)
-    trace.event(r, env.now, device, EventKind.CUT, layer, 0, power_w * spent_s)
-    out.active_until_at = env.now
-    return spent_s
-
-
-def run_device_round(env: simpy.Environment, setup: RoundSetup, i: int, deadline_at: float | None,
-                     trace: TraceWriter):
-    """One participant's round: download, forward, per-layer backward, uploads; returns DeviceOutcome."""
-    plan, r = setup.plan, setup.round
-    device = int(plan.devices[i])
-    power = setup.powers[i]
-    out = DeviceOutcome()
-    mode = setup.upload_mode
-    n_layers = len(plan.layer_order)
-    target = int(plan.target_depth[i]) if mode is UploadMode.AFTER_COMPUTE else n_layers
-    limit = float("inf") if deadline_at is None else deadline_at
-
-    trace.event(r, env.now, device, EventKind.DOWNLOAD_START)
-    dur = float(plan.download_s[i])
-    if env.now + dur > limit:
-        out.download_s = yield from _cut(env, trace, r, device, limit, power.power_rx_w, -1, out)
-        return out
-    yield env.timeout(dur)
-    out.download_s = dur
-    trace.event(r, env.now, device, EventKind.DOWNLOAD_END, -1, plan.download_bytes, power.power_rx_w * dur)
-
-    dur = float(plan.forward_s[i])
-    if env.now + dur > limit:
-        out.compute_s = yield from _cut(env, trace, r, device, limit, power.power_compute_w, -1, out)
-        return out
-    yield env.timeout(dur)
-    out.compute_s = dur
-    trace.event(r, env.now, device, EventKind.FORWARD_END, -1, 0, power.power_compute_w * dur)
-
-    uploader = None
-    queue = None
-    if mode is UploadMode.STREAMING:
-        queue = simpy.Store(env)
-        uploader = env.process(_stream_uploads(env, setup, i, limit, queue, trace, out))
-
-    backward = plan.backward_s[i]
-    for k in range(target):
-        dur = float(backward[k])
-        layer = plan.layer_order[k]
-        if env.now + dur > limit:
-            out.compute_s += yield from _cut(env, trace, r, device, limit, power.power_compute_w, layer, out)
-            if mode is UploadMode.IDEAL:
-                out.depth = out.layers_computed
-            if queue is not None:
-                queue.put(None)
-                yield uploader
-            return out
-        yield env.timeout(dur)
-        out.compute_s += dur
-        out.layers_computed += 1
-        trace.event(r, env.now, device, EventKind.BACKWARD_END, layer, 0, power.power_compute_w * dur)
-        if queue is not None:
-            queue.put(k)
-
-    if mode is UploadMode.IDEAL:
-        out.depth = out.layers_computed
-    elif mode is UploadMode.STREAMING:
-        queue.put(None)
-        yield uploader
-        if out.depth < out.layers_computed:
-            return out
-    else:
-        for k in range(target):
-            if not (yield from _upload(env, setup, i, k, limit, trace, out)):
-                return out
-    out.active_until_at = env.now
-    out.done_at = env.now
-    return out
-
-
-def _upload(env, setup: RoundSetup, i: int, k: int, limit: float, trace: TraceWriter, out: DeviceOutcome):
-    """Send the gradient of the k-th layer in backward order; False if the deadline cut it."""
-    plan, r = setup.plan, setup.round
-    device = int(plan.devices[i])
-    power_w = setup.powers[i].power_tx_w
-    layer = plan.layer_order[k]
-    dur = float(plan.upload_s[i, k])
-    if env.now >= limit:
-        return False
-    trace.event(r, env.now, device, EventKind.UPLOAD_START, layer)
-    if env.now + dur > limit:
-        out.upload_s += yield from _cut(env, trace, r, device, limit, power_w, layer, out)
-        return False
-    yield env.timeout(dur)
-    out.upload_s += dur
-    out.depth += 1
-    trace.event(r, env.now, device, EventKind.UPLOAD_END, layer, plan.upload_bytes[k], power_w * dur)
-    return True
-
-
-def _stream_uploads(env, setup: RoundSetup, i: int, limit: float, queue: simpy.Store, trace, out):
-    """Streaming mode: each finished layer is queued on the uplink; uploads run one after another."""
-    while True:
-        k = yield queue.get()
-        if k is None or not (yield from _upload(env, setup, i, k, limit, trace, out)):
-            return
-
-
 def run_round(env: simpy.Environment, server: RoundServer):
-    """One synchronous round: dispatch every participant, wait for delivery or the deadline."""
+    """One synchronous round: dispatch every participant, wait for delivery, the deadline or the quorum."""
     r = server.current_round
     setup = server.setup_round(r, env)
     start_at = env.now
     trace = server.trace
     trace.event(r, start_at, SERVER, EventKind.ROUND_START)
     deadline_at = None if setup.deadline_s is None else start_at + setup.deadline_s
-    procs = [env.process(run_device_round(env, setup, i, deadline_at, trace)) for i in range(setup.plan.n)]
+    quorum_reached = env.event()
+    done: list[int] = []
+
+    def on_done(i: int) -> None:
+        done.append(i)
+        if setup.quorum is not None and len(done) == setup.quorum:
+            quorum_reached.succeed()
+
+    procs = [env.process(run_device_round(env, setup, i, deadline_at, trace, on_done)) for i in range(setup.plan.n)]
+    server.active = {int(d): p for d, p in zip(setup.plan.devices, procs)}
     if procs:
-        yield simpy.AllOf(env, procs)
+        everyone = simpy.AllOf(env, procs)
+        yield everyone | quorum_reached
+        if not everyone.triggered:                 # quorum: stop the others where they are
+            running = [p for p in procs if p.is_alive]
+            for p in running:
+                p.interrupt(StopCause.QUORUM)
+            # a fired condition detaches from the events it nests, so wait on a fresh one
+            yield simpy.AllOf(env, running)
+    server.active = {}
     outcomes = [p.value for p in procs]
-    if deadline_at is not None and any(o.done_at is None for o in outcomes):
+    if deadline_at is not None and env.now >= deadline_at and any(o.done_at is None for o in outcomes):
         trace.event(r, env.now, SERVER, EventKind.DEADLINE)
     trace.event(r, env.now, SERVER, EventKind.ROUND_END)
     server.finish_round(setup, start_at, env.now, outcomes)

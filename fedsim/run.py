@@ -61,7 +61,7 @@ def run_scenario(scn: Scenario, run_dir: Path, progress: ProgressFn | None = Non
         def on_round(done: int) -> None:
             if progress is not None:
                 acc = server.last_eval.accuracy if server.last_eval else None
-                progress(done, env.now, acc)
+                progress(done, server.clock_at, acc)
 
         env.process(serve_rounds(env, server, scn.run.rounds, on_round))
         env.run()
@@ -73,7 +73,7 @@ def run_scenario(scn: Scenario, run_dir: Path, progress: ProgressFn | None = Non
                      error=f"{type(exc).__name__}: {exc}")
         raise
     last = server.last_eval
-    write_status(run_dir, RunStatus.COMPLETED, rounds_done=scn.run.rounds, sim_time_s=env.now,
+    write_status(run_dir, RunStatus.COMPLETED, rounds_done=scn.run.rounds, sim_time_s=server.clock_at,
                  test_accuracy=None if last is None else last.accuracy)
-    return RunSummary(run_dir, scn.run.rounds, env.now, None if last is None else last.accuracy,
+    return RunSummary(run_dir, scn.run.rounds, server.clock_at, None if last is None else last.accuracy,
                       None if last is None else last.loss)

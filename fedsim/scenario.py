@@ -146,7 +146,9 @@ def parse_scenario(text: str, source: str = "<scenario>", overrides=(), base_dir
     if fleet.participants is not None and fleet.participants > fleet.n_devices:
         raise ScenarioError(source, "fleet.participants",
                             f"must be at most the number of devices ({fleet.n_devices}), got {fleet.participants}")
-    return Scenario(source, text, tuple(overrides), run, model, data, training, fleet, network, policy)
+    scn = Scenario(source, text, tuple(overrides), run, model, data, training, fleet, network, policy)
+    policy.check(scn)
+    return scn
 
 
 def _read_run(f: Fields) -> RunSpec:

@@ -20,8 +20,9 @@ from fedsim.fleet import Fleet
 from fedsim.grads import GradientEngine
 from fedsim.profile import ModelProfile
 from fedsim.scenario import Scenario, UploadMode
-from fedsim.strategies import Policy, RoundInputs
-from fedsim.timing import max_depth_fitting, plan_round
+from fedsim.local import LocalTrainer
+from fedsim.strategies import Policy, RoundContext, RoundInputs
+from fedsim.timing import max_depth_fitting
 from fedsim.trace import TraceWriter
 
 __all__ = ["Server", "Evaluation", "evaluate", "round_rng", "ROUND_STREAM"]
@@ -69,47 +70,58 @@ class Server:
         t = scenario.training
         self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum)
         self.current_round = 0
+        self.clock_at = 0.0          # end of the last finished round: the run's simulated time
+        self.active: dict = {}
         self.depth_counts = np.zeros(profile.n_layers + 1, dtype=np.int64)
         self.last_eval: Evaluation | None = None
         self._batches: list[np.ndarray] = []
+        self._step_batches: list[list[np.ndarray]] = []
+        self._submodels: dict = {}
+        self.input_shape = dataset.input_shape
+        self.num_classes = dataset.num_classes
+        self.trainer = LocalTrainer(model, dataset.x_train, dataset.y_train, t.lr)
         self._slowdown = np.empty(0)
 
     # -- engine callbacks -------------------------------------------------------------------------
-    def select(self, rng: np.random.Generator) -> np.ndarray:
-        k = self.scenario.fleet.participants
-        n = self.fleet.n_devices
-        if k is None or k >= n:
-            return np.arange(n, dtype=np.int64)
-        return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+    def candidates(self, now_at: float) -> np.ndarray:
+        """Devices that can be selected at `now_at` (every device unless availability says otherwise)."""
+        return np.arange(self.fleet.n_devices, dtype=np.int64)
 
     def setup_round(self, round_: int, env: simpy.Environment) -> RoundSetup:
         rng = round_rng(self.scenario.run.seed, round_)
-        devices = self.select(rng)
-        batch = self.scenario.training.batch_size
-        self._batches = [self.partition.sample_batch(int(d), batch, rng) for d in devices]
+        devices = self.policy.select(self.candidates(env.now), self.scenario.fleet.participants, rng)
+        devices = np.asarray(devices, dtype=np.int64)
+        t = self.scenario.training
+        self._step_batches = [[self.partition.sample_batch(int(d), t.batch_size, rng) for _ in range(t.local_steps)]
+                              for d in devices]
+        self._batches = [b[0] for b in self._step_batches]
         self._slowdown = self.fleet.sample_slowdown(devices, rng)
         samples = np.array([len(b) for b in self._batches], dtype=np.int64)
-        fleet = self.fleet
-        plan = plan_round(
-            self.profile, devices, fleet.speed_flops[devices], self._slowdown, samples,
-            np.full(len(devices), self.scenario.training.local_steps, dtype=np.int64),
-            fleet.downlink_bps[devices], fleet.uplink_bps[devices], fleet.latency_s[devices],
-        )
         mode = self.scenario.network.upload_mode
+        ctx = RoundContext(self.profile, self.fleet, devices, self._slowdown, samples,
+                           np.full(len(devices), t.local_steps, dtype=np.int64), self.policy.deadline_s, mode,
+                           self.submodel, t.batch_size)
+        plan = self.policy.plan(ctx)
         if mode is UploadMode.AFTER_COMPUTE and self.policy.deadline_s is not None:
-            plan = replace(plan, target_depth=max_depth_fitting(plan, self.policy.deadline_s))
-        powers = [fleet.classes[c] for c in fleet.class_of[devices]]
-        return RoundSetup(round_, plan, self.policy.deadline_s, mode, powers)
+            fits = max_depth_fitting(plan, self.policy.deadline_s)
+            plan = replace(plan, target_depth=np.minimum(plan.target_depth, fits))
+        powers = [self.fleet.classes[c] for c in self.fleet.class_of[devices]]
+        return RoundSetup(round_, plan, self.policy.deadline_s, mode, powers, self.policy.quorum(len(devices), self.scenario.fleet.participants))
 
     def finish_round(self, setup: RoundSetup, start_at: float, end_at: float,
                      outcomes: list[DeviceOutcome]) -> None:
         plan = setup.plan
+        self.clock_at = end_at
         n_layers = self.profile.n_layers
         depths = np.array([o.depth for o in outcomes], dtype=np.int64)
         self.depth_counts += np.bincount(depths, minlength=n_layers + 1)
-        inputs = RoundInputs(setup.round, n_layers, plan.devices, depths, self.depth_counts.copy(), self._batches)
+        done = [(o.done_at, i) for i, o in enumerate(outcomes) if o.done_at is not None]
+        inputs = RoundInputs(setup.round, n_layers, plan.devices, depths, self.depth_counts.copy(), self._batches,
+                             self._step_batches, plan.samples, plan.steps,
+                             np.array([i for _, i in sorted(done)], dtype=np.int64), self.trainer, setup.quorum,
+                             self.submodel)
         update = self.policy.aggregate(inputs, self.grads)
-        self._apply(update.grads)
+        self._apply(update.grads, update.frozen)
         if self._eval_due(setup.round):
             self.last_eval = evaluate(self.model, self.x_test, self.y_test)
             evaluation = self.last_eval
@@ -127,16 +139,33 @@ class Server:
         })
         self.trace.end_round()
 
+    def submodel(self, width: float):
+        """The global architecture at `width` (HeteroFL) and its profile, built once per width."""
+        if width not in self._submodels:
+            from fedsim.models import build_model
+            from fedsim.profile import build_profile
+
+            sub = build_model(self.scenario.model.name, self.input_shape, self.num_classes,
+                              generator=torch.Generator().manual_seed(0), width=width,
+                              dtype=next(self.model.parameters()).dtype, source=self.scenario.source)
+            self._submodels[width] = (sub, build_profile(sub, self.input_shape, self.profile.granularity))
+        return self._submodels[width]
+
     # -- helpers ----------------------------------------------------------------------------------
     def _eval_due(self, round_: int) -> bool:
         run = self.scenario.run
         return (round_ + 1) % run.eval_every == 0 or round_ + 1 == run.rounds
 
-    def _apply(self, grads: dict[str, torch.Tensor | None]) -> None:
-        for name, p in self.model.named_parameters():
+    def _apply(self, grads: dict[str, torch.Tensor | None], frozen: dict[str, torch.Tensor] | None = None) -> None:
+        params = dict(self.model.named_parameters())
+        keep = {n: params[n].detach()[m].clone() for n, m in (frozen or {}).items()}
+        for name, p in params.items():
             p.grad = grads.get(name)
         self.optimizer.step()
-        for p in self.model.parameters():
+        with torch.no_grad():
+            for name, values in keep.items():      # entries no device held stay exactly as they were
+                params[name][frozen[name]] = values
+        for p in params.values():
             p.grad = None
 
     def _write_devices(self, setup: RoundSetup, end_at: float, outcomes: list[DeviceOutcome]) -> float:

@@ -12,7 +12,7 @@ import numpy as np
 
 from fedsim.profile import ModelProfile
 
-__all__ = ["RoundPlan", "plan_round", "max_depth_fitting"]
+__all__ = ["RoundPlan", "plan_round", "max_depth_fitting", "merge_plans"]
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class RoundPlan:
     backward_s: np.ndarray       # (n, L): backward duration of each layer, in backward order
     upload_s: np.ndarray         # (n, L): transfer time of each layer's gradient, in backward order
     layer_order: tuple[int, ...]  # forward index of the k-th layer in backward order
-    upload_bytes: tuple[int, ...]  # bytes of each layer's gradient, in backward order
-    download_bytes: int
+    upload_bytes: np.ndarray     # (n, L) int64: bytes of each layer's update, in backward order
+    download_bytes: np.ndarray   # (n,) int64: bytes of the model each device downloads
     target_depth: np.ndarray     # layers each device intends to deliver (after_compute plans ahead)
 
     @property
@@ -59,7 +59,8 @@ def plan_round(profile: ModelProfile, devices: np.ndarray, speed_flops: np.ndarr
     return RoundPlan(
         devices=devices, samples=samples, steps=steps, download_s=download_s, forward_s=forward_s,
         backward_s=backward_s, upload_s=upload_s, layer_order=tuple(order),
-        upload_bytes=tuple(int(s) for s in sizes), download_bytes=int(profile.total_bytes),
+        upload_bytes=np.broadcast_to(sizes, (len(devices), n_layers)),
+        download_bytes=np.full(len(devices), int(profile.total_bytes), dtype=np.int64),
         target_depth=np.full(len(devices), n_layers, dtype=np.int64),
     )
 
@@ -73,3 +74,20 @@ def max_depth_fitting(plan: RoundPlan, deadline_s: float) -> np.ndarray:
     upload_total = np.cumsum(plan.upload_s, axis=1)
     fits = compute_end + upload_total <= deadline_s           # (n, L), monotone: True then False
     return fits.sum(axis=1).astype(np.int64)
+
+
+def merge_plans(plans: list[RoundPlan], rows: list[np.ndarray], n: int) -> RoundPlan:
+    """One plan from plans computed for disjoint groups of participants (e.g. HeteroFL widths).
+
+    `rows[g]` are the positions, in the merged plan, of the participants of `plans[g]`.
+    """
+    first = plans[0]
+    out = {}
+    for name in ("devices", "samples", "steps", "download_s", "forward_s", "target_depth", "download_bytes",
+                 "backward_s", "upload_s", "upload_bytes"):
+        ref = getattr(first, name)
+        arr = np.empty((n,) + ref.shape[1:], dtype=ref.dtype)
+        for plan, idx in zip(plans, rows):
+            arr[idx] = getattr(plan, name)
+        out[name] = arr
+    return RoundPlan(layer_order=first.layer_order, **out)

@@ -31,6 +31,8 @@ class EventKind(enum.Enum):
     UPLOAD_START = "upload_start"
     UPLOAD_END = "upload_end"          # the layer's gradient has fully arrived at the server
     CUT = "cut"                        # the deadline stopped the device; energy of the unfinished phase
+    OFFLINE = "offline"                # churn: the device left mid-round; energy of the unfinished phase
+    STOPPED = "stopped"                # the round reached its quorum; energy of the unfinished phase
     DEADLINE = "deadline"
     ROUND_END = "round_end"
 
@@ -39,6 +41,7 @@ class DeviceStatus(enum.Enum):
     COMPLETE = "complete"      # delivered every layer
     PARTIAL = "partial"        # delivered some of the last layers
     NOTHING = "nothing"        # delivered no layer before the deadline
+    OFFLINE = "offline"        # went offline mid-round; only what was delivered before counts
 
 
 _EVENT_NAMES = [k.value for k in EventKind]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from fedsim.grads import GradientEngine
     from fedsim.scenario import TrainingSpec
 
-__all__ = ["Aggregation", "Policy", "RoundInputs", "RoundUpdate"]
+__all__ = ["Aggregation", "Policy", "RoundContext", "RoundInputs", "RoundUpdate"]
 
 
 class Aggregation(enum.Enum):
@@ -39,7 +39,14 @@ class RoundInputs:
     devices: np.ndarray          # participant ids
     depths: np.ndarray           # layers delivered by each participant (the last `depth` layers)
     depth_counts: np.ndarray     # histogram of depths over every device-round so far, this one included
-    batches: list[np.ndarray]    # training-sample indices of each participant's mini-batch
+    batches: list[np.ndarray]    # training-sample indices of each participant's first mini-batch
+    step_batches: list[list[np.ndarray]] = field(default_factory=list)   # every local step's mini-batch
+    samples: np.ndarray | None = None     # samples per step each participant processed
+    steps: np.ndarray | None = None       # local steps each participant ran
+    done_order: np.ndarray | None = None  # participants (positions) in the order they finished
+    trainer: Any = None                   # fedsim.local.LocalTrainer, for policies with local training
+    quorum: int | None = None             # the round's quorum, if the policy set one
+    submodel: Any = None                  # width -> (nn.Module, ModelProfile), see RoundContext
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,34 @@ class RoundUpdate:
     grads: dict[str, torch.Tensor | None]   # applied by the server optimizer; None leaves a tensor unchanged
     contributors: np.ndarray                # devices aggregated into each layer (forward order)
     train_loss: float | None                # mean mini-batch loss over the contributing devices
+    frozen: dict[str, torch.Tensor] | None = None   # entries no device held (HeteroFL): left unchanged
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What a policy may use to plan the work of a round's participants."""
+    profile: Any                 # fedsim.profile.ModelProfile of the global model
+    fleet: Any                   # fedsim.fleet.Fleet
+    devices: np.ndarray          # participant ids
+    slowdown: np.ndarray
+    samples: np.ndarray          # samples per step each participant would process (its batch)
+    steps: np.ndarray            # local steps each participant would run
+    deadline_s: float | None
+    upload_mode: Any             # fedsim.scenario.UploadMode
+    submodel: Any = None         # width -> (nn.Module, ModelProfile) of the narrower model (HeteroFL)
+    batch_size: int = 0
+
+    def plan(self, rows: np.ndarray | None = None, profile=None, samples=None, steps=None):
+        """`fedsim.timing.plan_round` for participants `rows` (all by default)."""
+        from fedsim.timing import plan_round
+
+        rows = np.arange(len(self.devices)) if rows is None else rows
+        d = self.devices[rows]
+        f = self.fleet
+        return plan_round(profile or self.profile, d, f.speed_flops[d], self.slowdown[rows],
+                          self.samples[rows] if samples is None else samples,
+                          self.steps[rows] if steps is None else steps,
+                          f.downlink_bps[d], f.uplink_bps[d], f.latency_s[d])
 
 
 class Policy(ABC):
@@ -66,3 +101,21 @@ class Policy(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    # -- optional hooks, with the behaviour of a plain synchronous round ---------------------------
+    def select(self, candidates: np.ndarray, k: int | None, rng: np.random.Generator) -> np.ndarray:
+        """Participants among the online `candidates`: all, or `k` sampled uniformly."""
+        if k is None or k >= len(candidates):
+            return candidates
+        return np.sort(rng.choice(candidates, size=k, replace=False))
+
+    def plan(self, ctx: RoundContext):
+        """The work each participant attempts (a `RoundPlan`); the default is the whole mini-batch."""
+        return ctx.plan()
+
+    def quorum(self, n_selected: int, k: int | None) -> int | None:
+        """End the round once this many participants are done (None: wait for all or the deadline)."""
+        return None
+
+    def check(self, scenario) -> None:
+        """Cross-section checks once the whole scenario is read (raise ScenarioError)."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from fedsim.fields import Fields
 from fedsim.strategies.base import Aggregation, Policy, RoundInputs, RoundUpdate
-from fedsim.strategies.layerwise import layerwise_fedsgd
+from fedsim.strategies.layerwise import full_model_update
 
 __all__ = ["Drop"]
 
@@ -28,5 +28,4 @@ class Drop(Policy):
         )
 
     def aggregate(self, inputs: RoundInputs, grads) -> RoundUpdate:
-        full = np.where(inputs.depths == inputs.n_layers, inputs.n_layers, 0)
-        return layerwise_fedsgd(inputs, grads, full, self.aggregation)
+        return full_model_update(inputs, grads, np.flatnonzero(inputs.depths == inputs.n_layers), self.aggregation)

@@ -1,4 +1,4 @@
-"""FedSGD aggregation layer by layer over nested contributor sets: shared by salf, drop and wait."""
+"""FedSGD aggregation layer by layer over nested contributor sets: shared by salf, drop, wait, overselect."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 from fedsim.aggregate import layer_update, miss_probabilities, unbiased_scales
 from fedsim.strategies.base import Aggregation, RoundInputs, RoundUpdate
 
-__all__ = ["layerwise_fedsgd"]
+__all__ = ["layerwise_fedsgd", "full_model_update"]
 
 
 def layerwise_fedsgd(inputs: RoundInputs, grads, counted_depths: np.ndarray, aggregation: Aggregation) -> RoundUpdate:
@@ -23,3 +23,19 @@ def layerwise_fedsgd(inputs: RoundInputs, grads, counted_depths: np.ndarray, agg
         scales = unbiased_scales(miss_probabilities(inputs.depth_counts), len(inputs.devices))
     update = layer_update(sums.sums, grads.layer_of_param, divisors, scales)
     return RoundUpdate(update, contributors, sums.mean_loss)
+
+
+def full_model_update(inputs: RoundInputs, grads, members: np.ndarray, aggregation: Aggregation = Aggregation.MEAN) -> RoundUpdate:
+    """Whole-model updates of `members` (positions): FedSGD with one local step, FedAvg with several."""
+    from fedsim.strategies.fedavg import fedavg
+
+    if inputs.steps is not None and len(members) and int(inputs.steps[members].max()) > 1:
+        update = fedavg(inputs, members)
+        if aggregation is Aggregation.ALL and len(members):
+            scale = len(members) / len(inputs.devices)
+            update = RoundUpdate({n: None if g is None else g * scale for n, g in update.grads.items()},
+                                 update.contributors, update.train_loss, update.frozen)
+        return update
+    depths = np.zeros(len(inputs.devices), dtype=np.int64)
+    depths[members] = inputs.n_layers
+    return layerwise_fedsgd(inputs, grads, depths, aggregation)

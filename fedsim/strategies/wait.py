@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fedsim.fields import Fields
-from fedsim.strategies.base import Aggregation, Policy, RoundInputs, RoundUpdate
-from fedsim.strategies.layerwise import layerwise_fedsgd
+from fedsim.strategies.base import Policy, RoundInputs, RoundUpdate
+import numpy as np
+
+from fedsim.strategies.layerwise import full_model_update
 
 __all__ = ["Wait"]
 
@@ -25,4 +27,4 @@ class Wait(Policy):
         return cls()
 
     def aggregate(self, inputs: RoundInputs, grads) -> RoundUpdate:
-        return layerwise_fedsgd(inputs, grads, inputs.depths, Aggregation.MEAN)
+        return full_model_update(inputs, grads, np.flatnonzero(inputs.depths == inputs.n_layers))

@@ -1,0 +1,96 @@
+"""HeteroFL (Diao, Ding, Tarokh, ICLR 2021): slow devices train a narrower sub-model sized to fit.
+
+A device of width ratio r trains the model whose hidden layers keep their first ceil(r * h) units or
+channels (inputs and outputs keep their full size), so its FLOPs and bytes come from that sub-model. The
+server averages each parameter entry over the devices whose sub-model holds it; entries no device held
+stay unchanged. Devices that do not finish by the deadline are dropped. Widths are set per device class
+(`policy.widths = { phone = 0.5 }`, 1 for unnamed classes) or chosen automatically: the largest of
+1, 1/2, 1/4, 1/8, 1/16 whose expected round time (mean speed, mean slowdown, mean link rates) fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from fedsim.errors import ScenarioError
+from fedsim.fields import Fields
+from fedsim.scenario import UploadMode
+from fedsim.strategies.base import Policy, RoundContext, RoundInputs, RoundUpdate
+from fedsim.strategies.fedavg import fedavg
+from fedsim.timing import merge_plans
+
+__all__ = ["HeteroFL", "AUTO_WIDTHS"]
+
+AUTO_WIDTHS = (1.0, 0.5, 0.25, 0.125, 0.0625)
+
+
+@dataclass(frozen=True)
+class HeteroFL(Policy):
+    name: ClassVar[str] = "heterofl"
+    deadline_s: float
+    widths: tuple[tuple[str, float], ...] | None = None     # None: automatic
+    _auto: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def read(cls, fields: Fields, training) -> "HeteroFL":
+        deadline = fields.number("deadline_s", low=0.0, low_open=True)
+        raw = fields.raw("widths", "auto")
+        if raw == "auto":
+            return cls(deadline_s=deadline)
+        table = fields.sub("widths")
+        widths = tuple((name, table.number(name, low=0.0, high=1.0, low_open=True)) for name in sorted(table.table))
+        return cls(deadline_s=deadline, widths=widths)
+
+    def check(self, scenario) -> None:
+        if scenario.model.name not in ("mlp", "cnn"):
+            raise ScenarioError(scenario.source, "policy.name",
+                                f"heterofl needs a model whose width can be scaled (mlp, cnn), got {scenario.model.name!r}")
+        names = {c.name for c in scenario.fleet.classes}
+        for name, _ in self.widths or ():
+            if name not in names:
+                raise ScenarioError(scenario.source, f"policy.widths.{name}",
+                                    f"no device class of that name (classes: {', '.join(sorted(names))})")
+
+    def class_widths(self, ctx: RoundContext) -> np.ndarray:
+        """Width ratio of every device class, in class order."""
+        classes = ctx.fleet.classes
+        if self.widths is not None:
+            given = dict(self.widths)
+            return np.array([given.get(c.name, 1.0) for c in classes])
+        if "widths" not in self._auto:
+            self._auto["widths"] = np.array([self._auto_width(c, ctx) for c in classes])
+        return self._auto["widths"]
+
+    def _auto_width(self, spec, ctx: RoundContext) -> float:
+        for width in AUTO_WIDTHS:
+            profile = ctx.submodel(width)[1]
+            flops = (profile.fwd_flops_per_sample + profile.bwd_flops_per_sample) * ctx.batch_size * int(ctx.steps.max())
+            time_s = spec.latency_s + 8 * profile.total_bytes / spec.downlink_bps.mean
+            time_s += flops * spec.slowdown.mean / spec.speed_flops.mean
+            if ctx.upload_mode is not UploadMode.IDEAL:
+                time_s += spec.latency_s + 8 * profile.total_bytes / spec.uplink_bps.mean
+            if time_s <= self.deadline_s:
+                return width
+        return AUTO_WIDTHS[-1]
+
+    def plan(self, ctx: RoundContext):
+        widths = self.class_widths(ctx)[ctx.fleet.class_of[ctx.devices]]
+        plans, rows = [], []
+        for w in sorted(set(widths.tolist()), reverse=True):
+            idx = np.flatnonzero(widths == w)
+            plans.append(ctx.plan(idx, profile=ctx.submodel(w)[1]))
+            rows.append(idx)
+        self._auto["last_widths"] = widths
+        return merge_plans(plans, rows, len(ctx.devices))
+
+    def aggregate(self, inputs: RoundInputs, grads) -> RoundUpdate:
+        widths = self._auto["last_widths"]
+        members = np.flatnonzero(inputs.depths == inputs.n_layers)
+        submodels = {int(i): inputs.submodel(float(widths[i]))[0] for i in members if widths[i] < 1.0}
+        return fedavg(inputs, members, submodels=submodels)
+
+    def describe(self) -> str:
+        return "heterofl"

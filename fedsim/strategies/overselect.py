@@ -1,0 +1,54 @@
+"""Over-selection (FedScale style): select ceil(f * K) devices, keep the first K to finish, end the round.
+
+No deadline: the round ends when the K-th participant finishes; the others are stopped where they are
+and their work is discarded. K is `policy.k`, else `fleet.participants`, else every online device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from fedsim.fields import Fields
+from fedsim.strategies.base import Policy, RoundInputs, RoundUpdate
+from fedsim.strategies.layerwise import full_model_update
+
+__all__ = ["Overselect"]
+
+
+@dataclass(frozen=True)
+class Overselect(Policy):
+    name: ClassVar[str] = "overselect"
+    deadline_s: None = None
+    fraction: float = 1.3
+    k: int | None = None
+
+    @classmethod
+    def read(cls, fields: Fields, training) -> "Overselect":
+        fields.raw("deadline_s", None)       # accepted and ignored: one scenario can switch policies
+        fields.raw("aggregation", None)
+        k = None if fields.raw("k", None) is None else fields.integer("k", low=1)
+        return cls(fraction=fields.number("fraction", 1.3, low=1.0, high=100.0), k=k)
+
+    def _k(self, k: int | None, available: int) -> int:
+        return min(self.k or k or available, available)
+
+    def select(self, candidates: np.ndarray, k: int | None, rng: np.random.Generator) -> np.ndarray:
+        n = min(math.ceil(self.fraction * self._k(k, len(candidates)) - 1e-9), len(candidates))
+        if n >= len(candidates):
+            return candidates
+        return np.sort(rng.choice(candidates, size=n, replace=False))
+
+    def quorum(self, n_selected: int, k: int | None) -> int | None:
+        return min(self._k(k, n_selected), n_selected)
+
+    def aggregate(self, inputs: RoundInputs, grads) -> RoundUpdate:
+        quorum = inputs.quorum if inputs.quorum is not None else len(inputs.devices)
+        finished = [i for i in inputs.done_order if inputs.depths[i] == inputs.n_layers]
+        return full_model_update(inputs, grads, np.sort(np.array(finished[:quorum], dtype=np.int64)))
+
+    def describe(self) -> str:
+        return f"overselect({self.fraction:g})"

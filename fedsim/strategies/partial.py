@@ -1,0 +1,59 @@
+"""Less local work (FedProx/FLSim style): each device does as much of its work as fits the deadline.
+
+With one local step a device processes the largest prefix of its mini-batch it can finish in time; with
+several, as many whole steps as fit (or, if not even one fits, a prefix of one step's batch). A device
+knows its speed in the round and its nominal link rates, so it plans exactly; with a non-ideal upload mode
+the upload of the whole model is budgeted too. The server weights each update by the work it holds
+(samples x steps), so with one step the update is the mean over every sample processed in the round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import numpy as np
+
+from fedsim.fields import Fields
+from fedsim.scenario import UploadMode
+from fedsim.strategies.base import Policy, RoundContext, RoundInputs, RoundUpdate
+from fedsim.strategies.fedavg import fedavg
+
+__all__ = ["Partial", "work_that_fits"]
+
+_SAFETY = 1.0 - 1e-9     # planned work ends strictly before the deadline despite float rounding
+
+
+def work_that_fits(ctx: RoundContext) -> tuple[np.ndarray, np.ndarray]:
+    """(samples per step, steps) each participant can finish before the deadline."""
+    one = ctx.plan(samples=np.ones(len(ctx.devices), dtype=np.int64), steps=np.ones(len(ctx.devices), dtype=np.int64))
+    per_sample_s = one.forward_s + one.backward_s.sum(axis=1)          # one forward+backward of one sample
+    overhead_s = one.download_s.copy()
+    if ctx.upload_mode is not UploadMode.IDEAL:
+        overhead_s += one.upload_s.sum(axis=1)
+    avail_s = np.maximum(ctx.deadline_s * _SAFETY - overhead_s, 0.0)
+    batch = ctx.samples
+    whole_steps = np.floor(avail_s / (batch * per_sample_s)).astype(np.int64)
+    steps = np.clip(whole_steps, 1, ctx.steps)
+    samples = np.where(whole_steps >= 1, batch, np.minimum(batch, np.floor(avail_s / per_sample_s))).astype(np.int64)
+    return samples, steps
+
+
+@dataclass(frozen=True)
+class Partial(Policy):
+    name: ClassVar[str] = "partial"
+    deadline_s: float
+
+    @classmethod
+    def read(cls, fields: Fields, training) -> "Partial":
+        return cls(deadline_s=fields.number("deadline_s", low=0.0, low_open=True))
+
+    def plan(self, ctx: RoundContext):
+        samples, steps = work_that_fits(ctx)
+        plan = ctx.plan(samples=samples, steps=steps)
+        return replace(plan, target_depth=np.where(samples > 0, plan.target_depth, 0))
+
+    def aggregate(self, inputs: RoundInputs, grads) -> RoundUpdate:
+        members = np.flatnonzero((inputs.depths == inputs.n_layers) & (inputs.samples > 0))
+        work = inputs.samples[members] * inputs.steps[members]
+        return fedavg(inputs, members, work)
