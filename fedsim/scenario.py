@@ -143,12 +143,29 @@ def parse_scenario(text: str, source: str = "<scenario>", overrides=(), base_dir
 
     policy = read_policy(root.sub("policy"), training)
     root.finish()
+    _check_memory(source, data, fleet)
     if fleet.participants is not None and fleet.participants > fleet.n_devices:
         raise ScenarioError(source, "fleet.participants",
                             f"must be at most the number of devices ({fleet.n_devices}), got {fleet.participants}")
     scn = Scenario(source, text, tuple(overrides), run, model, data, training, fleet, network, policy)
     policy.check(scn)
     return scn
+
+
+MAX_DATA_BYTES = 8 * 2**30
+
+
+def _check_memory(source: str, data: DataSpec, fleet: FleetSpec) -> None:
+    """Refuse sizes that could only end in an out-of-memory crash, before anything is allocated."""
+    n = fleet.n_devices
+    if data.name == "synthetic":
+        need = n * (data.samples_per_device + data.test_samples_per_device) * (60 + 1) * 4
+    else:
+        need = n * data.samples_per_device * 8          # the partition's int64 sample indices
+    if need > MAX_DATA_BYTES:
+        raise ScenarioError(source, "data.samples_per_device",
+                            f"{n} devices x {data.samples_per_device} samples would need {need / 2**30:.0f} GiB "
+                            f"(limit {MAX_DATA_BYTES // 2**30} GiB)")
 
 
 def _read_run(f: Fields) -> RunSpec:
