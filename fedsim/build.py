@@ -57,5 +57,5 @@ def build_components(scn: Scenario) -> Components:
     model = build_model(scn.model.name, dataset.input_shape, dataset.num_classes, generator=generator,
                         dtype=dtype, source=scn.source)
     profile = build_profile(model, dataset.input_shape, Granularity(scn.model.granularity))
-    fleet = build_fleet(scn.fleet, _rng(seed, "fleet"))
+    fleet = build_fleet(scn.fleet, _rng(seed, "fleet"), scn.source)
     return Components(dataset, partition, model, profile, fleet)

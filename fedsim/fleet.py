@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedsim.calibration import flash_rates_bps, measured_speeds_flops
 from fedsim.scenario import DeviceClassSpec, FleetSpec
 
 __all__ = ["Fleet", "build_fleet"]
@@ -42,17 +43,28 @@ class Fleet:
         return out
 
 
-def build_fleet(spec: FleetSpec, rng: np.random.Generator) -> Fleet:
+def build_fleet(spec: FleetSpec, rng: np.random.Generator, source: str = "<scenario>") -> Fleet:
+    """Per-device parameters, class by class in class order, each quantity from the same stream."""
     class_of = np.concatenate([np.full(c.count, i, dtype=np.int32) for i, c in enumerate(spec.classes)])
-
-    def per_device(attr: str) -> np.ndarray:
-        return np.concatenate([getattr(c, attr).sample(rng, c.count) for c in spec.classes]).astype(np.float64)
-
+    speed, down, up = [], [], []
+    for i, c in enumerate(spec.classes):
+        if c.measured is not None:
+            speed.append(measured_speeds_flops(c.measured, c.count, rng, source, f"fleet.classes[{i}].measured"))
+        else:
+            speed.append(c.speed_flops.sample(rng, c.count))
+        if c.flash_bandwidth:
+            d, u = flash_rates_bps(spec.traces_dir, c.count, rng)
+        else:
+            # classes with a wireless or ideal access have no wired rates: the network supplies them
+            d = c.downlink_bps.sample(rng, c.count) if c.downlink_bps is not None else np.full(c.count, np.inf)
+            u = c.uplink_bps.sample(rng, c.count) if c.uplink_bps is not None else np.full(c.count, np.inf)
+        down.append(d)
+        up.append(u)
     return Fleet(
         classes=spec.classes,
         class_of=class_of,
-        speed_flops=per_device("speed_flops"),
-        downlink_bps=per_device("downlink_bps"),
-        uplink_bps=per_device("uplink_bps"),
+        speed_flops=np.concatenate(speed).astype(np.float64),
+        downlink_bps=np.concatenate(down).astype(np.float64),
+        uplink_bps=np.concatenate(up).astype(np.float64),
         latency_s=np.concatenate([np.full(c.count, c.latency_s) for c in spec.classes]),
     )

@@ -1,0 +1,261 @@
+"""Availability churn: exact switch times from files and fixed durations, long-run fractions, bad files."""
+
+from __future__ import annotations
+
+import tomllib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import simpy
+
+from fedsim.churn import (
+    AlwaysOnline, ChurnSpec, InitialState, RenewalAvailability, _splitmix64, build_availability, churn,
+    load_availability_trace, read_availability_file, read_churn_spec,
+)
+from fedsim.distributions import Dist, DistKind
+from fedsim.errors import DataError, ScenarioError
+from fedsim.fields import Fields
+
+TRACE = """device,start_s,end_s
+0,0,10
+1,5,7.5
+0,12,20
+2,3,4
+2,4,6
+"""
+# Device 2's touching intervals merge into [3, 6); device 3 is never online.
+EXPECTED_ONLINE = {0: [0], 2.9: [0], 3: [0, 2], 5: [0, 1, 2], 6: [0, 1], 7.5: [0], 10: [], 11.5: [], 12: [0],
+                   19.99: [0], 20: [], 1e9: []}
+EXPECTED_SWITCHES = [(3.0, 2, True), (5.0, 1, True), (6.0, 2, False), (7.5, 1, False), (10.0, 0, False),
+                     (12.0, 0, True), (20.0, 0, False)]
+
+
+def record(env, availability, devices):
+    events = []
+    proc = env.process(churn(env, availability, devices, lambda d, on: events.append((env.now, d, on))))
+    return events, proc
+
+
+def fixed(value):
+    return Dist(DistKind.FIXED, value)
+
+
+def exponential(mean):
+    return Dist(DistKind.EXPONENTIAL, mean)
+
+
+@pytest.fixture(params=["csv", "parquet"])
+def trace_file(request, tmp_path):
+    path = tmp_path / "avail.csv"
+    path.write_text(TRACE)
+    if request.param == "parquet":
+        table = pacsv.read_csv(path)
+        path = tmp_path / "avail.parquet"
+        pq.write_table(table, path)
+    return path
+
+
+def test_trace_gives_the_intended_online_sets_and_switch_times(trace_file):
+    avail = load_availability_trace(trace_file, 4)
+    for at, online in EXPECTED_ONLINE.items():
+        assert avail.online_devices(at).tolist() == online, at
+        assert [avail.is_online(d, at) for d in range(4)] == [d in online for d in range(4)]
+    env = simpy.Environment()
+    events, _ = record(env, avail, range(4))
+    env.run()
+    assert events == EXPECTED_SWITCHES
+    # Watching a subset from a later start time.
+    env = simpy.Environment()
+    env.run(until=5.0)
+    events, _ = record(env, avail, [0, 1])
+    env.run()
+    assert events == [(7.5, 1, False), (10.0, 0, False), (12.0, 0, True), (20.0, 0, False)]
+
+
+def test_fixed_durations_give_exact_switch_times():
+    spec = ChurnSpec(fixed(2.5), fixed(0.75), InitialState.ONLINE)
+    late = ChurnSpec(fixed(2.5), fixed(0.75), InitialState.OFFLINE)
+    avail = RenewalAvailability(np.array([0, 1, 2]), [spec, late, None], np.random.default_rng(0))
+    env = simpy.Environment()
+    events, proc = record(env, avail, [0, 1, 2])
+    env.run(until=7.0)
+    assert events == [(0.75, 1, True), (2.5, 0, False), (3.25, 0, True), (3.25, 1, False), (4.0, 1, True),
+                      (5.75, 0, False), (6.5, 0, True), (6.5, 1, False)]
+    assert [avail.is_online(0, t) for t in (0, 2.4, 2.5, 3.2, 3.25, 100 * 3.25 + 1)] == [True, True, False, False,
+                                                                                           True, True]
+    assert avail.is_online(2, 1e6)   # a class without churn is always online
+    proc.interrupt()   # stops watching
+    env.run(until=20)
+    assert events[-1] == (6.5, 1, False)
+
+
+def test_exponential_durations_have_the_right_long_run_online_fraction():
+    spec = ChurnSpec(exponential(600.0), exponential(120.0), InitialState.STATIONARY)
+    n = 20_000
+    avail = RenewalAvailability(np.zeros(n, dtype=np.int64), [spec], np.random.default_rng(5))
+    target = 600 / 720
+    for at in (0.0, 300.0, 5_000.0, 50_000.0):
+        assert avail.online_mask(np.arange(n), at).mean() == pytest.approx(target, abs=0.01), at
+    # A single device's time average over a long horizon.
+    one = RenewalAvailability(np.zeros(1, dtype=np.int64), [spec], np.random.default_rng(6))
+    env = simpy.Environment()
+    events, _ = record(env, one, [0])
+    env.run(until=2e6)
+    times = [0.0] + [t for t, _, _ in events] + [2e6]
+    states = [one.is_online(0, 0.0)] + [on for _, _, on in events]
+    online_time = sum(b - a for a, b, s in zip(times, times[1:], states) if s)
+    assert online_time / 2e6 == pytest.approx(target, abs=0.02)
+
+
+def test_stationary_start_with_fixed_periods_is_stationary():
+    spec = ChurnSpec(fixed(3.0), fixed(1.0), InitialState.STATIONARY)
+    n = 40_000
+    avail = RenewalAvailability(np.zeros(n, dtype=np.int64), [spec], np.random.default_rng(2))
+    for at in (0.0, 0.5, 1.7, 10.25):
+        assert avail.online_mask(np.arange(n), at).mean() == pytest.approx(0.75, abs=0.01), at
+    switch_at, online_after = avail.next_switches(np.arange(n), 10.25)
+    assert np.all(switch_at > 10.25) and np.all(switch_at <= 10.25 + 3.0)
+
+
+def test_draws_do_not_depend_on_query_pattern_or_other_devices():
+    spec = ChurnSpec(Dist(DistKind.LOGNORMAL, 50.0, 0.8), Dist(DistKind.UNIFORM, 5.0, 30.0), InitialState.STATIONARY)
+    cls = np.zeros(500, dtype=np.int64)
+    a = RenewalAvailability(cls, [spec], np.random.default_rng(11))
+    b = RenewalAvailability(cls, [spec], np.random.default_rng(11))
+    for t in np.arange(0.0, 5000.0, 7.0):   # a queried in small steps, b once at the end
+        a.online_mask(np.arange(0, 500, 3), t)
+    assert np.array_equal(a.next_switches(np.arange(500), 5000.0)[0], b.next_switches(np.arange(500), 5000.0)[0])
+    # Going back in time replays the same stream.
+    before = [b.is_online(7, t) for t in (10.0, 100.0, 1000.0)]
+    assert [a.is_online(7, t) for t in (10.0, 100.0, 1000.0)] == before
+    c = RenewalAvailability(cls, [spec], np.random.default_rng(12))
+    assert not np.array_equal(c.next_switches(np.arange(500), 0.0)[0], b.next_switches(np.arange(500), 0.0)[0])
+
+
+def test_counter_stream_is_splitmix64():
+    # The published first outputs of SplitMix64 seeded with 0.
+    out = _splitmix64(np.uint64(0), np.array([1, 2, 3], dtype=np.uint64))
+    assert [int(x) for x in out] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+
+
+def test_build_availability_and_always_online():
+    avail = build_availability(np.zeros(3, dtype=np.int64), [None], np.random.default_rng(0))
+    assert isinstance(avail, AlwaysOnline) and avail.online_devices(5.0).tolist() == [0, 1, 2]
+    assert avail.next_switches(np.arange(3), 0.0)[0].tolist() == [np.inf] * 3
+
+
+def test_offline_switch_interrupts_the_device_process():
+    """How the engine wires churn: on_change interrupts the running device process."""
+    avail = RenewalAvailability(np.array([0]), [ChurnSpec(fixed(1.5), fixed(1.0), InitialState.ONLINE)],
+                                np.random.default_rng(0))
+    env = simpy.Environment()
+    log = []
+
+    def device_round():
+        try:
+            yield env.timeout(10.0)
+            log.append("finished")
+        except simpy.Interrupt as exc:
+            log.append((env.now, exc.cause))
+
+    running = {0: env.process(device_round())}
+
+    def on_change(device, online):
+        proc = running.get(device)
+        if not online and proc is not None and proc.is_alive:
+            proc.interrupt("offline")
+
+    env.process(churn(env, avail, [0], on_change))
+    env.run(until=3)
+    assert log == [(1.5, "offline")]
+
+
+def read(text, key="availability"):
+    raw = tomllib.loads(text)
+    return read_churn_spec(Fields(raw, "s.toml", "fleet.classes[0]"), key)
+
+
+def test_read_churn_spec():
+    spec = read('availability = { on_s = { dist = "exponential", mean = 600 }, off_s = 120 }')
+    assert spec == ChurnSpec(exponential(600.0), fixed(120.0), InitialState.STATIONARY)
+    assert read('availability = { on_s = 1, off_s = 2, initial = "offline" }').initial is InitialState.OFFLINE
+    assert read('availability = { on_s = 1, off_s = 2, initial = 0.25 }').online_prob == 0.25
+    assert read("other = 1", key="availability") is None
+    for text, field in [('availability = { on_s = 1 }', "fleet.classes[0].availability.off_s"),
+                        ('availability = { on_s = 1, off_s = 0 }', "fleet.classes[0].availability.off_s"),
+                        ('availability = { on_s = 1, off_s = 2, initial = 1.5 }',
+                         "fleet.classes[0].availability.initial"),
+                        ('availability = { on_s = 1, off_s = 2, initial = "sometimes" }',
+                         "fleet.classes[0].availability.initial"),
+                        ('availability = { on_s = 1, off_s = 2, of_s = 2 }', "fleet.classes[0].availability.of_s"),
+                        ('availability = { on_s = { dist = "exponential" }, off_s = 2 }',
+                         "fleet.classes[0].availability.on_s.mean")]:
+        with pytest.raises(ScenarioError) as info:
+            read(text)
+        assert info.value.field == field, text
+
+
+def test_read_availability_file(tmp_path):
+    (tmp_path / "a.csv").write_text(TRACE)
+    f = Fields({"availability_file": "a.csv"}, "s.toml", "fleet")
+    assert read_availability_file(f, "availability_file", base_dir=tmp_path) == tmp_path / "a.csv"
+    with pytest.raises(ScenarioError, match="fleet.availability_file: availability file does not exist"):
+        read_availability_file(Fields({"availability_file": "b.csv"}, "s.toml", "fleet"), "availability_file", tmp_path)
+    assert read_availability_file(Fields({}, "s.toml", "fleet"), "availability_file") is None
+
+
+BAD_FILES = [
+    ("device,start_s\n0,1\n", "missing column(s) end_s"),
+    ("device,start_s,end_s\n0,1,2\n1,abc,3\n", "row 2 (line 3): start_s: not a number, got 'abc'"),
+    ("device,start_s,end_s\n0,1,2\n1,,3\n", "row 2 (line 3): start_s: missing value"),
+    ("device,start_s,end_s\n0,1,2\n1,3,3\n", "row 2 (line 3): start_s 3.0 must be before end_s 3.0"),
+    ("device,start_s,end_s\n0,1,2\n0,5,9\n1,0,1\n0,8,10\n",
+     "row 4 (line 5): device 0's interval [8.0, 10.0) starts before the end of its previous interval [5.0, 9.0) "
+     "at row 2 (line 3)"),
+    ("device,start_s,end_s\n0,5,9\n0,1,2\n", "row 2 (line 3): device 0's interval [1.0, 2.0) starts before"),
+    ("device,start_s,end_s\n0,1,2\n4,1,2\n", "row 2 (line 3): device: id 4 out of range"),
+    ("device,start_s,end_s\n0,1,2\n-1,1,2\n", "row 2 (line 3): device: id -1 out of range"),
+    ("device,start_s,end_s\n0.5,1,2\n", "row 1 (line 2): device: not an integer id, got 0.5"),
+    ("device,start_s,end_s\n0,1,inf\n", "row 1 (line 2): end_s: must be a finite number, got inf"),
+    ("device,start_s,end_s\n0,nan,2\n", "row 1 (line 2): start_s: must be a finite number"),
+    ("device,start_s,end_s\n", "no intervals"),
+    ("device,start_s,end_s\n0,1,2\n1,2\n", "cannot read the availability file"),
+]
+
+
+@pytest.mark.parametrize("text, problem", BAD_FILES)
+def test_bad_files_raise_data_errors_naming_file_and_row(tmp_path, text, problem):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(DataError) as info:
+        load_availability_trace(path, 4)
+    assert str(path) in str(info.value) and problem in str(info.value)
+
+
+def test_bad_parquet_and_missing_files(tmp_path):
+    with pytest.raises(DataError, match="no such availability file"):
+        load_availability_trace(tmp_path / "none.csv", 4)
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="bad.parquet: cannot read"):
+        load_availability_trace(path, 4)
+    pq.write_table(pa.table({"device": [0, 1], "start_s": [1.0, 5.0], "end_s": [2.0, 4.0]}), path)
+    with pytest.raises(DataError, match=r"bad.parquet: row 2: start_s 5.0 must be before end_s 4.0"):
+        load_availability_trace(path, 4)
+
+
+def test_many_devices_one_process():
+    """100,000 devices: one process, vectorised state; a selection query and an hour of churn stay quick."""
+    n = 100_000
+    spec = ChurnSpec(exponential(600.0), exponential(120.0), InitialState.STATIONARY)
+    avail = RenewalAvailability(np.zeros(n, dtype=np.int64), [spec], np.random.default_rng(1))
+    assert len(avail.online_devices(3600.0)) == pytest.approx(n * 600 / 720, rel=0.02)
+    env = simpy.Environment()
+    count = [0]
+    env.process(churn(env, avail, np.arange(0, n, 10), lambda d, on: count.__setitem__(0, count[0] + 1)))
+    env.run(until=600.0)
+    # 10,000 watched devices, about 2 switches per 720 s each.
+    assert count[0] == pytest.approx(10_000 * 600 * 2 / 720, rel=0.05)
