@@ -1,0 +1,212 @@
+"""`fedsim sweep`: the grid x seeds plan, run directories, the index and its metrics, resuming, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import BASE_TOML
+from fedsim.cli import main
+from fedsim.errors import FedsimError
+from fedsim.sweep import parse_grid, plan_sweep
+
+GRID = ["--grid", "policy.name=salf,drop", "--grid", "policy.deadline_s=0.05,0.1"]
+SEEDS = [3, 4]                    # BASE_TOML has run.seed = 3; --seeds 2 gives base + 0, base + 1
+TARGET = 0.3
+IDS = [f"policy.name={p},policy.deadline_s={d},seed={s}"
+       for p in ("salf", "drop") for d in ("0.05", "0.1") for s in SEEDS]
+
+
+def sweep_argv(scenario, out, *extra):
+    return ["sweep", str(scenario), *GRID, "--seeds", "2", "--set", "run.rounds=4", "--jobs", "2",
+            "--target-accuracy", str(TARGET), "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sweep")
+    scenario = base / "s.toml"
+    scenario.write_text(BASE_TOML)
+    out = base / "out"
+    assert main(sweep_argv(scenario, out, "--quiet")) == 0
+    return scenario, out
+
+
+def test_run_directories_and_index(sweep):
+    scenario, out = sweep
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(IDS)
+    for run_id in IDS:
+        run_dir = out / "runs" / run_id
+        assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+        for name in ("events", "rounds", "devices"):
+            assert (run_dir / f"{name}.parquet").is_file()
+        params = json.loads((run_dir / "params.json").read_text())
+        assert params["run_id"] == run_id
+        assert params["seed"] == int(run_id.rsplit("=", 1)[1])
+        assert params["overrides"][-1] == f"run.seed={params['seed']}"
+        meta = pq.read_schema(run_dir / "rounds.parquet").metadata
+        assert meta[b"run.seed"].decode() == str(params["seed"])
+        assert json.loads(meta[b"scenario.overrides"]) == params["overrides"]
+
+    index = pq.read_table(out / "index.parquet")
+    assert index.column_names[:5] == ["run_id", "policy.name", "policy.deadline_s", "seed", "status"]
+    assert index.schema.field("policy.name").type == "string"
+    assert index.schema.field("policy.deadline_s").type == "string"
+    rows = index.to_pylist()
+    assert [r["run_id"] for r in rows] == IDS
+    assert all(r["status"] == "completed" and r["error"] is None for r in rows)
+    for r in rows:
+        params = f"policy.name={r['policy.name']},policy.deadline_s={r['policy.deadline_s']}"
+        assert r["run_id"] == f"{params},seed={r['seed']}"
+        assert r["run_dir"] == f"runs/{r['run_id']}"
+    assert json.loads((out / "sweep.json").read_text())["grid"] == {"policy.name": ["salf", "drop"],
+                                                                    "policy.deadline_s": ["0.05", "0.1"]}
+
+
+def recompute(run_dir, target):
+    """Headline metrics straight from rounds.parquet, in plain Python."""
+    t = pq.read_table(run_dir / "rounds.parquet").to_pydict()
+    order = sorted(range(len(t["round"])), key=lambda i: t["round"][i])
+    col = {k: [t[k][i] for i in order] for k in t}
+    evaluated = [(i, a) for i, a in enumerate(col["test_accuracy"]) if a is not None]
+    hit = next((i for i, a in evaluated if a >= target), None)
+    return {
+        "policy": col["policy"][0],
+        "rounds": len(order),
+        "final_accuracy": evaluated[-1][1],
+        "best_accuracy": max(a for _, a in evaluated),
+        "sim_time_s": max(col["end_s"]),
+        "energy_j": sum(col["energy_j"]),
+        "mean_delivered": sum(col["delivered_any"]) / len(order),
+        "mean_completed": sum(col["completed"]) / len(order),
+        "time_to_target_s": None if hit is None else col["end_s"][hit],
+        "energy_to_target_j": None if hit is None else sum(col["energy_j"][: hit + 1]),
+        "rounds_to_target": None if hit is None else hit + 1,
+    }
+
+
+def test_index_metrics_equal_the_traces(sweep):
+    _, out = sweep
+    rows = pq.read_table(out / "index.parquet").to_pylist()
+    reached = 0
+    for row in rows:
+        expected = recompute(out / row["run_dir"], TARGET)
+        for name, value in expected.items():
+            if value is None or isinstance(value, (str, int)):
+                assert row[name] == value, (row["run_id"], name)
+            else:
+                assert row[name] == pytest.approx(value, rel=1e-12), (row["run_id"], name)
+        reached += expected["time_to_target_s"] is not None
+        assert row["rounds"] == 4
+        assert row["policy"] == ("salf(mean)" if row["policy.name"] == "salf" else "drop")
+    assert 0 < reached < len(rows)        # the target splits the runs: both branches are checked
+    devices = pq.read_table(out / rows[0]["run_dir"] / "devices.parquet")
+    assert rows[0]["energy_j"] == pytest.approx(sum(devices.column("energy_j").to_pylist()), rel=1e-12)
+
+
+def test_resume_redoes_only_missing_or_unfinished_runs(sweep, tmp_path, capsys):
+    scenario, original = sweep
+    out = tmp_path / "copy"
+    shutil.copytree(original, out)            # copy2 keeps mtimes
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    deleted, crashed = IDS[1], IDS[6]
+    shutil.rmtree(out / "runs" / deleted)
+    (out / "runs" / crashed / "status.json").write_text(json.dumps({"status": "running", "rounds_done": 2}))
+
+    assert main(sweep_argv(scenario, out)) == 0            # with the progress bar
+    captured = capsys.readouterr()
+    assert "8 runs: 6 already done, 2 completed now, 0 failed" in captured.out
+    assert "run/s" in captured.err or "s/run" in captured.err or "8/8" in captured.err
+
+    for path, mtime in before.items():
+        run_id = path.parts[1] if path.parts[0] == "runs" else None
+        if run_id in (deleted, crashed) or path.name in ("index.parquet", "sweep.json"):
+            continue
+        assert (out / path).stat().st_mtime_ns == mtime, path           # untouched
+    for run_id in (deleted, crashed):
+        status = json.loads((out / "runs" / run_id / "status.json").read_text())
+        assert status["status"] == "completed"
+        assert (out / "runs" / run_id / "rounds.parquet").stat().st_mtime_ns > before[
+            (out / "runs" / IDS[0] / "rounds.parquet").relative_to(out)]
+    # same seeds, same scenario: the redone runs are bit-identical, so is the index
+    assert pq.read_table(out / "index.parquet").equals(pq.read_table(original / "index.parquet"))
+    assert pq.read_table(out / "runs" / deleted / "rounds.parquet").equals(
+        pq.read_table(original / "runs" / deleted / "rounds.parquet"))
+
+    assert main(sweep_argv(scenario, out, "--quiet")) == 0          # nothing left to do
+    assert "8 runs: 8 already done, 0 completed now, 0 failed" in capsys.readouterr().out
+
+
+def test_changed_settings_redo_the_runs(sweep, tmp_path, capsys):
+    scenario, original = sweep
+    out = tmp_path / "copy"
+    shutil.copytree(original, out)
+    argv = sweep_argv(scenario, out, "--quiet", "--set", "training.lr=0.05")
+    argv[argv.index("policy.deadline_s=0.05,0.1")] = "policy.deadline_s=0.05"      # a smaller grid, other lr
+    assert main(argv) == 0
+    assert "4 runs: 0 already done, 4 completed now, 0 failed" in capsys.readouterr().out
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    assert len(index) == 4
+    for row in index:
+        meta = pq.read_schema(out / row["run_dir"] / "rounds.parquet").metadata
+        assert "training.lr=0.05" in json.loads(meta[b"scenario.overrides"])
+
+
+@pytest.mark.parametrize("grid,words", [
+    ("policy.deadlin_s=0.5,1", ["policy.deadlin_s", "unknown field"]),
+    ("policy.deadline_s=0.5,-1", ["policy.deadline_s=-1", "must be > 0"]),
+    ("policy.name=salf,salsa", ["policy.name=salsa", "'salsa'"]),
+    ("fleet.classes[7].count=1", ["fleet.classes[7].count"]),
+    ("nosuchsection.x=1", ["nosuchsection.x"]),
+    ("policy.name", ["policy.name", "KEY=VALUE"]),
+    ("run.seed=1,2", ["run.seed", "--seeds"]),
+])
+def test_bad_grid_exits_2_naming_the_key_and_writes_nothing(tmp_path, capsys, grid, words):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(BASE_TOML)
+    out = tmp_path / "out"
+    code = main(["sweep", str(scenario), "--grid", "training.lr=0.1,0.2", "--grid", grid, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    for word in words:
+        assert word in err, (word, err)
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_failed_run_is_recorded_not_fatal(tmp_path, capsys):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(BASE_TOML)
+    out = tmp_path / "out"
+    code = main(["sweep", str(scenario), "--grid", "model.name=mlp,tests.helper_models:no_such_model",
+                 "--set", "run.rounds=1", "--jobs", "2", "--out", str(out), "--quiet"])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert "1 failed" in captured.out and "no_such_model" in captured.err
+    rows = {r["model.name"]: r for r in pq.read_table(out / "index.parquet").to_pylist()}
+    assert rows["mlp"]["status"] == "completed"
+    bad = rows["tests.helper_models:no_such_model"]
+    assert bad["status"] == "failed" and "no_such_model" in bad["error"] and bad["final_accuracy"] is None
+    assert json.loads((out / bad["run_dir"] / "status.json").read_text())["status"] == "failed"
+
+
+def test_grid_values_and_run_ids(tmp_path):
+    assert parse_grid(["a.b=1,2", 'c.d=[1, 2],{ x = "a,b" },"p,q"']) == [
+        ("a.b", ["1", "2"]), ("c.d", ["[1, 2]", '{ x = "a,b" }', '"p,q"'])]
+    with pytest.raises(FedsimError, match="repeated value"):
+        parse_grid(["a.b=1,1"])
+    with pytest.raises(FedsimError, match="given twice"):
+        parse_grid(["a.b=1", "a.b=2"])
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(BASE_TOML)
+    grid = parse_grid(["fleet.classes[1].speed_flops=1e7,{ dist = \"fixed\", value = 3e7 }"])
+    runs = plan_sweep(scenario, grid, 1, ["run.seed=10"])
+    assert [r.seed for r in runs] == [10, 10]
+    ids = [r.run_id for r in runs]
+    assert len(set(ids)) == 2
+    assert all("/" not in i and " " not in i and '"' not in i for i in ids)
+    assert ids[0].startswith("fleet.classes_1_.speed_flops=1e7,seed=10-")      # sanitised + hash
+    assert ids == [r.run_id for r in plan_sweep(scenario, grid, 1, ["run.seed=10"])]   # stable
