@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -18,11 +19,28 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a scenario and write its trace directory")
-    run.add_argument("scenario", type=Path, help="scenario TOML file")
+    run.add_argument("scenario", type=Path, nargs="?", help="scenario TOML file (omit with --resume)")
+    run.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                     help="save the whole state every N rounds so the run can be resumed")
+    run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR from its last checkpoint")
     run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<run.name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario field, e.g. --set policy.deadline_s=0.5 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    swp = sub.add_parser("sweep", help="run a scenario over a grid of overrides x seeds, in parallel")
+    swp.add_argument("scenario", type=Path, help="scenario TOML file")
+    swp.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="a grid axis, e.g. --grid policy.deadline_s=0.5,1,2 (repeatable; cartesian product)")
+    swp.add_argument("--seeds", type=int, default=1, help="seeds per grid point: run.seed = base + 0..N-1")
+    swp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a scenario field for every run (repeatable)")
+    swp.add_argument("--jobs", type=int, default=None, help="parallel processes (default: number of cores)")
+    swp.add_argument("--out", type=Path, default=None, help="sweep directory (default: sweeps/<run.name>)")
+    swp.add_argument("--target-accuracy", type=float, default=None,
+                     help="also index the simulated time and energy to reach this test accuracy")
+    swp.add_argument("--quiet", action="store_true", help="no progress bar")
 
     val = sub.add_parser("validate", help="check a scenario file and print a summary")
     val.add_argument("scenario", type=Path)
@@ -48,36 +66,58 @@ def _cmd_validate(args) -> int:
 
 def _cmd_run(args) -> int:
     from fedsim.build import build_components
-    from fedsim.run import run_scenario
+    from fedsim.run import resume_run, run_scenario
     from fedsim.scenario import load_scenario
 
-    scn = load_scenario(args.scenario, args.overrides)
-    components = build_components(scn)          # loads data and builds the model: errors before any output
-    out = args.out if args.out is not None else Path("runs") / scn.run.name
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=scn.run.rounds, unit="round", desc=scn.run.name, file=sys.stderr, dynamic_ncols=True)
-
-    def progress(done: int, sim_s: float, acc: float | None) -> None:
-        bar.update(1)
-        bar.set_postfix_str(f"sim {sim_s:.1f}s" + ("" if acc is None else f" acc {acc:.3f}"), refresh=False)
-
-    try:
-        summary = run_scenario(scn, out, progress if bar is not None else None, components)
-    finally:
-        if bar is not None:
-            bar.close()
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise FedsimError(f"--checkpoint-every: must be a positive integer, got {args.checkpoint_every}")
+    if args.resume is not None:
+        if args.scenario is not None or args.overrides:
+            raise FedsimError("--resume takes the scenario from the run directory; give no FILE or --set")
+        with _progress(None, args.quiet) as progress:
+            summary = resume_run(args.resume, progress, args.checkpoint_every)
+    else:
+        if args.scenario is None:
+            raise FedsimError("run: give a scenario FILE (or --resume RUN_DIR)")
+        scn = load_scenario(args.scenario, args.overrides)
+        components = build_components(scn)          # loads data and builds the model: errors before any output
+        out = args.out if args.out is not None else Path("runs") / scn.run.name
+        with _progress(scn, args.quiet) as progress:
+            summary = run_scenario(scn, out, progress, components, args.checkpoint_every,
+                                   base_dir=args.scenario.resolve().parent)
     acc = "n/a" if summary.test_accuracy is None else f"{summary.test_accuracy:.4f}"
     print(f"{summary.run_dir}: {summary.rounds} rounds, simulated {summary.sim_time_s:.3f} s, "
           f"test accuracy {acc}")
     return 0
 
 
+@contextlib.contextmanager
+def _progress(scn, quiet: bool):
+    """A progress bar over rounds on stderr: round, simulated time, last accuracy."""
+    if quiet:
+        yield None
+        return
+    from tqdm import tqdm
+
+    total = None if scn is None else scn.run.rounds
+    name = "resume" if scn is None else scn.run.name
+    with tqdm(total=total, unit="round", desc=name, file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(done: int, sim_s: float, acc: float | None) -> None:
+            bar.set_postfix_str(f"sim {sim_s:.1f}s" + ("" if acc is None else f" acc {acc:.3f}"), refresh=False)
+            bar.update(done - bar.n)
+
+        yield progress
+
+
+def _cmd_sweep(args) -> int:
+    from fedsim.sweep import cmd_sweep
+
+    return cmd_sweep(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _cmd_run, "validate": _cmd_validate}
+    handlers = {"run": _cmd_run, "validate": _cmd_validate, "sweep": _cmd_sweep}
     try:
         return handlers[args.command](args)
     except FedsimError as exc:

@@ -13,12 +13,14 @@ exactly what each device delivered.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
-import numpy as np
 import simpy
 
+from fedsim.network import Network
+from fedsim.network import transfer as network_transfer
+from fedsim.network_spec import Direction
 from fedsim.scenario import DeviceClassSpec, UploadMode
 from fedsim.timing import RoundPlan
 from fedsim.trace import SERVER, DeviceStatus, EventKind, TraceWriter
@@ -75,6 +77,7 @@ class RoundSetup:
     upload_mode: UploadMode
     powers: list[DeviceClassSpec]     # the class spec (power figures) of each participant
     quorum: int | None = None         # end the round once this many participants are done
+    network: Network | None = None    # shared-link transfers; None: private links (plan durations)
 
 
 class _Cut(Exception):
@@ -108,6 +111,21 @@ class _Lane:
         self.out.add(phase, dur)
         self.trace.event(self.round, env.now, self.device, end, layer, nbytes, power_w * dur)
 
+    def transfer(self, network: Network, direction: Direction, phase: _Phase, nbytes: int, power_w: float,
+                 layer: int, end: EventKind):
+        """A transfer through the shared network model; raises _Cut if it cannot arrive by the deadline."""
+        env = self.env
+        self.phase, self.phase_start_at, self.power_w, self.layer = phase, env.now, power_w, layer
+        until = None if self.limit_at == float("inf") else self.limit_at
+        result = yield from network_transfer(env, network, self.device, direction, nbytes, until_at=until)
+        if not result.done:
+            self.stop(EventKind.CUT)
+            raise _Cut
+        self.phase = None
+        dur = result.end_at - result.start_at
+        self.out.add(phase, dur)
+        self.trace.event(self.round, env.now, self.device, end, layer, nbytes, power_w * dur)
+
     def stop(self, kind: EventKind) -> None:
         """Account the unfinished phase (if any) up to now."""
         now = self.env.now
@@ -133,8 +151,12 @@ def run_device_round(env: simpy.Environment, setup: RoundSetup, i: int, deadline
     mode = setup.upload_mode
     try:
         trace.event(r, env.now, device, EventKind.DOWNLOAD_START)
-        yield from lane.run(_Phase.DOWNLOAD, float(plan.download_s[i]), power.power_rx_w, -1,
-                            EventKind.DOWNLOAD_END, int(plan.download_bytes[i]))
+        if setup.network is None:
+            yield from lane.run(_Phase.DOWNLOAD, float(plan.download_s[i]), power.power_rx_w, -1,
+                                EventKind.DOWNLOAD_END, int(plan.download_bytes[i]))
+        else:
+            yield from lane.transfer(setup.network, Direction.DOWN, _Phase.DOWNLOAD, int(plan.download_bytes[i]),
+                                     power.power_rx_w, -1, EventKind.DOWNLOAD_END)
         yield from lane.run(_Phase.COMPUTE, float(plan.forward_s[i]), power.power_compute_w, -1,
                             EventKind.FORWARD_END)
         queue = None
@@ -186,8 +208,12 @@ def _upload(setup: RoundSetup, i: int, k: int, lane: _Lane):
     plan = setup.plan
     layer = plan.layer_order[k]
     lane.trace.event(setup.round, lane.env.now, lane.device, EventKind.UPLOAD_START, layer)
-    yield from lane.run(_Phase.UPLOAD, float(plan.upload_s[i, k]), setup.powers[i].power_tx_w, layer,
-                        EventKind.UPLOAD_END, int(plan.upload_bytes[i, k]))
+    if setup.network is None:
+        yield from lane.run(_Phase.UPLOAD, float(plan.upload_s[i, k]), setup.powers[i].power_tx_w, layer,
+                            EventKind.UPLOAD_END, int(plan.upload_bytes[i, k]))
+    else:
+        yield from lane.transfer(setup.network, Direction.UP, _Phase.UPLOAD, int(plan.upload_bytes[i, k]),
+                                 setup.powers[i].power_tx_w, layer, EventKind.UPLOAD_END)
     lane.out.depth += 1
 
 
@@ -213,6 +239,9 @@ class RoundServer(Protocol):
     active: dict[int, simpy.Process]     # device id -> its process in the round under way
 
     def setup_round(self, round_: int, env: simpy.Environment) -> RoundSetup: ...
+    def wait_for_devices(self, env: simpy.Environment): ...
+    def watch(self, env: simpy.Environment, devices) -> None: ...
+    def unwatch(self) -> None: ...
     def finish_round(self, setup: RoundSetup, start_at: float, end_at: float,
                      outcomes: list[DeviceOutcome]) -> None: ...
 
@@ -235,6 +264,7 @@ def run_round(env: simpy.Environment, server: RoundServer):
 
     procs = [env.process(run_device_round(env, setup, i, deadline_at, trace, on_done)) for i in range(setup.plan.n)]
     server.active = {int(d): p for d, p in zip(setup.plan.devices, procs)}
+    server.watch(env, setup.plan.devices)
     if procs:
         everyone = simpy.AllOf(env, procs)
         yield everyone | quorum_reached
@@ -244,6 +274,7 @@ def run_round(env: simpy.Environment, server: RoundServer):
                 p.interrupt(StopCause.QUORUM)
             # a fired condition detaches from the events it nests, so wait on a fresh one
             yield simpy.AllOf(env, running)
+    server.unwatch()
     server.active = {}
     outcomes = [p.value for p in procs]
     if deadline_at is not None and env.now >= deadline_at and any(o.done_at is None for o in outcomes):
@@ -256,6 +287,7 @@ def serve_rounds(env: simpy.Environment, server: RoundServer, rounds: int,
                  on_round: Callable[[int], None] | None = None):
     """The server process: `rounds` synchronous rounds back to back."""
     while server.current_round < rounds:
+        yield from server.wait_for_devices(env)
         yield from run_round(env, server)
         server.current_round += 1
         if on_round is not None:

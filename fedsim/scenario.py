@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsim.distributions import Dist, read_dist
+from fedsim.calibration import DvfsSpec, MeasuredSpec, read_dvfs, read_measured, resolve_traces_dir
+from fedsim.churn import ChurnSpec, read_availability_file, read_churn_spec
+from fedsim.distributions import Dist, DistKind, read_dist
 from fedsim.errors import ScenarioError
 from fedsim.fields import Fields
+from fedsim.network_spec import AccessKind, TopologySpec, read_network_spec
 from fedsim.overrides import apply_overrides
 
 __all__ = [
@@ -73,21 +76,27 @@ class TrainingSpec:
 class DeviceClassSpec:
     name: str
     count: int
-    speed_flops: Dist        # effective FLOP/s of the device, drawn once per device
-    slowdown: Dist           # per-round multiplier (>= 1 typical) on compute durations
-    downlink_bps: Dist       # drawn once per device
-    uplink_bps: Dist
-    latency_s: float         # one-way latency of every transfer
-    power_compute_w: float
+    speed_flops: Dist | None     # effective FLOP/s of the device, drawn once per device (None: measured)
+    slowdown: Dist               # per-round multiplier (>= 1 typical) on compute durations
+    downlink_bps: Dist | None    # drawn once per device (None: from FLASH, or a wireless/ideal access)
+    uplink_bps: Dist | None
+    latency_s: float             # one-way latency of every transfer
+    power_compute_w: float       # with `dvfs`, kappa * f^3
     power_tx_w: float
     power_rx_w: float
     power_idle_w: float
+    measured: MeasuredSpec | None = None     # compute calibrated from a phone's measured training time
+    flash_bandwidth: bool = False            # link rates from the FLASH per-user measurements
+    availability: ChurnSpec | None = None    # alternating online/offline periods
+    dvfs: DvfsSpec | None = None
 
 
 @dataclass(frozen=True)
 class FleetSpec:
     classes: tuple[DeviceClassSpec, ...]
-    participants: int | None         # None: every device takes part in every round
+    participants: int | None         # None: every online device takes part in every round
+    traces_dir: Path | None = None   # folder of measurement files (time tables, FLASH, AI-Benchmark)
+    availability_file: Path | None = None   # online intervals per device (CSV or Parquet)
 
     @property
     def n_devices(self) -> int:
@@ -97,6 +106,7 @@ class FleetSpec:
 @dataclass(frozen=True)
 class NetworkSpec:
     upload_mode: UploadMode
+    topology: TopologySpec
 
 
 @dataclass(frozen=True)
@@ -137,8 +147,8 @@ def parse_scenario(text: str, source: str = "<scenario>", overrides=(), base_dir
     model = _read_model(root.sub("model"))
     data = _read_data(root.sub("data"), base_dir)
     training = _read_training(root.sub("training"))
-    fleet = _read_fleet(root.sub("fleet"))
-    network = _read_network(root.sub("network", default_empty=True))
+    fleet = _read_fleet(root.sub("fleet"), base_dir)
+    network = _read_network(root.sub("network", default_empty=True), fleet)
     from fedsim.strategies import read_policy   # late import: strategies import scenario types
 
     policy = read_policy(root.sub("policy"), training)
@@ -232,26 +242,48 @@ def _read_training(f: Fields) -> TrainingSpec:
     return spec
 
 
-def _read_device_class(f: Fields, index: int) -> DeviceClassSpec:
+def _read_device_class(f: Fields, index: int, traces_dir: Path | None) -> DeviceClassSpec:
+    measured = read_measured(f, "measured", traces_dir)
+    dvfs = read_dvfs(f, "dvfs")
+    flash = f.boolean("flash_bandwidth", False)
+    if flash and traces_dir is None:
+        raise f.error("flash_bandwidth", "needs fleet.traces_dir (the folder of the measurement files)")
+    speed_given = f.has("speed_flops")
+    if measured is not None and speed_given:
+        raise f.error("speed_flops", "give either speed_flops or measured, not both")
+    if measured is None and dvfs is None and not speed_given:
+        raise f.error("speed_flops", "missing required field (or give measured = {...} or dvfs = {...})")
+    if dvfs is not None and f.has("power_compute_w"):
+        raise f.error("power_compute_w", "is kappa * freq_hz^3 with dvfs; give one of them")
+    for key in ("downlink_bps", "uplink_bps"):
+        if flash and f.has(key):
+            raise f.error(key, "comes from the FLASH measurements with flash_bandwidth = true; remove it")
+    speed = read_dist(f, "speed_flops") if speed_given else (
+        Dist(DistKind.FIXED, dvfs.speed_flops) if measured is None else None)
     spec = DeviceClassSpec(
         name=f.string("name", f"class{index}"),
         count=f.integer("count", low=1, high=MAX_DEVICES),
-        speed_flops=read_dist(f, "speed_flops"),
+        speed_flops=speed,
         slowdown=read_dist(f, "slowdown", 1.0),
-        downlink_bps=read_dist(f, "downlink_bps"),
-        uplink_bps=read_dist(f, "uplink_bps"),
+        downlink_bps=read_dist(f, "downlink_bps") if f.has("downlink_bps") else None,
+        uplink_bps=read_dist(f, "uplink_bps") if f.has("uplink_bps") else None,
         latency_s=f.number("latency_s", 0.0, low=0.0),
-        power_compute_w=f.number("power_compute_w", 0.0, low=0.0),
+        power_compute_w=dvfs.power_w if dvfs is not None else f.number("power_compute_w", 0.0, low=0.0),
         power_tx_w=f.number("power_tx_w", 0.0, low=0.0),
         power_rx_w=f.number("power_rx_w", 0.0, low=0.0),
         power_idle_w=f.number("power_idle_w", 0.0, low=0.0),
+        measured=measured,
+        flash_bandwidth=flash,
+        availability=read_churn_spec(f, "availability"),
+        dvfs=dvfs,
     )
     f.finish()
     return spec
 
 
-def _read_fleet(f: Fields) -> FleetSpec:
-    classes = tuple(_read_device_class(c, i) for i, c in enumerate(f.sub_list("classes")))
+def _read_fleet(f: Fields, base_dir: Path | None) -> FleetSpec:
+    traces_dir = resolve_traces_dir(f, "traces_dir", base_dir)
+    classes = tuple(_read_device_class(c, i, traces_dir) for i, c in enumerate(f.sub_list("classes")))
     names = [c.name for c in classes]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -261,11 +293,21 @@ def _read_fleet(f: Fields) -> FleetSpec:
         raise f.error("classes", f"the fleet has {total} devices; at most {MAX_DEVICES} are supported")
     participants_raw = f.raw("participants", "all")
     participants = None if participants_raw == "all" else f.integer("participants", low=1)
+    availability_file = read_availability_file(f, "availability_file", base_dir)
+    if availability_file is not None and any(c.availability is not None for c in classes):
+        raise f.error("availability_file", "give either per-class availability or an availability file, not both")
     f.finish()
-    return FleetSpec(classes, participants)
+    return FleetSpec(classes, participants, traces_dir, availability_file)
 
 
-def _read_network(f: Fields) -> NetworkSpec:
-    spec = NetworkSpec(upload_mode=UploadMode(f.choice("upload_mode", [m.value for m in UploadMode], "ideal")))
-    f.finish()
-    return spec
+def _read_network(f: Fields, fleet: FleetSpec) -> NetworkSpec:
+    mode = UploadMode(f.choice("upload_mode", [m.value for m in UploadMode], "ideal"))
+    topology = read_network_spec(f, [c.name for c in fleet.classes], ignore=("upload_mode",))
+    for i, (cls, net) in enumerate(zip(fleet.classes, topology.classes)):
+        if net.access is AccessKind.FLEET and not cls.flash_bandwidth:
+            for key in ("downlink_bps", "uplink_bps"):
+                if getattr(cls, key) is None:
+                    raise ScenarioError(f.source, f"fleet.classes[{i}].{key}",
+                                        "missing required field (or flash_bandwidth = true, or a wireless access "
+                                        "in network.classes)")
+    return NetworkSpec(mode, topology)

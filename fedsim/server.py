@@ -15,7 +15,11 @@ import simpy
 import torch
 import torch.nn.functional as F
 
-from fedsim.engine import DeviceOutcome, RoundSetup
+from fedsim.churn import AlwaysOnline, build_availability, churn, load_availability_trace
+from fedsim.engine import DeviceOutcome, RoundSetup, StopCause
+from fedsim.errors import FedsimError
+from fedsim.network import Network, build_topology
+from fedsim.network_spec import AccessKind, Direction, Preset
 from fedsim.fleet import Fleet
 from fedsim.grads import GradientEngine
 from fedsim.profile import ModelProfile
@@ -28,6 +32,30 @@ from fedsim.trace import TraceWriter
 __all__ = ["Server", "Evaluation", "evaluate", "round_rng", "ROUND_STREAM"]
 
 ROUND_STREAM = 7
+CHURN_STREAM = 4          # children of SeedSequence(seed) (see build.STREAMS for 0-3)
+NETWORK_STREAM = 5
+
+
+def _stream(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed).spawn(index + 1)[index])
+
+
+def _availability(scenario: Scenario, fleet: Fleet):
+    spec = scenario.fleet
+    if spec.availability_file is not None:
+        return load_availability_trace(spec.availability_file, fleet.n_devices)
+    return build_availability(fleet.class_of, [c.availability for c in spec.classes],
+                              _stream(scenario.run.seed, CHURN_STREAM))
+
+
+def _topology(scenario: Scenario, fleet: Fleet):
+    """The network model, or None where every device has a plain private link (timeouts suffice)."""
+    topo = scenario.network.topology
+    if topo.preset is Preset.STAR and all(c.access is AccessKind.FLEET for c in topo.classes):
+        return None
+    return build_topology(topo, class_of=fleet.class_of, downlink_bps=fleet.downlink_bps,
+                          uplink_bps=fleet.uplink_bps, latency_s=fleet.latency_s,
+                          rng=_stream(scenario.run.seed, NETWORK_STREAM))
 
 
 def round_rng(seed: int, round_: int) -> np.random.Generator:
@@ -65,6 +93,16 @@ class Server:
         dtype = next(model.parameters()).dtype
         self.x_test = dataset.x_test.to(dtype)
         self.y_test = dataset.y_test
+        self.availability = _availability(scenario, fleet)
+        self.topology = _topology(scenario, fleet)
+        if self.topology is not None:
+            # plans (after_compute, partial, heterofl) use the nominal rates; transfers use the network
+            fleet = replace(fleet, downlink_bps=self.topology.nominal_rate_bps(np.arange(fleet.n_devices), Direction.DOWN),
+                            uplink_bps=self.topology.nominal_rate_bps(np.arange(fleet.n_devices), Direction.UP),
+                            latency_s=self.topology.latency_s)
+            self.fleet = fleet
+        self.network: Network | None = None
+        self._watcher = None
         self.grads = GradientEngine(model, profile, dataset.x_train, dataset.y_train,
                                     path=scenario.training.grad_path)
         t = scenario.training
@@ -84,8 +122,35 @@ class Server:
 
     # -- engine callbacks -------------------------------------------------------------------------
     def candidates(self, now_at: float) -> np.ndarray:
-        """Devices that can be selected at `now_at` (every device unless availability says otherwise)."""
-        return np.arange(self.fleet.n_devices, dtype=np.int64)
+        """Devices that can be selected at `now_at`: the online ones."""
+        return self.availability.online_devices(now_at).astype(np.int64)
+
+    def wait_for_devices(self, env: simpy.Environment):
+        """If nobody is online, idle until the first device comes back (a round needs participants)."""
+        while len(self.candidates(env.now)) == 0:
+            switch_at, online = self.availability.next_switches(np.arange(self.fleet.n_devices), env.now)
+            coming = switch_at[online]
+            if len(coming) == 0 or not np.isfinite(coming.min()):
+                raise FedsimError(f"no device is online at t = {env.now:g} s and none comes back; "
+                                  "check the fleet's availability")
+            yield env.timeout(float(coming.min()) - env.now)
+
+    def watch(self, env: simpy.Environment, devices: np.ndarray) -> None:
+        """Interrupt participants that go offline during the round (churn)."""
+        if isinstance(self.availability, AlwaysOnline):
+            return
+
+        def on_change(device: int, online: bool) -> None:
+            proc = self.active.get(device)
+            if not online and proc is not None and proc.is_alive:
+                proc.interrupt(StopCause.OFFLINE)
+
+        self._watcher = env.process(churn(env, self.availability, devices, on_change))
+
+    def unwatch(self) -> None:
+        if self._watcher is not None and self._watcher.is_alive:
+            self._watcher.interrupt()
+        self._watcher = None
 
     def setup_round(self, round_: int, env: simpy.Environment) -> RoundSetup:
         rng = round_rng(self.scenario.run.seed, round_)
@@ -106,7 +171,12 @@ class Server:
             fits = max_depth_fitting(plan, self.policy.deadline_s)
             plan = replace(plan, target_depth=np.minimum(plan.target_depth, fits))
         powers = [self.fleet.classes[c] for c in self.fleet.class_of[devices]]
-        return RoundSetup(round_, plan, self.policy.deadline_s, mode, powers, self.policy.quorum(len(devices), self.scenario.fleet.participants))
+        if self.topology is not None:
+            if self.network is None or self.network.env is not env:
+                self.network = Network(env, self.topology)
+            self.network.begin_round(devices, rng)
+        return RoundSetup(round_, plan, self.policy.deadline_s, mode, powers,
+                          self.policy.quorum(len(devices), self.scenario.fleet.participants), self.network)
 
     def finish_round(self, setup: RoundSetup, start_at: float, end_at: float,
                      outcomes: list[DeviceOutcome]) -> None:

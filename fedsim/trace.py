@@ -2,21 +2,24 @@
 
 A run directory holds `events.parquet`, `rounds.parquet` and `devices.parquet`. Columns carry their unit
 in the name. Every file's key-value metadata holds the schema version, the scenario text and overrides,
-the seed and the fedsim and torch versions, so any trace can be re-run. Rows are buffered as columns
-and written as a Parquet row group every `flush_rows` rows and at the end of each round.
+the seed and the fedsim and torch versions, so any trace can be re-run. Rows are buffered as columns,
+journaled at least once per round (see `TableWriter`), and compacted to Parquet when the run completes.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fedsim.errors import TraceError
+
 __all__ = ["EventKind", "DeviceStatus", "SCHEMA_VERSION", "EVENTS_SCHEMA", "ROUNDS_SCHEMA",
-           "DEVICES_SCHEMA", "TableWriter", "TraceWriter", "SERVER"]
+           "DEVICES_SCHEMA", "TableWriter", "TraceWriter", "SERVER", "read_journal"]
 
 SCHEMA_VERSION = "1"
 SERVER = -1          # the `device` value of server-side events
@@ -35,6 +38,8 @@ class EventKind(enum.Enum):
     STOPPED = "stopped"                # the round reached its quorum; energy of the unfinished phase
     DEADLINE = "deadline"
     ROUND_END = "round_end"
+    UPDATE_APPLIED = "update_applied"      # async: the server took a step; `round` is the update index
+    UPDATE_DISCARDED = "update_discarded"  # async: `device`'s update was staler than policy.max_staleness
 
 
 class DeviceStatus(enum.Enum):
@@ -94,22 +99,59 @@ ROUNDS_SCHEMA = pa.schema([
 ])
 
 
-def _to_array(values: list, typ: pa.DataType) -> pa.Array:
-    if pa.types.is_dictionary(typ):
-        return pa.array(values, pa.string()).dictionary_encode().cast(typ)
-    return pa.array(values, typ)
+def _plain(schema: pa.Schema) -> pa.Schema:
+    """The journal's schema: dictionary columns as plain strings, so batches need no shared dictionary."""
+    fields = [pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type) else f for f in schema]
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def read_journal(path: Path, schema: pa.Schema | None = None) -> pa.Table:
+    """Every complete batch of an Arrow IPC stream journal; a batch cut short by a crash is ignored."""
+    batches = []
+    try:
+        reader = pa.ipc.open_stream(pa.OSFile(str(path), "rb"))
+        schema = reader.schema
+        while True:
+            try:
+                batches.append(reader.read_next_batch())
+            except StopIteration:
+                break
+    except (pa.ArrowInvalid, OSError, EOFError):
+        pass                       # truncated by a crash: keep what was complete
+    if schema is None:
+        raise TraceError(f"{path}: not a readable trace journal")
+    return pa.Table.from_batches(batches, schema=schema)
 
 
 class TableWriter:
-    """Column buffers for one table, written as Parquet row groups."""
+    """Column buffers for one table.
 
-    def __init__(self, path: Path, schema: pa.Schema, metadata: dict[str, str], flush_rows: int = 65_536):
+    While the run goes, every flush appends one record batch to an Arrow IPC stream journal
+    (`events.arrows` next to `events.parquet`) and flushes it to the OS: unlike a Parquet file, whose
+    footer is written last, a stream stays readable up to its last complete batch after a SIGKILL. When
+    the run completes, the journal is compacted into the Parquet file and removed.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema, metadata: dict[str, str], flush_rows: int = 65_536,
+                 keep_rows: int | None = None):
         self.path = path
         self.schema = schema.with_metadata(metadata)
+        self.journal = path.with_suffix(".arrows")
         self.columns: dict[str, list] = {name: [] for name in schema.names}
         self.flush_rows = flush_rows
-        self._writer: pq.ParquetWriter | None = None
+        self._plain = _plain(self.schema)
+        kept = None
+        if keep_rows is not None:          # resuming: keep exactly the rows of the checkpointed rounds
+            kept = read_journal(self.journal).slice(0, keep_rows)
+            if kept.num_rows != keep_rows:
+                raise TraceError(f"{self.journal}: has {kept.num_rows} rows, the checkpoint expects {keep_rows}")
+        self._sink = pa.OSFile(str(self.journal), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, self._plain)
         self.rows_written = 0
+        if kept is not None and kept.num_rows:
+            self._writer.write_table(kept.cast(self._plain))
+            self.rows_written = kept.num_rows
+            self._sink.flush()
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))
@@ -127,32 +169,46 @@ class TableWriter:
             self.flush()
 
     def flush(self) -> None:
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
         n = len(self)
-        if n == 0:
+        if n == 0 or self._writer is None:
             return
-        arrays = [_to_array(self.columns[f.name], f.type) for f in self.schema]
-        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+        arrays = [pa.array(self.columns[f.name], f.type) for f in self._plain]
+        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._plain))
+        self._sink.flush()
         self.rows_written += n
         for col in self.columns.values():
             col.clear()
 
-    def close(self) -> None:
-        self.flush()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+    def close(self, complete: bool = True) -> None:
+        """Stop writing; if the run completed, compact the journal into the Parquet file."""
+        if self._writer is None:
+            return
+        if complete:
+            self.flush()
+        self._writer.close()
+        self._sink.close()
+        self._writer = None
+        if complete:
+            table = read_journal(self.journal, self._plain).cast(self.schema)
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            pq.write_table(table, tmp, row_group_size=65_536, compression="zstd")
+            os.replace(tmp, self.path)
+            self.journal.unlink()
 
 
 class TraceWriter:
     """The three tables of a run directory."""
 
-    def __init__(self, run_dir: Path, metadata: dict[str, str]):
+    def __init__(self, run_dir: Path, metadata: dict[str, str], keep_rows: dict[str, int] | None = None):
         meta = {"fedsim.schema_version": SCHEMA_VERSION, **metadata}
-        self.events = TableWriter(run_dir / "events.parquet", EVENTS_SCHEMA, meta)
-        self.devices = TableWriter(run_dir / "devices.parquet", DEVICES_SCHEMA, meta)
-        self.rounds = TableWriter(run_dir / "rounds.parquet", ROUNDS_SCHEMA, meta)
+        keep = keep_rows or {}
+        self.events = TableWriter(run_dir / "events.parquet", EVENTS_SCHEMA, meta, keep_rows=keep.get("events"))
+        self.devices = TableWriter(run_dir / "devices.parquet", DEVICES_SCHEMA, meta, keep_rows=keep.get("devices"))
+        self.rounds = TableWriter(run_dir / "rounds.parquet", ROUNDS_SCHEMA, meta, keep_rows=keep.get("rounds"))
+
+    def rows_written(self) -> dict[str, int]:
+        return {"events": self.events.rows_written, "devices": self.devices.rows_written,
+                "rounds": self.rounds.rows_written}
 
     def event(self, round_: int, time_s: float, device: int, kind: EventKind, layer: int = -1,
               nbytes: int = 0, energy_j: float = 0.0) -> None:
@@ -170,6 +226,6 @@ class TraceWriter:
         for table in (self.events, self.devices, self.rounds):
             table.flush()
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
         for table in (self.events, self.devices, self.rounds):
-            table.close()
+            table.close(complete)

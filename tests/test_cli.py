@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
+
 
 import pyarrow.parquet as pq
 import pytest

@@ -8,7 +8,7 @@ Device 0: 32 FLOP/s, device 1: 64, device 2: 16. All numbers are exact in binary
 
 from __future__ import annotations
 
-import pytest
+
 
 from conftest import run, table
 

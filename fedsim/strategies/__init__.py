@@ -5,6 +5,8 @@ from __future__ import annotations
 from fedsim.fields import Fields
 from fedsim.strategies.base import Aggregation, Policy, RoundContext, RoundInputs, RoundUpdate
 from fedsim.strategies.drop import Drop
+from fedsim.strategies.fedasync import FedAsync
+from fedsim.strategies.fedbuff import FedBuff
 from fedsim.strategies.heterofl import HeteroFL
 from fedsim.strategies.overselect import Overselect
 from fedsim.strategies.partial import Partial
@@ -13,7 +15,8 @@ from fedsim.strategies.wait import Wait
 
 __all__ = ["POLICIES", "Aggregation", "Policy", "RoundContext", "RoundInputs", "RoundUpdate", "read_policy"]
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Salf, Drop, Wait, Partial, HeteroFL, Overselect)}
+POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Salf, Drop, Wait, Partial, HeteroFL, Overselect,
+                                                               FedAsync, FedBuff)}
 
 
 def read_policy(fields: Fields, training) -> Policy:

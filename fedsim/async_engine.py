@@ -1,0 +1,395 @@
+"""The SimPy processes of an asynchronous run (`fedasync`, `fedbuff`): no rounds, no deadline.
+
+Jobs. A job is one device's cycle: download the global model (version v), one full local step, upload.
+It runs the synchronous engine's own device process (`fedsim.engine.run_device_round` with no deadline,
+for a one-device `RoundPlan` from `fedsim.timing.plan_round`), so durations, per-layer events, upload
+modes and energy are exactly those of a synchronous round; in `ideal` upload mode the update arrives when
+the backward pass ends, otherwise when its last layer has been uploaded. `serve_async` starts
+min(max_concurrency, devices) jobs at t = 0; whenever a job ends, `AsyncServer.job_ended` (a plain call
+from the job's process, so nothing else runs in between) handles its update and then starts jobs on idle
+devices until `max_concurrency` devices are training again. Which idle devices start is a uniform draw
+from the stream `(SELECT_STREAM, k)` of the k-th draw; a job's mini-batch and slowdown come from
+`(JOB_STREAM, j)` of the j-th job, so neither depends on how the run got there.
+
+Updates. An update computed at version v that arrives when the server is at version V has staleness
+V - v. If V - v > policy.max_staleness its version's snapshot is gone: the update is discarded (an
+`update_discarded` event; its device row has depth 0). Otherwise it joins the buffer; at the K-th buffered
+update (K = policy.buffer_size, 1 for fedasync) the server computes the real gradients of the buffered
+updates, each at the version its device downloaded, weights them by s(V - v) / K and takes one step of
+the server optimizer (SGD, training.lr and training.momentum), producing version V + 1. Gradients are
+computed at that server step, which for K = 1 is the arrival: the values are the same as at arrival
+(the snapshots cannot change in between), the updates of one version share one batched pass
+(`GradientEngine.layer_sums`) in one scratch model, and updates never applied (discarded, never
+delivered, or left in the buffer at the end) cost nothing. Old versions are kept only while some job
+holds them, and at most max_staleness of them: memory is bounded by min(max_concurrency, max_staleness)
+parameter snapshots, never one model per device.
+
+Stopping. The run stops at policy.duration_s of simulated time, or when run.rounds server updates have
+been applied, whichever comes first. Updates arriving at the stop instant are not applied (the stop
+timer was scheduled first). Jobs still running are interrupted (`stopped` events carry the energy of the
+unfinished phase, as for a round's quorum); buffered updates not yet applied are dropped.
+
+Evaluation. The global model is evaluated at every multiple of policy.eval_every_s up to the stop, and at
+the stop. An evaluation at t sees every update applied at or before t. The model only changes at server
+steps, so evaluations are taken lazily, just before the first server event after t, on the model as it
+was at t.
+
+Churn (to come). `AsyncServer.is_online(device, at)` filters the idle devices a job may start on; when a
+device comes back online, call `server.dispatch(env)`; to take a device offline mid-job, interrupt
+`server.active[device]` with `StopCause.OFFLINE`: its job ends with status `offline` and frees its slot.
+
+Trace. See `AsyncServer` for what the rows of rounds.parquet and devices.parquet mean in an async run.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import simpy
+import torch
+
+from fedsim.engine import DeviceOutcome, RoundSetup, StopCause, run_device_round
+from fedsim.fleet import Fleet
+from fedsim.grads import GradientEngine
+from fedsim.profile import ModelProfile
+from fedsim.scenario import Scenario
+from fedsim.server import Evaluation, evaluate
+from fedsim.strategies.fedasync import AsyncPolicy
+from fedsim.timing import plan_round
+from fedsim.trace import SERVER, DeviceStatus, EventKind, TraceWriter
+
+__all__ = ["AsyncServer", "JOB_STREAM", "SELECT_STREAM", "job_rng", "run_device_job", "select_rng",
+           "serve_async"]
+
+JOB_STREAM = 11      # spawn keys distinct from the synchronous ROUND_STREAM (7)
+SELECT_STREAM = 12
+
+
+def job_rng(seed: int, job: int) -> np.random.Generator:
+    """The stream of the j-th job: its mini-batch, then its slowdown (the order the sync server draws)."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(JOB_STREAM, job)))
+
+
+def select_rng(seed: int, step: int) -> np.random.Generator:
+    """The stream of the k-th choice of idle devices."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(SELECT_STREAM, step)))
+
+
+@dataclass
+class _Job:
+    id: int
+    device: int
+    version: int                 # global model version the device downloaded
+    batch: np.ndarray            # training-sample indices of its mini-batch
+    slowdown: float
+    setup: RoundSetup
+    outcome: DeviceOutcome | None = None
+
+
+class AsyncServer:
+    """The server of an asynchronous run: global model, version history, buffer, the fleet's jobs.
+
+    Trace rows (same Parquet schema as synchronous runs):
+
+    * rounds.parquet, an *update row* per server step: `round` = update index u (0-based; it produces
+      model version u + 1), `start_s`/`end_s` = times of the previous step (0 for the first) and of this
+      one, `participants` = `completed` = updates applied (K), `delivered_any` = updates that arrived since
+      the previous step (applied + discarded), `contributors` = K for every layer, `train_loss` = mean
+      mini-batch loss of the applied updates (each at its own version), test columns null, `energy_j` =
+      energy of the device rows with this `round`.
+      An *evaluation row* at each evaluation instant t: `round` = model version evaluated (= updates
+      applied so far, so it sorts just before the update row with the same number), `start_s` = `end_s` = t,
+      `duration_s` = 0, `participants` = `completed` = 0, contributors 0, `train_loss` null, test columns
+      filled, `energy_j` = 0. The last row (at the stop) is an evaluation row that also carries the jobs
+      the run ended with: `delivered_any` = updates that arrived after the last step, `energy_j` = energy
+      of the device rows with its `round`. So sum(rounds.energy_j) == sum(devices.energy_j).
+    * devices.parquet, one row per job: `round` = the update index it was applied in (or, if it was not
+      applied, the update index pending when it ended), `depth` = all layers if applied else 0, `status`
+      complete / nothing (discarded, stopped by the end, or left in the buffer) / offline (churn);
+      timing and energy columns as in a synchronous round; `idle_s` = 0 (a job has nothing to wait for;
+      like a device not selected for a round, a device waiting for a slot is not charged).
+    * events.parquet: a job's device events carry `round` = the version it downloaded, so an update's
+      staleness is its devices-row `round` minus its events' `round`. Server events: `update_applied`
+      (device -1, `round` = update index) and `update_discarded` (`device` = the device whose update was
+      too stale, `round` = the pending update index, as in its device row).
+    """
+
+    def __init__(self, scenario: Scenario, model: torch.nn.Module, profile: ModelProfile, fleet: Fleet,
+                 partition, dataset, trace: TraceWriter):
+        self.scenario = scenario
+        self.policy: AsyncPolicy = scenario.policy
+        self.model = model
+        self.profile = profile
+        self.fleet = fleet
+        self.partition = partition
+        self.trace = trace
+        dtype = next(model.parameters()).dtype
+        self.x_test = dataset.x_test.to(dtype)
+        self.y_test = dataset.y_test
+        # Gradients are taken in one scratch copy loaded with whichever version is being differentiated;
+        # the global model itself is only ever changed by the optimizer.
+        self.scratch = copy.deepcopy(model)
+        self.grads = GradientEngine(self.scratch, profile, dataset.x_train, dataset.y_train,
+                                    path=scenario.training.grad_path)
+        t = scenario.training
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum)
+        n = fleet.n_devices
+        self.max_concurrency = min(self.policy.max_concurrency or scenario.fleet.participants or n, n)
+        self.is_online: Callable[[int, float], bool] | None = None   # None: every device is always online
+        self.current_round = 0       # server steps taken = version of the global model
+        self.clock_at = 0.0          # simulated time of the last server step, then of the stop
+        self.last_eval: Evaluation | None = None
+        self.active: dict[int, simpy.Process] = {}    # device id -> its running job
+        self.history: dict[int, dict[str, torch.Tensor]] = {}   # old version -> parameter snapshot
+        self.peak_snapshots = 0
+        self._holders: collections.Counter[int] = collections.Counter()   # version -> jobs holding it
+        self._scratch_version = -1
+        self._buffer: list[_Job] = []
+        self._busy = np.zeros(n, dtype=bool)
+        self._next_job = 0
+        self._select_step = 0
+        self._closing = False
+        self._main: simpy.Process | None = None
+        self._on_update: Callable[[int], None] | None = None
+        self._last_step_at = 0.0
+        self._pending_energy_j = 0.0   # energy of device rows in the pending update's row
+        self._arrived = 0              # updates that arrived since the last server step
+        self._next_eval = 1            # the next evaluation instant is _next_eval * eval_every_s
+        self._n_layers = profile.n_layers
+
+    # -- jobs -------------------------------------------------------------------------------------
+    def start(self, env: simpy.Environment, on_update: Callable[[int], None] | None = None) -> None:
+        self._main = env.active_process
+        self._on_update = on_update
+        self.dispatch(env)
+
+    def dispatch(self, env: simpy.Environment) -> None:
+        """Start jobs on idle online devices until max_concurrency devices are training."""
+        if self._closing:
+            return
+        need = self.max_concurrency - len(self.active)
+        if need <= 0:
+            return
+        for device in np.sort(self._pick(need, env.now)):
+            self._start(env, int(device))
+
+    def _pick(self, need: int, now_at: float) -> np.ndarray:
+        idle = np.flatnonzero(~self._busy)
+        if self.is_online is None:
+            if idle.size <= need:
+                return idle               # no choice to make: no draw
+            rng = select_rng(self.scenario.run.seed, self._select_step)
+            self._select_step += 1
+            return rng.choice(idle, size=need, replace=False)
+        if idle.size == 0:
+            return idle
+        rng = select_rng(self.scenario.run.seed, self._select_step)
+        self._select_step += 1
+        chosen = []
+        for d in rng.permutation(idle):   # a uniform order: its first `need` online devices are uniform
+            if self.is_online(int(d), now_at):
+                chosen.append(d)
+                if len(chosen) == need:
+                    break
+        return np.array(chosen, dtype=np.int64)
+
+    def _start(self, env: simpy.Environment, device: int) -> None:
+        j = self._next_job
+        self._next_job += 1
+        rng = job_rng(self.scenario.run.seed, j)
+        batch = self.partition.sample_batch(device, self.scenario.training.batch_size, rng)
+        devices = np.array([device], dtype=np.int64)
+        slowdown = self.fleet.sample_slowdown(devices, rng)
+        f = self.fleet
+        plan = plan_round(self.profile, devices, f.speed_flops[devices], slowdown,
+                          np.array([len(batch)], dtype=np.int64), np.ones(1, dtype=np.int64),
+                          f.downlink_bps[devices], f.uplink_bps[devices], f.latency_s[devices])
+        setup = RoundSetup(self.current_round, plan, None, self.scenario.network.upload_mode,
+                           [f.class_spec(device)])
+        job = _Job(j, device, self.current_round, batch, float(slowdown[0]), setup)
+        self._busy[device] = True
+        self._holders[job.version] += 1
+        self.active[device] = env.process(run_device_job(env, self, job))
+
+    def job_ended(self, env: simpy.Environment, job: _Job, out: DeviceOutcome) -> None:
+        """A job's process is over: its update arrived, or it was stopped. Called from that process."""
+        del self.active[job.device]
+        self._busy[job.device] = False
+        self._evaluate_until(env.now)          # before the model can change at this instant
+        job.outcome = out
+        if out.done_at is None or self._closing:
+            self._record(job, applied=False, round_=self.current_round)
+            self._release(job.version)
+        else:
+            self._arrived += 1
+            staleness = self.current_round - job.version
+            if staleness > self.policy.max_staleness:
+                self.trace.event(self.current_round, env.now, job.device, EventKind.UPDATE_DISCARDED)
+                self._record(job, applied=False, round_=self.current_round)
+                self._release(job.version)
+            else:
+                self._buffer.append(job)
+                if len(self._buffer) >= self.policy.buffer_size:
+                    self._server_step(env)
+        self.dispatch(env)
+
+    # -- the server step --------------------------------------------------------------------------
+    def _server_step(self, env: simpy.Environment) -> None:
+        jobs, self._buffer = self._buffer, []
+        u = self.current_round
+        k = len(jobs)
+        total: dict[str, torch.Tensor] = {}
+        loss_sum = 0.0
+        for v in sorted({job.version for job in jobs}):
+            group = [job for job in jobs if job.version == v]
+            self._load_scratch(v)
+            sums = self.grads.layer_sums([job.batch for job in group], np.full(len(group), self._n_layers))
+            weight = self.policy.staleness_weight(u - v) / k
+            for name, g in sums.sums.items():
+                total[name] = total[name] + weight * g if name in total else weight * g
+            loss_sum += sums.loss_sum
+        for job in jobs:
+            self._release(job.version)
+        # keep version u while jobs still hold it (they will arrive with staleness >= 1)
+        if self._holders.get(u, 0) > 0 and self.policy.max_staleness >= 1:
+            self.history[u] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self._apply(total)
+        self.current_round = u + 1
+        oldest = self.current_round - self.policy.max_staleness
+        for v in [v for v in self.history if v < oldest]:
+            del self.history[v]
+        self.peak_snapshots = max(self.peak_snapshots, len(self.history))
+        for job in jobs:
+            self._record(job, applied=True, round_=u)
+        now = env.now
+        self.trace.event(u, now, SERVER, EventKind.UPDATE_APPLIED)
+        self._write_row(u, self._last_step_at, now, participants=k, train_loss=loss_sum / k)
+        self._last_step_at = self.clock_at = now
+        if self._on_update is not None:
+            self._on_update(self.current_round)
+        if self.current_round >= self.scenario.run.rounds and not self._closing:
+            self._closing = True          # run.rounds is an upper bound on server steps
+            self._main.interrupt()
+
+    def _load_scratch(self, version: int) -> None:
+        if self._scratch_version == version:
+            return
+        if version == self.current_round:
+            source = dict(self.model.named_parameters())
+        else:
+            source = self.history[version]
+        with torch.no_grad():
+            for name, p in self.scratch.named_parameters():
+                p.copy_(source[name])
+        self._scratch_version = version
+
+    def _apply(self, grads: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, p in params.items():
+            p.grad = grads.get(name)
+        self.optimizer.step()
+        for p in params.values():
+            p.grad = None
+
+    def _release(self, version: int) -> None:
+        self._holders[version] -= 1
+        if self._holders[version] <= 0:
+            del self._holders[version]
+            self.history.pop(version, None)     # nobody can arrive with it any more
+
+    # -- end of run and evaluations ---------------------------------------------------------------
+    def finish(self, env: simpy.Environment):
+        """Stop the jobs still running, drop the unfinished buffer, write the final evaluation row."""
+        self._closing = True
+        running = list(self.active.values())
+        for proc in running:
+            proc.interrupt(StopCause.QUORUM)
+        if running:
+            yield simpy.AllOf(env, running)
+        for job in self._buffer:
+            self._record(job, applied=False, round_=self.current_round)
+            self._release(job.version)
+        self._buffer = []
+        self._evaluate_until(env.now)
+        self.clock_at = env.now
+        self._write_eval(env.now, final=True)
+
+    def _evaluate_until(self, now_at: float) -> None:
+        """Evaluation rows for the instants strictly before now (the model has not changed since)."""
+        every = self.policy.eval_every_s
+        while True:
+            at = self._next_eval * every       # a product, not a running sum: no drift over a long run
+            if at >= now_at or at > self.policy.duration_s:
+                return
+            self._write_eval(at)
+            self._next_eval += 1
+
+    def _write_eval(self, at: float, final: bool = False) -> None:
+        self.last_eval = evaluate(self.model, self.x_test, self.y_test)
+        self._write_row(self.current_round, at, at, participants=0, train_loss=None, evaluation=self.last_eval,
+                        carry=final)
+        self.trace.end_round()          # flush at each evaluation: a crash loses one interval at most
+
+    # -- rows -------------------------------------------------------------------------------------
+    def _write_row(self, round_: int, start_at: float, end_at: float, participants: int,
+                   train_loss: float | None, evaluation: Evaluation | None = None, carry: bool = True) -> None:
+        """One rounds.parquet row; `carry` moves the pending device energy and arrivals into it."""
+        energy_j, delivered = (self._pending_energy_j, self._arrived) if carry else (0.0, 0)
+        if carry:
+            self._pending_energy_j, self._arrived = 0.0, 0
+        row = {
+            "round": round_, "policy": self.policy.describe(), "start_s": start_at, "end_s": end_at,
+            "duration_s": end_at - start_at, "participants": participants, "delivered_any": delivered,
+            "completed": participants, "contributors": [participants] * self._n_layers,
+            "train_loss": train_loss,
+            "test_loss": None if evaluation is None else evaluation.loss,
+            "test_accuracy": None if evaluation is None else evaluation.accuracy,
+            "energy_j": energy_j,
+        }
+        self.trace.rounds.append({name: row.get(name) for name in self.trace.rounds.columns})
+
+    def _record(self, job: _Job, applied: bool, round_: int) -> None:
+        """The job's devices.parquet row, with the energy formulas of a synchronous round (idle 0)."""
+        o = job.outcome
+        spec = job.setup.powers[0]
+        e_down = spec.power_rx_w * o.download_s
+        e_comp = spec.power_compute_w * o.compute_s
+        e_up = spec.power_tx_w * o.upload_s
+        energy = e_down + e_comp + e_up
+        self._pending_energy_j += energy
+        if applied:
+            status = DeviceStatus.COMPLETE
+        elif o.stopped is StopCause.OFFLINE:
+            status = DeviceStatus.OFFLINE
+        else:
+            status = DeviceStatus.NOTHING
+        row = {
+            "round": round_, "device": job.device, "class": spec.name, "status": status.value,
+            "depth": self._n_layers if applied else 0, "layers_computed": o.layers_computed,
+            "samples": len(job.batch), "speed_flops": float(self.fleet.speed_flops[job.device] / job.slowdown),
+            "download_s": o.download_s, "compute_s": o.compute_s, "upload_s": o.upload_s, "idle_s": 0.0,
+            "energy_download_j": e_down, "energy_compute_j": e_comp, "energy_upload_j": e_up,
+            "energy_idle_j": 0.0, "energy_j": energy,
+        }
+        self.trace.devices.append({name: row.get(name) for name in self.trace.devices.columns})
+
+
+def run_device_job(env: simpy.Environment, server: AsyncServer, job: _Job):
+    """One job: the synchronous device process without a deadline, then the server's handling."""
+    out = yield from run_device_round(env, job.setup, 0, None, server.trace)
+    server.job_ended(env, job, out)
+
+
+def serve_async(env: simpy.Environment, server: AsyncServer, on_update: Callable[[int], None] | None = None):
+    """The server process of an asynchronous run: start the jobs, stop at duration_s or run.rounds steps."""
+    server.start(env, on_update)
+    try:
+        # scheduled before any job event: an update arriving exactly at duration_s is not applied
+        yield env.timeout(server.policy.duration_s)
+    except simpy.Interrupt:
+        pass                                  # run.rounds server steps reached first
+    yield from server.finish(env)
