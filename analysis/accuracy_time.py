@@ -14,16 +14,27 @@ from analysis.common import (Section, Table, best_accuracy, final_accuracy, fini
                              save_figure, script_main, sim_time)
 
 
+def _evaluated(run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(key, time, accuracy) of a run's evaluations. Synchronous runs are keyed by round; asynchronous
+    ones (fedasync/fedbuff: several rows share a round number, evaluations at fixed simulated times) by
+    the evaluation time, so seeds line up on the simulated-time axis."""
+    r = run.rounds
+    ok = ~np.isnan(r["test_accuracy"])
+    asynchronous = len(np.unique(r["round"])) < len(r["round"])
+    key = r["end_s"][ok] if asynchronous else r["round"][ok]
+    return key, r["end_s"][ok], r["test_accuracy"][ok]
+
+
 def curve(runs) -> dict[str, np.ndarray]:
-    """Mean time and mean/min/max accuracy over `runs` at the rounds evaluated in all of them."""
-    common = None
-    for run in runs:
-        evaluated = set(run.rounds["round"][~np.isnan(run.rounds["test_accuracy"])].tolist())
-        common = evaluated if common is None else common & evaluated
-    rounds = np.array(sorted(common), dtype=int)
-    times = np.array([[run.rounds["end_s"][run.rounds["round"] == r][0] for r in rounds] for run in runs])
-    accs = np.array([[run.rounds["test_accuracy"][run.rounds["round"] == r][0] for r in rounds] for run in runs])
-    return {"round": rounds, "time_s": times.mean(axis=0), "mean": accs.mean(axis=0),
+    """Mean time and mean/min/max accuracy over `runs` at the points evaluated in all of them."""
+    evals = [_evaluated(run) for run in runs]
+    common = set(evals[0][0].tolist())
+    for key, _, _ in evals[1:]:
+        common &= set(key.tolist())
+    keys = np.array(sorted(common))
+    times = np.array([[t[k == x][0] for x in keys] for k, t, _ in evals])
+    accs = np.array([[a[k == x][0] for x in keys] for k, _, a in evals])
+    return {"round": keys, "time_s": times.mean(axis=0), "mean": accs.mean(axis=0),
             "min": accs.min(axis=0), "max": accs.max(axis=0)}
 
 

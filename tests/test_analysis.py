@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -328,3 +329,27 @@ def test_analysis_never_imports_fedsim(sweep, tmp_path):
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "d" / "depths.png").is_file()
+
+
+def test_paper_check_table(sweep, tmp_path):
+    from analysis import paper_check
+
+    out = tmp_path / "pc"
+    assert paper_check.main([str(sweep), "--out", str(out), "--budget-s", "0.15", "--target", "0.2"]) == 0
+    assert {p.name for p in out.iterdir()} >= {"paper_check.md", "paper_check.csv", "accuracy_round.png",
+                                                 "accuracy_time.png", "final_vs_deadline.png"}
+    table = {(r["policy"], r["deadline_s"]): r for r in md_table(out / "paper_check.md")}
+    for (policy, deadline), members in groups(runs_of(sweep), key=lambda r: (r["policy.name"], r["policy.deadline_s"])).items():
+        row = table[(policy, deadline)]
+        assert row["seeds"] == str(len(members))
+        final = [finals(r)[-1] for r in members]
+        m, s = (float(x) for x in row["final accuracy"].split(" ± "))
+        assert m == pytest.approx(sum(final) / len(final), abs=6e-4)
+        assert s == pytest.approx(float(np.std(final, ddof=1)), abs=6e-4)
+        frac = [np.mean([st != "complete" for st in r["devices_t"]["status"]]) for r in members]
+        assert float(row["straggler fraction"].split(" ± ")[0]) == pytest.approx(np.mean(frac), abs=6e-4)
+        at_budget = [[a for a, t in zip(r["rounds_t"]["test_accuracy"], r["rounds_t"]["end_s"])
+                      if a is not None and t <= 0.15 + 1e-9] for r in members]
+        if all(at_budget):
+            got = float(row["accuracy at 0.15 s"].split(" ± ")[0])
+            assert got == pytest.approx(np.mean([a[-1] for a in at_budget]), abs=6e-4)
