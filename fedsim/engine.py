@@ -51,6 +51,7 @@ class DeviceOutcome:
     active_until_at: float = 0.0   # simulated time the device stopped working in this round
     done_at: float | None = None   # time it delivered everything it intended to; None if stopped
     stopped: StopCause | None = None
+    nonfinite: bool = False          # its update had NaN/Inf and was dropped
 
     def status(self, n_layers: int) -> DeviceStatus:
         if self.stopped is StopCause.OFFLINE:

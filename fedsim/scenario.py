@@ -70,6 +70,7 @@ class TrainingSpec:
     momentum: float
     local_steps: int
     grad_path: str           # "auto", "grouped", "vmap" or "loop" (see fedsim/grads.py)
+    on_nonfinite: str = "stop"   # NaN/Inf in a loss or gradient: "stop" the run, or "drop" that device's update
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ def _read_training(f: Fields) -> TrainingSpec:
         momentum=f.number("momentum", 0.0, low=0.0, high=1.0),
         local_steps=f.integer("local_steps", 1, low=1, high=10_000),
         grad_path=f.choice("grad_path", ["auto", "grouped", "vmap", "loop"], "auto"),
+        on_nonfinite=f.choice("on_nonfinite", ["stop", "drop"], "stop"),
     )
     f.finish()
     return spec

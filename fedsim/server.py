@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fedsim.churn import AlwaysOnline, build_availability, churn, load_availability_trace
 from fedsim.engine import DeviceOutcome, RoundSetup, StopCause
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, NumericalError
 from fedsim.network import Network, build_topology
 from fedsim.network_spec import AccessKind, Direction, Preset
 from fedsim.fleet import Fleet
@@ -27,7 +27,7 @@ from fedsim.scenario import Scenario, UploadMode
 from fedsim.local import LocalTrainer
 from fedsim.strategies import Policy, RoundContext, RoundInputs
 from fedsim.timing import max_depth_fitting
-from fedsim.trace import TraceWriter
+from fedsim.trace import DeviceStatus, TraceWriter
 
 __all__ = ["Server", "Evaluation", "evaluate", "round_rng", "ROUND_STREAM"]
 
@@ -56,6 +56,12 @@ def _topology(scenario: Scenario, fleet: Fleet):
     return build_topology(topo, class_of=fleet.class_of, downlink_bps=fleet.downlink_bps,
                           uplink_bps=fleet.uplink_bps, latency_s=fleet.latency_s,
                           rng=_stream(scenario.run.seed, NETWORK_STREAM))
+
+
+def _require_finite(update) -> None:
+    for name, g in update.grads.items():
+        if g is not None and not bool(torch.isfinite(g).all()):
+            raise NumericalError(f"non-finite aggregated gradient of {name}")
 
 
 def round_rng(seed: int, round_: int) -> np.random.Generator:
@@ -190,7 +196,9 @@ class Server:
                              self._step_batches, plan.samples, plan.steps,
                              np.array([i for _, i in sorted(done)], dtype=np.int64), self.trainer, setup.quorum,
                              self.submodel)
-        update = self.policy.aggregate(inputs, self.grads)
+        update, dropped = self._aggregate_finite(inputs)
+        for i in dropped:
+            outcomes[i].nonfinite = True
         self._apply(update.grads, update.frozen)
         if self._eval_due(setup.round):
             self.last_eval = evaluate(self.model, self.x_test, self.y_test)
@@ -220,6 +228,47 @@ class Server:
                               dtype=next(self.model.parameters()).dtype, source=self.scenario.source)
             self._submodels[width] = (sub, build_profile(sub, self.input_shape, self.profile.granularity))
         return self._submodels[width]
+
+    def _aggregate_finite(self, inputs: RoundInputs):
+        """The policy's update; on NaN/Inf, find the devices responsible, then stop or drop them."""
+        try:
+            update = self.policy.aggregate(inputs, self.grads)
+            _require_finite(update)
+            return update, []
+        except NumericalError as exc:
+            cause = str(exc)
+        bad, worst, worst_loss = self._nonfinite_devices(inputs)
+        r = inputs.round
+        if bad:
+            where = "device " + ", ".join(str(int(inputs.devices[i])) for i in bad)
+        else:    # every device is finite alone but their sum overflows: training has diverged
+            where = f"the sum over devices (the largest loss, {worst_loss:.3g}, is device {int(inputs.devices[worst])}'s)"
+        if self.scenario.training.on_nonfinite == "stop" or not bad:
+            raise NumericalError(f"round {r}: non-finite loss or gradient in {where} ({cause}); "
+                                 "lower training.lr, or set training.on_nonfinite = \"drop\"")
+        depths = inputs.depths.copy()
+        depths[bad] = 0
+        update = self.policy.aggregate(replace(inputs, depths=depths), self.grads)
+        _require_finite(update)
+        return update, bad
+
+    def _nonfinite_devices(self, inputs: RoundInputs) -> tuple[list[int], int, float]:
+        """Participants whose own loss or full gradient is not finite (a plain per-device check), and
+        the participant with the largest loss."""
+        bad = []
+        worst, worst_loss = 0, -float("inf")
+        params = list(self.model.parameters())
+        for i, depth in enumerate(inputs.depths):
+            if depth == 0:
+                continue
+            idx = torch.from_numpy(np.concatenate(inputs.step_batches[i]) if inputs.step_batches else inputs.batches[i])
+            loss = F.cross_entropy(self.model(self.grads.x[idx]), self.grads.y[idx])
+            if float(loss.detach()) > worst_loss or not torch.isfinite(loss):
+                worst, worst_loss = i, float(loss.detach())
+            grads = torch.autograd.grad(loss, params) if torch.isfinite(loss) else None
+            if grads is None or not all(bool(torch.isfinite(g).all()) for g in grads):
+                bad.append(i)
+        return bad, worst, worst_loss
 
     # -- helpers ----------------------------------------------------------------------------------
     def _eval_due(self, round_: int) -> bool:
@@ -255,7 +304,7 @@ class Server:
             device = int(plan.devices[i])
             for name, value in (
                 ("round", setup.round), ("device", device), ("class", spec.name),
-                ("status", o.status(n_layers).value), ("depth", o.depth), ("layers_computed", o.layers_computed),
+                ("status", DeviceStatus.NONFINITE.value if o.nonfinite else o.status(n_layers).value), ("depth", o.depth), ("layers_computed", o.layers_computed),
                 ("samples", int(plan.samples[i])),
                 ("speed_flops", float(self.fleet.speed_flops[device] / self._slowdown[i])),
                 ("download_s", o.download_s), ("compute_s", o.compute_s), ("upload_s", o.upload_s),

@@ -47,6 +47,7 @@ class DeviceStatus(enum.Enum):
     PARTIAL = "partial"        # delivered some of the last layers
     NOTHING = "nothing"        # delivered no layer before the deadline
     OFFLINE = "offline"        # went offline mid-round; only what was delivered before counts
+    NONFINITE = "nonfinite"    # its update had NaN/Inf and was dropped (training.on_nonfinite = "drop")
 
 
 _EVENT_NAMES = [k.value for k in EventKind]
