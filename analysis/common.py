@@ -134,6 +134,22 @@ def _params_json(path: Path) -> tuple[dict[str, str], int | None]:
         return {}, None
 
 
+SCHEMA_VERSION = "1"     # the trace schema these scripts read (fedsim/trace.py)
+
+
+def _check_schema(run_dir: Path) -> None:
+    """Refuse traces written under another schema version rather than misread their columns."""
+    for name in ("rounds", "devices", "events"):
+        path = run_dir / f"{name}.parquet"
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except (OSError, ValueError) as exc:      # missing, truncated, or not Parquet at all
+            raise AnalysisError(f"{path}: unreadable trace ({exc})") from None
+        version = meta.get(b"fedsim.schema_version", b"").decode() or "none"
+        if version != SCHEMA_VERSION:
+            raise AnalysisError(f"{path}: trace schema version {version}, these scripts read version {SCHEMA_VERSION}")
+
+
 def load_runs(directory: Path) -> list[Run]:
     """The completed runs of a run directory or of a sweep directory, in index order."""
     d = Path(directory)
@@ -156,6 +172,7 @@ def load_runs(directory: Path) -> list[Run]:
     for run in candidates:
         status = _status(run.path)
         if status == "completed":
+            _check_schema(run.path)
             runs.append(run)
         else:
             warn(f"skipping {run.path}: status {status}")

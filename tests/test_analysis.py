@@ -353,3 +353,19 @@ def test_paper_check_table(sweep, tmp_path):
         if all(at_budget):
             got = float(row["accuracy at 0.15 s"].split(" ± ")[0])
             assert got == pytest.approx(np.mean([a[-1] for a in at_budget]), abs=6e-4)
+
+
+def test_traces_of_another_schema_version_are_refused(sweep, tmp_path, capsys):
+    run_dir = tmp_path / "old"
+    shutil.copytree(sweep / pq.read_table(sweep / "index.parquet").to_pylist()[0]["run_dir"], run_dir)
+    table = pq.read_table(run_dir / "rounds.parquet")
+    meta = dict(table.schema.metadata)
+    meta[b"fedsim.schema_version"] = b"0"
+    pq.write_table(table.replace_schema_metadata(meta), run_dir / "rounds.parquet")
+    assert script("accuracy_time").main([str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "rounds.parquet" in err and "schema version 0" in err and "Traceback" not in err
+    (run_dir / "events.parquet").write_bytes(b"garbage")
+    pq.write_table(table, run_dir / "rounds.parquet")
+    assert script("accuracy_time").main([str(run_dir)]) == 2
+    assert "events.parquet: unreadable trace" in capsys.readouterr().err
