@@ -1,4 +1,4 @@
-"""`fedsim run | validate`: the command line. Bad input exits 2 with one line on stderr, no traceback."""
+"""`fedsim run | validate | sweep`: the command line. Bad input exits 2 with one line on stderr, no traceback."""
 
 from __future__ import annotations
 
@@ -93,18 +93,21 @@ def _cmd_run(args) -> int:
 
 @contextlib.contextmanager
 def _progress(scn, quiet: bool):
-    """A progress bar over rounds on stderr: round, simulated time, last accuracy."""
+    """A progress bar on stderr: rounds (or, for asynchronous policies, simulated seconds), the simulated
+    time and the last accuracy."""
     if quiet:
         yield None
         return
     from tqdm import tqdm
 
-    total = None if scn is None else scn.run.rounds
+    budget_s = getattr(scn.policy, "duration_s", None) if scn is not None else None
+    total = budget_s if budget_s is not None else (None if scn is None else scn.run.rounds)
+    unit = "sim s" if budget_s is not None else "round"
     name = "resume" if scn is None else scn.run.name
-    with tqdm(total=total, unit="round", desc=name, file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit=unit, desc=name, file=sys.stderr, dynamic_ncols=True) as bar:
         def progress(done: int, sim_s: float, acc: float | None) -> None:
             bar.set_postfix_str(f"sim {sim_s:.1f}s" + ("" if acc is None else f" acc {acc:.3f}"), refresh=False)
-            bar.update(done - bar.n)
+            bar.update((min(sim_s, budget_s) if budget_s is not None else done) - bar.n)
 
         yield progress
 

@@ -114,6 +114,8 @@ def _read_capacity(f: Fields, prefix: str, required: bool) -> tuple[float, float
         value = f.number(both, low=0.0, low_open=True)
         return value, value
     if f.has(down) or f.has(up) or required:
+        if not (f.has(down) or f.has(up)):
+            raise f.error(both, f"missing required field (or give {down} and {up})")
         return f.number(down, low=0.0, low_open=True), f.number(up, low=0.0, low_open=True)
     return None
 

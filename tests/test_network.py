@@ -365,7 +365,8 @@ def test_reader_errors_name_the_field():
         "network.links[0].bandwidth_bps"
     assert error(base, classes=("other",)).field == "network.classes.phones"   # unknown class
     assert error(base.replace('kind = "server"', 'kind = "router"')).field == "network.nodes"
-    assert error("[network]\npreset = \"shared_ap\"\n").field == "network.ap_down_bps"
+    assert error("[network]\npreset = \"shared_ap\"\n").field == "network.ap_bandwidth_bps"
+    assert error("[network]\npreset = \"shared_ap\"\nap_down_bps = 1e6\n").field == "network.ap_up_bps"
     assert error("[network]\n[network.classes.phones]\nattach = \"server\"\n").field == \
         "network.classes.phones.attach"
     disconnected = base + '[[network.nodes]]\nname = "island"\n[network.classes.other]\nattach = "island"\n'

@@ -1,0 +1,79 @@
+"""Fleet fields added for realism: DVFS energy, measured calibration and availability errors, and one
+comparison set that runs every policy on the same fleet and seed."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import BASE_TOML, TRACES_DIR, run, scenario, table
+from fedsim.errors import ScenarioError
+
+
+def test_dvfs_energy_is_kappa_cycles_f_squared(tmp_path):
+    # kappa 1e-27, f = 1 GHz, 2 cycles/FLOP: speed 5e8 FLOP/s, compute power kappa f^3 = 1 W
+    dvfs = "fleet.classes[1].dvfs={ kappa = 1e-27, freq_hz = 1e9, cycles_per_flop = 2 }"
+    scn = scenario(dvfs, "fleet.classes[1].speed_flops={ dist = \"fixed\", value = 5e8 }")
+    spec = scn.fleet.classes[1]
+    assert spec.power_compute_w == pytest.approx(1.0)
+    out = run(tmp_path, dvfs, "fleet.classes[1].speed_flops=5e8")
+    dev = table(out, "devices")
+    for cls, comp, energy, samples in zip(dev["class"], dev["compute_s"], dev["energy_compute_j"], dev["samples"]):
+        if cls == "fast":
+            cycles = 2 * 5e8 * comp                     # FLOPs done x cycles per FLOP
+            assert energy == pytest.approx(1e-27 * cycles * (1e9) ** 2, rel=1e-12)
+
+
+def test_dvfs_gives_the_speed_when_none_is_given():
+    text = BASE_TOML.replace("speed_flops = 2.0e7\n", "dvfs = { kappa = 1e-28, freq_hz = 2e9 }\n")
+    scn = scenario(text=text)
+    assert scn.fleet.classes[1].speed_flops.a == 2e9
+    with pytest.raises(ScenarioError, match=r"fleet.classes\[1\].power_compute_w"):
+        scenario("fleet.classes[1].power_compute_w=3", text=text)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (['fleet.classes[0].measured={ time_table = "x.csv" }'], "fleet.classes[0].measured.time_table"),
+    (["fleet.classes[0].flash_bandwidth=true"], "fleet.classes[0].flash_bandwidth"),
+    (['fleet.availability_file="/nonexistent.csv"'], "fleet.availability_file"),
+    (['fleet.traces_dir="/nonexistent"'], "fleet.traces_dir"),
+    (['fleet.classes[0].availability={ on_s = -1, off_s = 5 }'], "fleet.classes[0].availability.on_s"),
+    (['network.preset="shared_ap"'], "network.ap_bandwidth_bps"),
+    (['network.classes.nope={ access = "wireless" }'], "network.classes.nope"),
+])
+def test_new_fields_are_validated(overrides, field):
+    with pytest.raises(ScenarioError) as err:
+        scenario(*overrides)
+    assert field in str(err.value)
+
+
+def test_measured_needs_speed_or_measurement():
+    if not TRACES_DIR.is_dir():
+        pytest.skip("no traces")
+    text = BASE_TOML.replace("speed_flops = 2.0e7\n", "")
+    with pytest.raises(ScenarioError, match=r"fleet.classes\[1\].speed_flops"):
+        scenario(text=text)
+    both = [f"fleet.traces_dir={str(TRACES_DIR)!r}",
+            'fleet.classes[1].measured={ time_table = "ondevice_training/XIAOMI/time_table_Lenet.csv" }']
+    with pytest.raises(ScenarioError, match="either speed_flops or measured"):
+        scenario(*both)
+
+
+ASYNC = ["policy.duration_s=0.5", "policy.eval_every_s=0.25", "run.rounds=100000"]
+COMPARISON = {
+    "salf": [], "drop": [], "wait": [], "partial": [], "heterofl": [], "overselect": ["policy.k=6"],
+    "fedasync": ASYNC, "fedbuff": ASYNC + ["policy.buffer_size=4"],
+}
+
+
+def test_every_policy_runs_on_the_same_fleet_and_seed(tmp_path):
+    from fedsim.strategies import POLICIES
+
+    assert set(COMPARISON) == set(POLICIES), "a new policy joins the comparison set"
+    classes = None
+    for name, extra in COMPARISON.items():
+        out = run(tmp_path, f'policy.name="{name}"', *extra, name=name)
+        rounds = table(out, "rounds")
+        assert any(a is not None for a in rounds["test_accuracy"]), name
+        fleet = {(d, c) for d, c in zip(table(out, "devices")["device"], table(out, "devices")["class"])}
+        classes = classes or fleet
+        assert fleet <= classes | fleet and {c for _, c in fleet} <= {"slow", "fast"}
