@@ -52,14 +52,7 @@ class DvfsSpec:
 
 
 def resolve_traces_dir(fields: Fields, key: str, base_dir: Path | None) -> Path | None:
-    if fields.raw(key, None) is None:
-        return None
-    path = Path(fields.string(key))
-    if not path.is_absolute() and not path.exists() and base_dir is not None and (base_dir / path).exists():
-        path = base_dir / path
-    if not path.is_dir():
-        raise fields.error(key, f"traces directory does not exist, got {str(path)!r}")
-    return path
+    return fields.existing_path(key, base_dir, kind="dir", what="traces directory", default=None)
 
 
 def _file(fields: Fields, key: str, traces_dir: Path | None, default: str | None = None) -> Path:

@@ -82,13 +82,9 @@ def read_churn_spec(fields: Fields, key: str) -> ChurnSpec | None:
 
 def read_availability_file(fields: Fields, key: str, base_dir: Path | None = None) -> Path | None:
     """A fleet-level `key = "intervals.csv"` (or .parquet); relative paths fall back to `base_dir`."""
-    if fields.raw(key, None) is None:
+    path = fields.existing_path(key, base_dir, kind="file", what="availability file", default=None)
+    if path is None:
         return None
-    path = Path(fields.string(key))
-    if not path.is_absolute() and not path.exists() and base_dir is not None and (base_dir / path).exists():
-        path = base_dir / path
-    if not path.is_file():
-        raise fields.error(key, f"availability file does not exist, got {str(path)!r}")
     if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
         raise fields.error(key, f"must be a .csv or .parquet file, got {str(path)!r}")
     return path

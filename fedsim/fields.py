@@ -7,6 +7,7 @@ unknown keys (usually typos) are reported instead of silently ignored.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Iterable
 
 from fedsim.errors import ScenarioError
@@ -129,6 +130,18 @@ class Fields:
         if value not in options:
             raise self.error(key, f"must be one of {', '.join(options)}; got {_show(value)}")
         return value
+
+    def existing_path(self, key: str, base_dir: Path | None, *, kind: str, what: str, default: Any = MISSING) -> Path | None:
+        """A path as written (relative to the working directory), else relative to the scenario's folder,
+        so shipped scenarios run from any directory. `kind` is "file" or "dir"; None if absent."""
+        if self.raw(key, default) is None:
+            return None
+        path = Path(self.string(key, default))
+        if not path.is_absolute() and not path.exists() and base_dir is not None and (base_dir / path).exists():
+            path = base_dir / path
+        if not (path.is_dir() if kind == "dir" else path.is_file()):
+            raise self.error(key, f"{what} does not exist, got {str(path)!r}")
+        return path
 
     def boolean(self, key: str, default: Any = MISSING) -> bool:
         value = self.raw(key, default)

@@ -208,13 +208,7 @@ def _read_data(f: Fields, base_dir: Path | None) -> DataSpec:
     name = f.choice("name", ["mnist", "synthetic"])
     directory = None
     if name == "mnist":
-        directory = Path(f.string("dir"))
-        if not directory.is_absolute() and not directory.exists() and base_dir is not None:
-            # relative to the scenario file as a fallback, so shipped scenarios run from any cwd
-            candidate = base_dir / directory
-            directory = candidate if candidate.exists() else directory
-        if not directory.is_dir():
-            raise f.error("dir", f"dataset directory does not exist, got {str(directory)!r}")
+        directory = f.existing_path("dir", base_dir, kind="dir", what="dataset directory")
     elif f.has("dir"):
         f.raw("dir")
     spec = DataSpec(
