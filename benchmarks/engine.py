@@ -256,8 +256,8 @@ def main(argv=None) -> dict:
               "fleet_100k_rss_mb": round(big["rss_mb"], 1), "fleet_rounds": fleet_rounds,
               "fleet_1k_rss_mb": None if small is None else round(small["rss_mb"], 1),
               "fleet_kb_per_device": None if per_device_kb is None else round(per_device_kb, 3),
-              "by_upload_mode": {m: {"round_event_ms": round(r["round_event_ms"], 2), "events_per_s": round(r["events_per_s"])}
-                                 for m, r in runs.items()}}
+              "by_upload_mode": {m: {"round_event_ms": round(r["round_event_ms"], 2),
+                                     "events_per_s": round(r["events_per_s"])} for m, r in runs.items()}}
     emit(result)
     return result
 

@@ -34,9 +34,9 @@ the stop. An evaluation at t sees every update applied at or before t. The model
 steps, so evaluations are taken lazily, just before the first server event after t, on the model as it
 was at t.
 
-Churn (to come). `AsyncServer.is_online(device, at)` filters the idle devices a job may start on; when a
-device comes back online, call `server.dispatch(env)`; to take a device offline mid-job, interrupt
-`server.active[device]` with `StopCause.OFFLINE`: its job ends with status `offline` and frees its slot.
+Churn. Only online devices start jobs (`AsyncServer.is_online`); a watcher over the fleet starts jobs when
+a device comes back, and interrupts a device's job when it goes offline: the job ends with status
+`offline` and frees its slot.
 
 Trace. See `AsyncServer` for what the rows of rounds.parquet and devices.parquet mean in an async run.
 """
@@ -57,7 +57,8 @@ from fedsim.fleet import Fleet
 from fedsim.grads import GradientEngine
 from fedsim.profile import ModelProfile
 from fedsim.scenario import Scenario
-from fedsim.server import Evaluation, evaluate
+from fedsim.churn import AlwaysOnline, churn
+from fedsim.server import Evaluation, ServerBase, evaluate
 from fedsim.strategies.fedasync import AsyncPolicy
 from fedsim.timing import plan_round
 from fedsim.trace import SERVER, DeviceStatus, EventKind, TraceWriter
@@ -90,7 +91,7 @@ class _Job:
     outcome: DeviceOutcome | None = None
 
 
-class AsyncServer:
+class AsyncServer(ServerBase):
     """The server of an asynchronous run: global model, version history, buffer, the fleet's jobs.
 
     Trace rows (same Parquet schema as synchronous runs):
@@ -120,30 +121,18 @@ class AsyncServer:
 
     def __init__(self, scenario: Scenario, model: torch.nn.Module, profile: ModelProfile, fleet: Fleet,
                  partition, dataset, trace: TraceWriter):
-        self.scenario = scenario
+        super().__init__(scenario, model, profile, fleet, partition, dataset, trace)
         self.policy: AsyncPolicy = scenario.policy
-        self.model = model
-        self.profile = profile
-        self.fleet = fleet
-        self.partition = partition
-        self.trace = trace
-        dtype = next(model.parameters()).dtype
-        self.x_test = dataset.x_test.to(dtype)
-        self.y_test = dataset.y_test
         # Gradients are taken in one scratch copy loaded with whichever version is being differentiated;
         # the global model itself is only ever changed by the optimizer.
         self.scratch = copy.deepcopy(model)
         self.grads = GradientEngine(self.scratch, profile, dataset.x_train, dataset.y_train,
                                     path=scenario.training.grad_path)
-        t = scenario.training
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum)
         n = fleet.n_devices
         self.max_concurrency = min(self.policy.max_concurrency or scenario.fleet.participants or n, n)
-        self.is_online: Callable[[int, float], bool] | None = None   # None: every device is always online
-        self.current_round = 0       # server steps taken = version of the global model
-        self.clock_at = 0.0          # simulated time of the last server step, then of the stop
-        self.last_eval: Evaluation | None = None
-        self.active: dict[int, simpy.Process] = {}    # device id -> its running job
+        # None: every device is always online
+        self.is_online: Callable[[int, float], bool] | None = (
+            None if isinstance(self.availability, AlwaysOnline) else self.availability.is_online)
         self.history: dict[int, dict[str, torch.Tensor]] = {}   # old version -> parameter snapshot
         self.peak_snapshots = 0
         self._holders: collections.Counter[int] = collections.Counter()   # version -> jobs holding it
@@ -387,9 +376,21 @@ def run_device_job(env: simpy.Environment, server: AsyncServer, job: _Job):
 def serve_async(env: simpy.Environment, server: AsyncServer, on_update: Callable[[int], None] | None = None):
     """The server process of an asynchronous run: start the jobs, stop at duration_s or run.rounds steps."""
     server.start(env, on_update)
+    watcher = None
+    if server.is_online is not None:
+        def on_change(device: int, online: bool) -> None:
+            job = server.active.get(device)
+            if online:
+                server.dispatch(env)
+            elif job is not None and job.is_alive:
+                job.interrupt(StopCause.OFFLINE)
+
+        watcher = env.process(churn(env, server.availability, np.arange(server.fleet.n_devices), on_change))
     try:
         # scheduled before any job event: an update arriving exactly at duration_s is not applied
         yield env.timeout(server.policy.duration_s)
     except simpy.Interrupt:
         pass                                  # run.rounds server steps reached first
+    if watcher is not None and watcher.is_alive:
+        watcher.interrupt()
     yield from server.finish(env)

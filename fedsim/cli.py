@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario field, e.g. --set policy.deadline_s=0.5 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--cluster", default=None, metavar="ADDRESS|local[:N]",
+                     help="compute the gradients on a Dask cluster: a scheduler address, or local:N worker "
+                          "processes (needs fedsim[dask]; see docs/DISTRIBUTED.md)")
 
     swp = sub.add_parser("sweep", help="run a scenario over a grid of overrides x seeds, in parallel")
     swp.add_argument("scenario", type=Path, help="scenario TOML file")
@@ -36,11 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     swp.add_argument("--seeds", type=int, default=1, help="seeds per grid point: run.seed = base + 0..N-1")
     swp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario field for every run (repeatable)")
-    swp.add_argument("--jobs", type=int, default=None, help="parallel processes (default: number of cores)")
+    swp.add_argument("--jobs", type=int, default=None,
+                     help="parallel processes (default: number of cores; not with --cluster)")
     swp.add_argument("--out", type=Path, default=None, help="sweep directory (default: sweeps/<run.name>)")
     swp.add_argument("--target-accuracy", type=float, default=None,
                      help="also index the simulated time and energy to reach this test accuracy")
     swp.add_argument("--quiet", action="store_true", help="no progress bar")
+    swp.add_argument("--cluster", default=None, metavar="ADDRESS|local[:N]",
+                     help="run the runs as tasks on a Dask cluster: a scheduler address, or local:N worker "
+                          "processes; the sweep directory must be on a filesystem every worker sees")
 
     val = sub.add_parser("validate", help="check a scenario file and print a summary")
     val.add_argument("scenario", type=Path)
@@ -75,7 +82,7 @@ def _cmd_run(args) -> int:
         if args.scenario is not None or args.overrides:
             raise FedsimError("--resume takes the scenario from the run directory; give no FILE or --set")
         with _progress(None, args.quiet) as progress:
-            summary = resume_run(args.resume, progress, args.checkpoint_every)
+            summary = resume_run(args.resume, progress, args.checkpoint_every, cluster=args.cluster)
     else:
         if args.scenario is None:
             raise FedsimError("run: give a scenario FILE (or --resume RUN_DIR)")
@@ -84,7 +91,7 @@ def _cmd_run(args) -> int:
         out = args.out if args.out is not None else Path("runs") / scn.run.name
         with _progress(scn, args.quiet) as progress:
             summary = run_scenario(scn, out, progress, components, args.checkpoint_every,
-                                   base_dir=args.scenario.resolve().parent)
+                                   base_dir=args.scenario.resolve().parent, cluster=args.cluster)
     acc = "n/a" if summary.test_accuracy is None else f"{summary.test_accuracy:.4f}"
     print(f"{summary.run_dir}: {summary.rounds} rounds, simulated {summary.sim_time_s:.3f} s, "
           f"test accuracy {acc}")

@@ -15,6 +15,7 @@ from fedsim.build import Components, build_components
 from fedsim.async_engine import AsyncServer, serve_async
 from fedsim.engine import serve_rounds
 from fedsim.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_server, save_checkpoint
+from fedsim.distributed import sharded_grads
 from fedsim.errors import ScenarioError, TraceError
 from fedsim.rundir import RunStatus, prepare_run_dir, read_status, write_status
 from fedsim.scenario import Scenario, parse_scenario
@@ -54,24 +55,28 @@ ProgressFn = Callable[[int, float, float | None], None]
 
 def run_scenario(scn: Scenario, run_dir: Path, progress: ProgressFn | None = None,
                  components: Components | None = None, checkpoint_every: int | None = None,
-                 base_dir: Path | None = None) -> RunSummary:
+                 base_dir: Path | None = None, cluster=None) -> RunSummary:
     """Run `scn` into `run_dir`. Bad input is detected (FedsimError) before the directory is touched.
 
     `checkpoint_every` N saves `checkpoint.pt` after every N rounds (synchronous policies), and
     `base_dir` (the scenario file's folder) is recorded so `resume_run` can re-read relative paths.
+    `cluster` (a `--cluster` text or a `distributed.Client`) computes the gradients on a Dask cluster
+    (fedsim.distributed.ShardedGradientEngine); the engine, clock and trace stay in this process.
     """
     if checkpoint_every is not None and is_asynchronous(scn.policy):
         raise ScenarioError(scn.source, "policy.name",
                             f"checkpoints are supported for synchronous policies, not {scn.policy.name}")
     comp = components if components is not None else build_components(scn)
-    run_dir = Path(run_dir)
-    prepare_run_dir(run_dir)
-    write_status(run_dir, RunStatus.RUNNING, rounds_done=0)
-    trace = TraceWriter(run_dir, trace_metadata(scn))
-    return _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state=None)
+    with sharded_grads(cluster, scn, comp) as grads:     # shards load on the workers before any output
+        run_dir = Path(run_dir)
+        prepare_run_dir(run_dir)
+        write_status(run_dir, RunStatus.RUNNING, rounds_done=0)
+        trace = TraceWriter(run_dir, trace_metadata(scn))
+        return _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state=None, grads=grads)
 
 
-def resume_run(run_dir: Path, progress: ProgressFn | None = None, checkpoint_every: int | None = None) -> RunSummary:
+def resume_run(run_dir: Path, progress: ProgressFn | None = None, checkpoint_every: int | None = None,
+               cluster=None) -> RunSummary:
     """Continue a run from its last checkpoint; the result is identical to an uninterrupted run."""
     run_dir = Path(run_dir)
     status = read_status(run_dir)
@@ -82,16 +87,17 @@ def resume_run(run_dir: Path, progress: ProgressFn | None = None, checkpoint_eve
     base_dir = None if meta["base_dir"] is None else Path(meta["base_dir"])
     scn = parse_scenario(meta["text"], meta["source"], meta["overrides"], base_dir=base_dir)
     comp = build_components(scn)
-    write_status(run_dir, RunStatus.RUNNING, rounds_done=int(state["next_round"]))
-    trace = TraceWriter(run_dir, trace_metadata(scn), keep_rows=state["rows"])
-    return _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state)
+    with sharded_grads(cluster, scn, comp) as grads:
+        write_status(run_dir, RunStatus.RUNNING, rounds_done=int(state["next_round"]))
+        trace = TraceWriter(run_dir, trace_metadata(scn), keep_rows=state["rows"])
+        return _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state, grads=grads)
 
 
-def _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state) -> RunSummary:
+def _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state, grads=None) -> RunSummary:
     try:
         asynchronous = is_asynchronous(scn.policy)     # fedasync / fedbuff: no rounds (fedsim/async_engine.py)
-        server_cls = AsyncServer if asynchronous else Server
-        server = server_cls(scn, comp.model, comp.profile, comp.fleet, comp.partition, comp.dataset, trace)
+        parts = (scn, comp.model, comp.profile, comp.fleet, comp.partition, comp.dataset, trace)
+        server = AsyncServer(*parts) if asynchronous else Server(*parts, grads=grads)
         if state is not None:
             restore_server(server, state)
         env = simpy.Environment(initial_time=server.clock_at)

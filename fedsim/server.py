@@ -25,11 +25,11 @@ from fedsim.grads import GradientEngine
 from fedsim.profile import ModelProfile
 from fedsim.scenario import Scenario, UploadMode
 from fedsim.local import LocalTrainer
-from fedsim.strategies import Policy, RoundContext, RoundInputs
+from fedsim.strategies import RoundContext, RoundInputs
 from fedsim.timing import max_depth_fitting
 from fedsim.trace import DeviceStatus, TraceWriter
 
-__all__ = ["Server", "Evaluation", "evaluate", "round_rng", "ROUND_STREAM"]
+__all__ = ["Server", "ServerBase", "Evaluation", "evaluate", "round_rng", "ROUND_STREAM"]
 
 ROUND_STREAM = 7
 CHURN_STREAM = 4          # children of SeedSequence(seed) (see build.STREAMS for 0-3)
@@ -86,11 +86,14 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
     return Evaluation(loss_sum / len(y), correct / len(y))
 
 
-class Server:
+class ServerBase:
+    """What every server holds: the scenario, the global model and its optimizer, the test set, the
+    clock and the devices at work. `Server` (rounds) and `AsyncServer` (no rounds) build on it."""
+
     def __init__(self, scenario: Scenario, model: torch.nn.Module, profile: ModelProfile, fleet: Fleet,
                  partition, dataset, trace: TraceWriter):
         self.scenario = scenario
-        self.policy: Policy = scenario.policy
+        self.policy = scenario.policy
         self.model = model
         self.profile = profile
         self.fleet = fleet
@@ -99,31 +102,40 @@ class Server:
         dtype = next(model.parameters()).dtype
         self.x_test = dataset.x_test.to(dtype)
         self.y_test = dataset.y_test
+        self.input_shape = dataset.input_shape
+        self.num_classes = dataset.num_classes
         self.availability = _availability(scenario, fleet)
+        t = scenario.training
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum)
+        self.current_round = 0       # rounds (or server updates) done
+        self.clock_at = 0.0          # simulated time of the last one: the run's simulated time
+        self.last_eval: Evaluation | None = None
+        self.active: dict[int, simpy.Process] = {}    # device id -> its process at work
+
+
+class Server(ServerBase):
+    """The server of synchronous policies: one round after another."""
+
+    def __init__(self, scenario: Scenario, model: torch.nn.Module, profile: ModelProfile, fleet: Fleet,
+                 partition, dataset, trace: TraceWriter, grads=None):
+        super().__init__(scenario, model, profile, fleet, partition, dataset, trace)
         self.topology = _topology(scenario, fleet)
         if self.topology is not None:
             # plans (after_compute, partial, heterofl) use the nominal rates; transfers use the network
-            fleet = replace(fleet, downlink_bps=self.topology.nominal_rate_bps(np.arange(fleet.n_devices), Direction.DOWN),
-                            uplink_bps=self.topology.nominal_rate_bps(np.arange(fleet.n_devices), Direction.UP),
-                            latency_s=self.topology.latency_s)
-            self.fleet = fleet
+            devices = np.arange(fleet.n_devices)
+            self.fleet = replace(fleet, downlink_bps=self.topology.nominal_rate_bps(devices, Direction.DOWN),
+                                 uplink_bps=self.topology.nominal_rate_bps(devices, Direction.UP),
+                                 latency_s=self.topology.latency_s)
         self.network: Network | None = None
         self._watcher = None
-        self.grads = GradientEngine(model, profile, dataset.x_train, dataset.y_train,
-                                    path=scenario.training.grad_path)
-        t = scenario.training
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum)
-        self.current_round = 0
-        self.clock_at = 0.0          # end of the last finished round: the run's simulated time
-        self.active: dict = {}
+        # `grads`: another engine with the same layer_sums, e.g. sharded on a Dask cluster (--cluster)
+        self.grads = grads if grads is not None else GradientEngine(model, profile, dataset.x_train, dataset.y_train,
+                                                                    path=scenario.training.grad_path)
+        self.trainer = LocalTrainer(model, dataset.x_train, dataset.y_train, scenario.training.lr)
         self.depth_counts = np.zeros(profile.n_layers + 1, dtype=np.int64)
-        self.last_eval: Evaluation | None = None
         self._batches: list[np.ndarray] = []
         self._step_batches: list[list[np.ndarray]] = []
         self._submodels: dict = {}
-        self.input_shape = dataset.input_shape
-        self.num_classes = dataset.num_classes
-        self.trainer = LocalTrainer(model, dataset.x_train, dataset.y_train, t.lr)
         self._slowdown = np.empty(0)
 
     # -- engine callbacks -------------------------------------------------------------------------
@@ -162,6 +174,8 @@ class Server:
         rng = round_rng(self.scenario.run.seed, round_)
         devices = self.policy.select(self.candidates(env.now), self.scenario.fleet.participants, rng)
         devices = np.asarray(devices, dtype=np.int64)
+        if hasattr(self.grads, "begin_round"):      # a sharded engine sends each device's work where its data is
+            self.grads.begin_round(devices)
         t = self.scenario.training
         self._step_batches = [[self.partition.sample_batch(int(d), t.batch_size, rng) for _ in range(t.local_steps)]
                               for d in devices]

@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from fedsim.errors import FedsimError, ScenarioError, TraceError
 from fedsim.overrides import apply_overrides
 from fedsim.rundir import RunStatus, read_status, write_atomic, write_status
-from fedsim.scenario import load_scenario
+from fedsim.scenario import load_scenario, parse_scenario
 
 __all__ = ["SweepRun", "SweepResult", "parse_grid", "plan_sweep", "run_sweep", "run_metrics",
            "read_index", "INDEX_FILE", "SWEEP_FILE", "PARAMS_FILE", "default_jobs"]
@@ -294,13 +294,20 @@ def _init_worker() -> None:
     torch.set_num_threads(1)     # one single-thread process per core beats fewer multi-thread ones
 
 
-def _run_one(scenario: str, overrides: tuple[str, ...], run_dir: str, params: dict) -> tuple[str, str | None]:
-    """Worker: run one scenario into `run_dir`; never raises, reports ("completed"|"failed", error)."""
+def _run_one(scenario: str, overrides: tuple[str, ...], run_dir: str, params: dict, text: str | None = None,
+             base_dir: str | None = None) -> tuple[str, str | None]:
+    """Worker: run one scenario into `run_dir`; never raises, reports ("completed"|"failed", error).
+
+    On a Dask cluster the scenario comes as `text` (with its folder `base_dir`) under its name `scenario`:
+    a worker may not share the driver's working directory, and the trace must record the same name.
+    """
     from fedsim.run import run_scenario
 
     run_path = Path(run_dir)
     try:
-        run_scenario(load_scenario(scenario, list(overrides)), run_path)
+        scn = (load_scenario(scenario, list(overrides)) if text is None
+               else parse_scenario(text, scenario, list(overrides), base_dir=Path(base_dir)))
+        run_scenario(scn, run_path)
         result: tuple[str, str | None] = (RunStatus.COMPLETED.value, None)
     except Exception as exc:           # a failed run must not stop the sweep; status.json records it
         error = f"{type(exc).__name__}: {exc}"
@@ -328,12 +335,19 @@ def _check_out_dir(out: Path) -> None:
 
 def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[str] = (), out: Path | None = None,
               jobs: int | None = None, target_accuracy: float | None = None,
-              progress: bool = True) -> SweepResult:
-    """Plan, validate, run what is not done yet (in parallel), then write the index."""
+              progress: bool = True, cluster=None) -> SweepResult:
+    """Plan, validate, run what is not done yet (in parallel), then write the index.
+
+    `cluster` (a `--cluster` text or a `distributed.Client`) runs each run as a task on a Dask cluster
+    instead of the local process pool (fedsim.distributed); the results are the same.
+    """
     from tqdm import tqdm
 
     scenario = Path(scenario)
     sets = list(sets)
+    if cluster is not None and jobs is not None:
+        raise FedsimError("--jobs sizes the local process pool; with --cluster the cluster's workers run the "
+                          "runs (local:N for N local workers): give one of them")
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise FedsimError(f"--jobs must be at least 1, got {jobs}")
@@ -345,6 +359,11 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
         out = Path("sweeps") / load_scenario(scenario, sets).run.name
     out = Path(out)
     _check_out_dir(out)
+    session = None
+    if cluster is not None:
+        from fedsim.distributed import open_cluster
+
+        session = open_cluster(cluster)         # connect before anything is written: errors leave no output
 
     grid_keys = [k for k, _ in grid]
     settings = {"scenario": str(scenario), "grid": dict(grid), "seeds": seeds, "base_seed": plan[0].seed,
@@ -375,7 +394,13 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
     bar = tqdm(total=len(plan), initial=skipped, unit="run", desc=out.name, file=sys.stderr,
                dynamic_ncols=True, disable=not progress)
     try:
-        with closing(_execute(scenario, out, todo, jobs)) as results:     # closing: the pool shuts down
+        if session is None:
+            execution = _execute(scenario, out, todo, jobs)
+        else:
+            from fedsim.distributed import sweep_on_cluster
+
+            execution = sweep_on_cluster(session.client, scenario, out, todo)
+        with closing(execution) as results:     # closing: the pool shuts down, queued cluster tasks are cancelled
             for run, status, error in results:
                 rows[run.run_id] = _index_row(out, run, target_accuracy, error)
                 if status != RunStatus.COMPLETED.value:
@@ -391,6 +416,8 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
                 row = _index_row(out, run, target_accuracy)
                 rows[run.run_id] = row if row["status"] != "missing" else row | {"status": "pending"}
         write_index()
+        if session is not None:
+            session.close()
     return SweepResult(out, len(plan), skipped, len(todo) - failed, failed)
 
 
@@ -434,7 +461,7 @@ def _execute(scenario: Path, out: Path, todo: list[SweepRun], jobs: int):
 def cmd_sweep(args) -> int:
     """The `fedsim sweep` subcommand (parser in fedsim.cli)."""
     result = run_sweep(args.scenario, args.grid, args.seeds, args.overrides, args.out, args.jobs,
-                       args.target_accuracy, progress=not args.quiet)
+                       args.target_accuracy, progress=not args.quiet, cluster=getattr(args, "cluster", None))
     print(f"{result.out}: {result.total} runs: {result.skipped} already done, {result.completed} completed now, "
           f"{result.failed} failed; index {result.out / INDEX_FILE}")
     return 0 if result.failed == 0 else 1

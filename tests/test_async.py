@@ -449,3 +449,21 @@ def test_fedasync_rejects_a_buffer_and_requires_duration():
     scn = scenario('policy.name="fedbuff"', "policy.duration_s=1", text=BASE_TOML)
     assert scn.policy.deadline_s is None and scn.policy.describe() == "fedbuff(K=10,a=0.5)"
     assert scn.policy.eval_every_s == 1.0 and scn.policy.max_staleness == 32
+
+
+def test_churn_takes_async_jobs_away_and_brings_devices_back(tmp_path):
+    """Devices of class 'slow' are online 0.2 s, offline 0.3 s, in turn: jobs start only on online devices,
+    a job running when its device leaves ends with status offline, and the device trains again later."""
+    from conftest import run, table
+
+    out = run(tmp_path, 'policy.name="fedbuff"', "policy.duration_s=2.0", "policy.eval_every_s=0.5",
+              "policy.buffer_size=2", "run.rounds=100000",
+              'fleet.classes[0].availability={ on_s = 0.2, off_s = 0.3, initial = "online" }')
+    dev = table(out, "devices")
+    slow = {d for d, c in zip(dev["device"], dev["class"]) if c == "slow"}
+    assert "offline" in {s for d, s in zip(dev["device"], dev["status"]) if d in slow}
+    ev = table(out, "events")
+    starts = [(d, t) for d, e, t in zip(ev["device"], ev["event"], ev["time_s"]) if e == "download_start" and d in slow]
+    for d, t in starts:                    # online during [0, 0.2), [0.5, 0.7), [1.0, 1.2), ...
+        assert (t % 0.5) < 0.2 + 1e-9, (d, t)
+    assert any(t >= 0.5 for _, t in starts), "devices come back and train again"
