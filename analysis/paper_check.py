@@ -25,6 +25,9 @@ from analysis.common import AnalysisError, Table, load_runs, plt, reach, save_fi
 __all__ = ["main", "summarise"]
 
 FREE = "-"      # the deadline column of policies without a deadline
+# one colour per policy, the same in every figure
+COLORS = {"salf": "tab:red", "drop": "tab:blue", "wait": "black", "partial": "tab:green", "heterofl": "tab:orange",
+          "overselect": "tab:purple", "fedasync": "tab:brown", "fedbuff": "tab:gray"}
 
 
 def _policy(run) -> str:
@@ -85,8 +88,9 @@ def _curves(ax, members, x: str) -> None:
     if x == "round":       # synchronous runs share their evaluated rounds
         xs = points[0][0]
         ys = np.array([p[1][: len(xs)] for p in points])
-        line, = ax.plot(xs, ys.mean(axis=0))
-        ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2, linewidth=0)
+        policy = _policy(members[0])
+        line, = ax.plot(xs, ys.mean(axis=0), color=COLORS.get(policy, "tab:cyan"))
+        ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.15, linewidth=0)
     else:
         grid = np.linspace(0, max(p[0].max() for p in points), 200)
         ys = np.array([np.interp(grid, p[0], p[1], left=np.nan) for p in points])
@@ -110,6 +114,7 @@ def figures(groups, out: Path, budget_s: float) -> list[Path]:
                 continue
             line = _curves(ax, members, x)
             line.set_label(policy if deadline == FREE else f"{policy} (deadline {deadline} s)")
+            line.set_color(COLORS.get(policy, "tab:cyan"))
         ax.set_xlabel("round" if x == "round" else "simulated time (s)")
         if x == "time":
             ax.set_xlim(0, budget_s * 3)
@@ -123,12 +128,14 @@ def figures(groups, out: Path, budget_s: float) -> list[Path]:
         xs = [d for d in deadlines if (policy, _fmt_deadline(groups, policy, d)) in groups]
         finals = [np.mean([r.rounds["test_accuracy"][~np.isnan(r.rounds["test_accuracy"])][-1]
                            for r in groups[(policy, _fmt_deadline(groups, policy, d))]]) for d in xs]
-        ax.plot(xs, finals, marker="o", label=policy)
+        ax.plot(xs, finals, marker="o", label=policy, color=COLORS.get(policy, "tab:cyan"))
     for (policy, deadline), members in groups.items():
         if deadline == FREE and policy not in ("fedasync", "fedbuff"):
             ax.axhline(np.mean([r.rounds["test_accuracy"][~np.isnan(r.rounds["test_accuracy"])][-1] for r in members]),
                        linestyle="--", color="gray" if policy == "wait" else "silver", label=f"{policy} (no deadline)")
     ax.set_xscale("log")
+    ax.set_xticks(deadlines, [f"{d:g}" for d in deadlines])
+    ax.minorticks_off()
     ax.set_xlabel("deadline (s)")
     ax.set_ylabel("final test accuracy")
     ax.set_title("final accuracy against the deadline")
