@@ -162,6 +162,7 @@ class GradientEngine:
     def layer_sums(self, batches: list[np.ndarray], depths: np.ndarray) -> LayerSums:
         """Sum of the gradients of device i's mini-batch mean loss over its last `depths[i]` layers."""
         depths = self._check(batches, depths)
+        self._resolve()
         with self._buffers_restored(), torch.enable_grad():
             if self.path is GradPath.GROUPED:
                 return self._grouped_sums(batches, depths)
@@ -176,12 +177,17 @@ class GradientEngine:
     def per_device(self, batches: list[np.ndarray], depths: np.ndarray) -> DeviceGrads:
         """`per_device_grads` plus each device's mini-batch mean loss."""
         depths = self._check(batches, depths)
+        self._resolve()
         with self._buffers_restored(), torch.enable_grad():
             if self.per_device_path is GradPath.VMAP:
                 return self._vmap_per_device(batches, depths)
             return self._loop_per_device(batches, depths)
 
     # -- shared helpers ---------------------------------------------------------------------------
+    def _resolve(self) -> None:
+        """Re-decide the paths: the model may have switched between train() and eval() since the last call."""
+        self.path, self.per_device_path = resolve_paths(self.model, self.requested_path)
+
     def _check(self, batches: list[np.ndarray], depths: np.ndarray) -> np.ndarray:
         depths = np.asarray(depths, dtype=np.int64)
         n_layers = self.profile.n_layers

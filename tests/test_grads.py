@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import numpy as np
@@ -38,12 +40,13 @@ def _model(name: str, dtype: torch.dtype):
     return build_model(name, (1, 28, 28), 10, generator=torch.Generator().manual_seed(1), dtype=dtype)
 
 
-def _setup(name: str, granularity: str, dtype_name: str, n_devices: int = 9):
+@functools.lru_cache(maxsize=None)
+def _data(name: str, granularity: str, dtype_name: str, n_devices: int):
+    """Profile, data, batches and depths of a case (shared by the tests: treat as read-only)."""
     from fedsim.profile import Granularity, build_profile
 
     dtype = getattr(torch, dtype_name)
-    model = _model(name, dtype)
-    profile = build_profile(model, (1, 28, 28), Granularity(granularity))
+    profile = build_profile(_model(name, dtype), (1, 28, 28), Granularity(granularity))
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(300, 1, 28, 28, generator=gen, dtype=dtype)
     y = torch.randint(0, 10, (300,), generator=gen)
@@ -55,7 +58,12 @@ def _setup(name: str, granularity: str, dtype_name: str, n_devices: int = 9):
     # every depth from 0 (delivered nothing) to L (delivered all), in a mixed order
     depths = rng.permutation(np.resize(np.arange(L + 1), n_devices))
     assert set(depths.tolist()) == set(range(L + 1))
-    return model, profile, x, y, batches, depths
+    return profile, x, y, batches, depths
+
+
+def _setup(name: str, granularity: str, dtype_name: str, n_devices: int = 9):
+    """A fresh model (tests may change it) and the case's shared data."""
+    return (_model(name, getattr(torch, dtype_name)), *_data(name, granularity, dtype_name, n_devices))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-300) -> float:
@@ -63,17 +71,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-300) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(floor))
 
 
+_ORACLE: dict = {}
+
+
+def _oracle_grads(model, x, y, batches):
+    """oracle.per_device_grads, remembered per (model weights, data): the oracle is the slow part."""
+    state = tuple(float(t.detach().double().sum()) for t in model.state_dict().values())   # weights and buffers
+    key = (state, model.training, id(x), id(batches))
+    if key not in _ORACLE:
+        _ORACLE[key] = oracle.per_device_grads(model, x, y, batches)
+    return _ORACLE[key]
+
+
 def _oracle_losses(model, x, y, batches):
+    """Each device's mini-batch mean loss, float64, on a copy of the model."""
     import torch.nn.functional as F
 
-    m = __import__("copy").deepcopy(model).double()
+    m = copy.deepcopy(model).double()
     with torch.no_grad():
         return [float(F.cross_entropy(m(x[torch.from_numpy(b)].double()), y[torch.from_numpy(b)])) for b in batches]
 
 
 def _expected_sums(model, profile, x, y, batches, depths):
     L = profile.n_layers
-    per_device = oracle.per_device_grads(model, x, y, batches)
+    per_device = _oracle_grads(model, x, y, batches)
     sums = {}
     for name, layer in profile.layer_of_param().items():
         members = [i for i, d in enumerate(depths) if d >= L - layer]
@@ -321,3 +342,19 @@ def test_cross_entropy_rows_equals_torch():
     spatial = torch.randn(4, 10, 3, generator=gen)          # other shapes go to F.cross_entropy
     target = torch.randint(0, 10, (4, 3), generator=gen)
     assert torch.equal(cross_entropy_rows(spatial, target), F.cross_entropy(spatial, target, reduction="none"))
+
+
+def test_path_follows_train_eval_switches():
+    """A model built in eval mode and switched to training mode must leave the grouped path."""
+    from fedsim.grads import GradientEngine, GradPath
+
+    model, profile, x, y, batches, depths = _setup("bn", "module", "float64")
+    model.eval()
+    engine = GradientEngine(model, profile, x, y)
+    assert engine.path is GradPath.GROUPED
+    model.train()
+    got = engine.layer_sums(batches, depths)
+    assert engine.path is GradPath.LOOP
+    expect, _ = _expected_sums(model, profile, x, y, batches, depths)
+    for key, ref in expect.items():
+        assert _rel(got.sums[key], ref, 1e-3) < 1e-10, key
