@@ -165,16 +165,32 @@ def run_device_round(env: simpy.Environment, setup: RoundSetup, i: int, deadline
             queue = simpy.Store(env)
             uploader = env.process(_stream_uploads(env, setup, i, up_lane, queue))
         target = int(plan.target_depth[i])
-        backward = plan.backward_s[i]
         try:
+            # The hot loop (one iteration per layer per device): lane.run inlined, durations as floats.
+            backward = plan.backward_s[i].tolist()
+            layers = plan.layer_order
+            power_w = power.power_compute_w
+            ideal = mode is UploadMode.IDEAL
+            event = trace.event
+            timeout = env.timeout
+            lane.phase, lane.power_w = _Phase.COMPUTE, power_w
             for k in range(target):
-                yield from lane.run(_Phase.COMPUTE, float(backward[k]), power.power_compute_w,
-                                    plan.layer_order[k], EventKind.BACKWARD_END)
+                dur = backward[k]
+                now = env.now
+                lane.phase_start_at, lane.layer = now, layers[k]
+                if now + dur > limit:
+                    yield timeout(limit - now)
+                    lane.stop(EventKind.CUT)
+                    raise _Cut
+                yield timeout(dur)
+                out.compute_s += dur
                 out.layers_computed += 1
-                if mode is UploadMode.IDEAL:
+                event(r, env.now, device, EventKind.BACKWARD_END, layers[k], 0, power_w * dur)
+                if ideal:
                     out.depth = out.layers_computed
                 elif queue is not None:
                     queue.put(k)
+            lane.phase = None
         finally:
             if queue is not None:
                 queue.put(None)
