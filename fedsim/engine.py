@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Protocol
 
 import simpy
@@ -70,6 +71,17 @@ class DeviceOutcome:
 
 
 @dataclass(frozen=True)
+class _PlanColumns:
+    """The plan's per-device numbers as Python lists: reading numpy scalars one by one costs ~10x more."""
+    devices: list
+    download_s: list
+    forward_s: list
+    backward_s: list       # list of per-device lists, in backward order
+    target_depth: list
+    download_bytes: list
+
+
+@dataclass(frozen=True)
 class RoundSetup:
     """Everything the processes of one round need; built by the server before the round starts."""
     round: int
@@ -79,6 +91,12 @@ class RoundSetup:
     powers: list[DeviceClassSpec]     # the class spec (power figures) of each participant
     quorum: int | None = None         # end the round once this many participants are done
     network: Network | None = None    # shared-link transfers; None: private links (plan durations)
+
+    @cached_property
+    def columns(self) -> _PlanColumns:
+        p = self.plan
+        return _PlanColumns(p.devices.tolist(), p.download_s.tolist(), p.forward_s.tolist(), p.backward_s.tolist(),
+                            p.target_depth.tolist(), p.download_bytes.tolist())
 
 
 class _Cut(Exception):
@@ -141,57 +159,86 @@ class _Lane:
 def run_device_round(env: simpy.Environment, setup: RoundSetup, i: int, deadline_at: float | None,
                      trace: TraceWriter, on_done: Callable[[int], None] | None = None):
     """One participant's round: download, forward, per-layer backward, uploads; returns DeviceOutcome."""
-    plan, r = setup.plan, setup.round
-    device = int(plan.devices[i])
+    plan, r, cols = setup.plan, setup.round, setup.columns
+    device = cols.devices[i]
     power = setup.powers[i]
     out = DeviceOutcome()
     limit = float("inf") if deadline_at is None else deadline_at
     lane = _Lane(env, trace, r, device, limit, out)
-    up_lane = _Lane(env, trace, r, device, limit, out)
     uploader = None
     mode = setup.upload_mode
     try:
         trace.event(r, env.now, device, EventKind.DOWNLOAD_START)
-        if setup.network is None:
-            yield from lane.run(_Phase.DOWNLOAD, float(plan.download_s[i]), power.power_rx_w, -1,
-                                EventKind.DOWNLOAD_END, int(plan.download_bytes[i]))
-        else:
-            yield from lane.transfer(setup.network, Direction.DOWN, _Phase.DOWNLOAD, int(plan.download_bytes[i]),
+        if setup.network is not None:
+            yield from lane.transfer(setup.network, Direction.DOWN, _Phase.DOWNLOAD, cols.download_bytes[i],
                                      power.power_rx_w, -1, EventKind.DOWNLOAD_END)
-        yield from lane.run(_Phase.COMPUTE, float(plan.forward_s[i]), power.power_compute_w, -1,
-                            EventKind.FORWARD_END)
+            phases = ((_Phase.COMPUTE, cols.forward_s[i], power.power_compute_w, EventKind.FORWARD_END, 0),)
+        else:
+            phases = ((_Phase.DOWNLOAD, cols.download_s[i], power.power_rx_w, EventKind.DOWNLOAD_END,
+                       cols.download_bytes[i]),
+                      (_Phase.COMPUTE, cols.forward_s[i], power.power_compute_w, EventKind.FORWARD_END, 0))
+        for phase, dur, power_w, end, nbytes in phases:      # `_Lane.run`, inlined: once per device and phase
+            now = env.now
+            lane.phase, lane.phase_start_at, lane.power_w, lane.layer = phase, now, power_w, -1
+            if now + dur > limit:
+                yield env.timeout(limit - now)
+                lane.stop(EventKind.CUT)
+                raise _Cut
+            yield env.timeout(dur)
+            lane.phase = None
+            out.add(phase, dur)
+            trace.event(r, now + dur, device, end, -1, nbytes, power_w * dur)
         queue = None
         if mode is UploadMode.STREAMING:
             queue = simpy.Store(env)
+            up_lane = _Lane(env, trace, r, device, limit, out)
             uploader = env.process(_stream_uploads(env, setup, i, up_lane, queue))
-        target = int(plan.target_depth[i])
+        target = cols.target_depth[i]
+        computed, compute_s, finished = 0, out.compute_s, False
         try:
-            # The hot loop (one iteration per layer per device): lane.run inlined, durations as floats.
-            backward = plan.backward_s[i].tolist()
+            # The hot loop (one iteration per layer per device): state in locals, synced to `out` when the
+            # loop ends however it ends; trace rows appended column by column.
+            backward = cols.backward_s[i]
             layers = plan.layer_order
             power_w = power.power_compute_w
-            ideal = mode is UploadMode.IDEAL
-            event = trace.event
             timeout = env.timeout
+            a_round, a_time, a_device, a_event, a_layer, a_bytes, a_energy = trace.event_columns()
+            backward_end = EventKind.BACKWARD_END.value
             lane.phase, lane.power_w = _Phase.COMPUTE, power_w
             for k in range(target):
                 dur = backward[k]
                 now = env.now
-                lane.phase_start_at, lane.layer = now, layers[k]
                 if now + dur > limit:
+                    lane.phase_start_at, lane.layer = now, layers[k]
                     yield timeout(limit - now)
+                    out.compute_s = compute_s          # then stop() adds the unfinished layer's seconds
                     lane.stop(EventKind.CUT)
                     raise _Cut
-                yield timeout(dur)
-                out.compute_s += dur
-                out.layers_computed += 1
-                event(r, env.now, device, EventKind.BACKWARD_END, layers[k], 0, power_w * dur)
-                if ideal:
-                    out.depth = out.layers_computed
-                elif queue is not None:
+                try:
+                    yield timeout(dur)
+                except simpy.Interrupt:
+                    lane.phase_start_at, lane.layer = now, layers[k]    # the phase the interrupt cuts short
+                    out.compute_s = compute_s
+                    raise
+                compute_s += dur
+                computed += 1
+                a_round(r)
+                a_time(now + dur)          # == env.now: SimPy schedules the timeout at now + dur
+                a_device(device)
+                a_event(backward_end)
+                a_layer(layers[k])
+                a_bytes(0)
+                a_energy(power_w * dur)
+                if queue is not None:
                     queue.put(k)
             lane.phase = None
+            finished = True
         finally:
+            out.layers_computed = computed
+            if mode is UploadMode.IDEAL:
+                out.depth = computed
+            if finished:
+                out.compute_s = compute_s
             if queue is not None:
                 queue.put(None)
         if uploader is not None:

@@ -213,6 +213,11 @@ class TraceWriter:
         return {"events": self.events.rows_written, "devices": self.devices.rows_written,
                 "rounds": self.rounds.rows_written}
 
+    def event_columns(self) -> tuple:
+        """The bound `append` of each events column, in schema order, for loops that write many rows
+        (the engine's per-layer loop): one call per column instead of one `event` call per row."""
+        return self._appends
+
     def event(self, round_: int, time_s: float, device: int, kind: EventKind, layer: int = -1,
               nbytes: int = 0, energy_j: float = 0.0) -> None:
         # The engine's hot path: appends to column lists (untracked by the cyclic GC, unlike row tuples),
