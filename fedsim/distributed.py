@@ -56,6 +56,16 @@ WORKER_WAIT_S = 120
 _SCATTER_ATTEMPTS = 3
 # A long-lived cluster serves run after run: a worker keeps the shards of this many runs at most.
 _MAX_RUNS_PER_WORKER = 2
+# A shard task runs its devices in passes of at most this many forward FLOPs (~500 rows of the paper CNN,
+# ~2,900 of the MLP). GradientEngine's own bound (2e10) lets one CNN pass span ~67,000 rows, whose
+# activations (over 1 GB) spill every cache: passes this small measured 2.5x faster per sample here on
+# the CNN, 1.4-2x on the MLP. The split is fixed by the data, so results stay deterministic.
+_PASS_FWD_FLOPS = 1.5e8
+# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's adaptive mmap
+# threshold: every activation buffer over 128 KB is then mapped and unmapped pass after pass, and the page
+# faults (6.8 M, 7.6 s of system time) made a paper-CNN shard 1.9x slower than the same code in a plain
+# process. Workers of local:N start without it (None unsets it); other clusters: docs/DISTRIBUTED.md.
+WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
 class ClusterError(FedsimError):
@@ -138,11 +148,14 @@ def open_cluster(cluster) -> ClusterSession:
     if spec.local_workers is not None:
         import logging
 
+        import dask
+
         # Processes with one thread each: two single-thread processes beat one two-thread process for this
         # work (docs/DISTRIBUTED.md). The scheduler's HTTP server on any free port: the fixed default
         # (8787) clashes between concurrent commands.
-        local = distributed.LocalCluster(n_workers=spec.local_workers, threads_per_worker=1, processes=True,
-                                         dashboard_address=":0", silence_logs=logging.ERROR)
+        with dask.config.set(WORKER_DASK_CONFIG):      # read by each nanny now, kept for its restarts
+            local = distributed.LocalCluster(n_workers=spec.local_workers, threads_per_worker=1, processes=True,
+                                             dashboard_address=":0", silence_logs=logging.ERROR)
         try:
             return ClusterSession(distributed.Client(local), local)
         except BaseException:
@@ -349,7 +362,26 @@ def shard_layer_sums(spec: ShardSpec, weights: _Weights, rows: np.ndarray, sizes
     with _loaded(spec) as shard:
         shard.load(weights)
         batches = np.split(rows.astype(np.int64), np.cumsum(sizes)[:-1])
-        return shard.engine.layer_sums(batches, depths)
+        # deepest first, as the engine groups them, so a pass mostly holds devices of one depth
+        order = np.argsort(-np.asarray(depths), kind="stable")
+        rows_per_pass = max(1, int(_PASS_FWD_FLOPS // max(shard.engine.profile.fwd_flops_per_sample, 1.0)))
+        first_row = np.cumsum(sizes[order]) - sizes[order]
+        passes = np.split(order, np.flatnonzero(np.diff(first_row // rows_per_pass)) + 1)
+        total = None
+        for members in passes:
+            total = _add(total, shard.engine.layer_sums([batches[i] for i in members], depths[members]))
+        return total
+
+
+def _add(total: LayerSums | None, part: LayerSums) -> LayerSums:
+    """total + part, out of place (the engine may hand out the same tensor twice)."""
+    if total is None:
+        return part
+    sums = dict(total.sums)
+    for name, g in part.sums.items():
+        sums[name] = sums[name] + g if name in sums else g
+    return LayerSums(sums, total.counts + part.counts, total.loss_sum + part.loss_sum,
+                     total.n_devices + part.n_devices)
 
 
 def _counts(depths: np.ndarray, n_layers: int) -> np.ndarray:
@@ -397,7 +429,11 @@ class ShardedGradientEngine:
         self._devices: np.ndarray | None = None
         self._calls = 0
         self._closed = False
-        self._warm_up()
+        try:
+            self._warm_up()
+        except BaseException:
+            self.close()                    # shards that did load must not stay on a long-lived cluster
+            raise
 
     # -- the GradientEngine API ---------------------------------------------------------------------
     def begin_round(self, devices: np.ndarray) -> None:
@@ -425,15 +461,10 @@ class ShardedGradientEngine:
                 self.task, self._specs[k], weights, rows, sizes, depths[members],
                 key=f"fedsim-grads-{self._run_key[:8]}-{self._calls}-{k}", workers=[self._owner[k]],
                 allow_other_workers=True))                          # a lost worker's shard goes elsewhere
-        results = self._gather(futures)
-        sums: dict[str, torch.Tensor] = {}
-        loss_sum, n_devices = 0.0, 0
-        for part in results:                                       # shard order, whatever finished first
-            for name, g in part.sums.items():
-                sums[name] = sums[name] + g if name in sums else g
-            loss_sum += part.loss_sum
-            n_devices += part.n_devices
-        return LayerSums(sums, counts, loss_sum, n_devices)
+        total = None
+        for part in self._gather(futures):                         # shard order, whatever finished first
+            total = _add(total, part)
+        return LayerSums(total.sums, counts, total.loss_sum, total.n_devices)
 
     # The server's diagnosis of a non-finite round recomputes per-device losses locally on these.
     @property

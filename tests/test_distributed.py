@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -127,6 +128,31 @@ def test_sharded_layer_sums_equal_the_single_process_engine(client):
         engine.close()
 
 
+def test_a_shard_task_in_many_passes_equals_one_engine_call(monkeypatch):
+    """The worker function alone, in this process: every device in a pass of its own."""
+    scn = scenario(*FLOAT64)
+    comp = build_components(scn)
+    n_devices, n_layers = comp.partition.n_devices, comp.profile.n_layers
+    spec = fd.ShardSpec("in-process", 0, 0, n_devices, scn, fd.data_digest(comp.dataset, comp.partition))
+    rng = np.random.default_rng(1)
+    batches = [comp.partition.sample_batch(d, int(rng.integers(2, 9)), rng) for d in range(n_devices)]
+    depths = rng.integers(1, n_layers + 1, n_devices)
+    rows = np.concatenate(batches)        # synthetic data: device k owns rows k*40.., so positions = indices
+    sizes = np.array([len(b) for b in batches])
+    weights = fd._Weights(comp.model.state_dict(), True)
+    monkeypatch.setattr(fd, "_PASS_FWD_FLOPS", 1.0)
+    try:
+        got = fd.shard_layer_sums(spec, weights, rows, sizes, depths)
+    finally:
+        fd.forget_run("in-process")
+    want = GradientEngine(comp.model, comp.profile, comp.dataset.x_train, comp.dataset.y_train).layer_sums(batches, depths)
+    assert sorted(got.sums) == sorted(want.sums)
+    for name in want.sums:
+        torch.testing.assert_close(got.sums[name], want.sums[name], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(got.counts, want.counts)
+    assert (got.n_devices, got.loss_sum) == (want.n_devices, pytest.approx(want.loss_sum, rel=1e-12))
+
+
 @pytest.mark.parametrize("overrides", [
     ("policy.name=salf", "policy.aggregation=unbiased"),
     ("policy.name=drop",),
@@ -150,6 +176,21 @@ def test_cli_run_on_a_cluster(tmp_path, capsys, client):
     assert_same_traces(tmp_path / "local", tmp_path / "dist")
 
 
+def test_resume_on_a_cluster_equals_the_straight_run(tmp_path, client):
+    scn = scenario(*FLOAT64, "run.rounds=4")
+    run_scenario(scn, tmp_path / "straight")
+
+    def stop(done, sim_s, acc):
+        if done == 3:
+            raise KeyboardInterrupt          # after the checkpoint of round 2
+
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(scn, tmp_path / "resumed", stop, checkpoint_every=2)
+    assert main(["run", "--resume", str(tmp_path / "resumed"), "--cluster", client.scheduler.address, "--quiet"]) == 0
+    assert same_model(tmp_path / "straight", tmp_path / "resumed")
+    assert_same_traces(tmp_path / "straight", tmp_path / "resumed")
+
+
 # -- faults -----------------------------------------------------------------------------------------
 
 def test_worker_killed_during_a_run(tmp_path, client):
@@ -160,17 +201,26 @@ def test_worker_killed_during_a_run(tmp_path, client):
     run_scenario(scn, tmp_path / "calm", cluster=client)
     victim = sorted(client.nthreads())[1]               # owner of shard 1 (shards go to workers in order)
     pid = client.run(os.getpid, workers=[victim])[victim]
-    first_round = threading.Event()
+    first_round, dead = threading.Event(), threading.Event()
 
     def kill():
         first_round.wait(timeout=60)
         os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while victim in client.nthreads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dead.set()
+
+    def progress(done, sim_s, acc):
+        if done == 1:                  # hold the run until the scheduler has seen the death: rounds 1-4 follow it
+            first_round.set()
+            assert dead.wait(timeout=60)
 
     killer = threading.Thread(target=kill, daemon=True)
     killer.start()
-    run_scenario(scn, tmp_path / "killed", cluster=client, progress=lambda done, sim_s, acc: first_round.set())
+    run_scenario(scn, tmp_path / "killed", cluster=client, progress=progress)
     killer.join(timeout=60)
-    assert victim not in client.nthreads()              # the worker did die during the run
+    assert dead.is_set() and victim not in client.nthreads()
     assert same_model(tmp_path / "calm", tmp_path / "killed", tol=0.0)    # same shards, same order: bit for bit
     assert_same_traces(tmp_path / "calm", tmp_path / "killed")
     assert same_model(tmp_path / "local", tmp_path / "killed")
