@@ -1,5 +1,8 @@
 """`fedsim sweep`: a scenario run over a cartesian grid of overrides x seeds, one process per core.
 
+With `--cluster` the runs are tasks on a Dask cluster instead (fedsim.distributed, docs/DISTRIBUTED.md):
+same run ids, run directories and index; the sweep directory must be on a filesystem the workers share.
+
 Layout of a sweep directory:
 
     DIR/sweep.json           the sweep's settings (scenario, grid, seeds, --set, target accuracy)
