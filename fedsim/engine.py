@@ -41,7 +41,7 @@ class _Phase(enum.Enum):
     UPLOAD = "upload"
 
 
-@dataclass
+@dataclass(slots=True)
 class DeviceOutcome:
     """What one participant did in one round, measured in simulated seconds."""
     depth: int = 0               # layers delivered (the last `depth` layers)
@@ -103,7 +103,7 @@ class _Cut(Exception):
     """The next phase would overrun the deadline; the lane worked until the deadline."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Lane:
     """One activity stream of a device (compute, or the uplink in streaming mode)."""
     env: simpy.Environment
@@ -157,8 +157,13 @@ class _Lane:
 
 
 def run_device_round(env: simpy.Environment, setup: RoundSetup, i: int, deadline_at: float | None,
-                     trace: TraceWriter, on_done: Callable[[int], None] | None = None):
-    """One participant's round: download, forward, per-layer backward, uploads; returns DeviceOutcome."""
+                     trace: TraceWriter, on_done: Callable[[int], None] | None = None,
+                     deadline: simpy.Event | None = None):
+    """One participant's round: download, forward, per-layer backward, uploads; returns DeviceOutcome.
+
+    `deadline`, if given, is the round's own event at `deadline_at`: devices the deadline cuts wait on it
+    together instead of each scheduling a timeout of its own.
+    """
     plan, r, cols = setup.plan, setup.round, setup.columns
     device = cols.devices[i]
     power = setup.powers[i]
@@ -166,6 +171,7 @@ def run_device_round(env: simpy.Environment, setup: RoundSetup, i: int, deadline
     limit = float("inf") if deadline_at is None else deadline_at
     lane = _Lane(env, trace, r, device, limit, out)
     uploader = None
+    until_deadline = (lambda now: env.timeout(limit - now)) if deadline is None else (lambda now: deadline)
     mode = setup.upload_mode
     try:
         trace.event(r, env.now, device, EventKind.DOWNLOAD_START)
@@ -181,7 +187,7 @@ def run_device_round(env: simpy.Environment, setup: RoundSetup, i: int, deadline
             now = env.now
             lane.phase, lane.phase_start_at, lane.power_w, lane.layer = phase, now, power_w, -1
             if now + dur > limit:
-                yield env.timeout(limit - now)
+                yield until_deadline(now)
                 lane.stop(EventKind.CUT)
                 raise _Cut
             yield env.timeout(dur)
@@ -210,7 +216,7 @@ def run_device_round(env: simpy.Environment, setup: RoundSetup, i: int, deadline
                 now = env.now
                 if now + dur > limit:
                     lane.phase_start_at, lane.layer = now, layers[k]
-                    yield timeout(limit - now)
+                    yield until_deadline(now)
                     out.compute_s = compute_s          # then stop() adds the unfinished layer's seconds
                     lane.stop(EventKind.CUT)
                     raise _Cut
@@ -326,8 +332,10 @@ def run_round(env: simpy.Environment, server: RoundServer):
         if setup.quorum is not None and len(done) == setup.quorum:
             quorum_reached.succeed()
 
-    procs = [env.process(run_device_round(env, setup, i, deadline_at, trace, on_done)) for i in range(setup.plan.n)]
-    server.active = {int(d): p for d, p in zip(setup.plan.devices, procs)}
+    deadline = None if deadline_at is None else env.timeout(setup.deadline_s)
+    procs = [env.process(run_device_round(env, setup, i, deadline_at, trace, on_done, deadline))
+             for i in range(setup.plan.n)]
+    server.active = dict(zip(setup.columns.devices, procs))
     server.watch(env, setup.plan.devices)
     if procs:
         everyone = simpy.AllOf(env, procs)
