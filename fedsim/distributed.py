@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from fedsim.errors import DataError, FedsimError
-from fedsim.grads import LayerSums
+from fedsim.grads import LayerSums, check_depths
 
 __all__ = ["ClusterError", "ClusterSpec", "ClusterSession", "ShardedGradientEngine", "ShardSpec",
            "DASK_INSTALL", "DISTRIBUTED_POLICIES", "check_distributable", "connect", "data_digest",
@@ -487,19 +487,10 @@ class ShardedGradientEngine:
 
     # -- helpers ------------------------------------------------------------------------------------
     def _check(self, batches: list[np.ndarray], depths: np.ndarray) -> np.ndarray:
-        depths = np.asarray(depths, dtype=np.int64)
-        n_layers = self.profile.n_layers
-        if depths.ndim != 1 or len(depths) != len(batches):
-            raise ValueError(f"need one depth per mini-batch, got {depths.shape} depths for {len(batches)} batches")
-        if depths.size and (depths.min() < 0 or depths.max() > n_layers):
-            raise ValueError(f"depths must lie in 0..{n_layers}, got {depths.min()}..{depths.max()}")
         if self._devices is None or len(self._devices) != len(batches):
             raise ValueError("ShardedGradientEngine: call begin_round(devices) with the round's participants, "
                              "one per mini-batch, before layer_sums (fedsim.server.Server does)")
-        for i in np.flatnonzero(depths):
-            if len(batches[i]) == 0:
-                raise FedsimError(f"device {i} delivered {depths[i]} layer(s) from an empty mini-batch")
-        return depths
+        return check_depths(batches, depths, self.profile.n_layers)
 
     def _positions(self, shard: int, idx: np.ndarray) -> np.ndarray:
         """Dataset indices -> positions in the shard's rows (what its worker holds)."""

@@ -43,7 +43,7 @@ from torch.func import functional_call, grad, vmap
 from fedsim.errors import FedsimError, NumericalError
 from fedsim.profile import ModelProfile
 
-__all__ = ["GradientEngine", "LayerSums", "DeviceGrads", "GradPath", "batch_coupled_modules", "cross_entropy_rows",
+__all__ = ["GradientEngine", "LayerSums", "DeviceGrads", "GradPath", "batch_coupled_modules", "check_depths", "cross_entropy_rows",
            "resolve_paths"]
 
 # A grouped pass over more rows than this many forward FLOPs is split into chunks: bigger passes spill
@@ -59,6 +59,19 @@ class GradPath(enum.Enum):
     GROUPED = "grouped"   # one forward/backward per delivered depth, concatenated batches (sums only)
     VMAP = "vmap"         # torch.func vmap(grad) over devices: per-device gradients
     LOOP = "loop"         # one forward/backward per device: exact for every model
+
+
+def check_depths(batches: list[np.ndarray], depths, n_layers: int) -> np.ndarray:
+    """`depths` as int64, one per mini-batch, each in 0..n_layers, none from an empty mini-batch."""
+    depths = np.asarray(depths, dtype=np.int64)
+    if depths.ndim != 1 or len(depths) != len(batches):
+        raise ValueError(f"need one depth per mini-batch, got {depths.shape} depths for {len(batches)} batches")
+    if depths.size and (depths.min() < 0 or depths.max() > n_layers):
+        raise ValueError(f"depths must lie in 0..{n_layers}, got {depths.min()}..{depths.max()}")
+    for i in np.flatnonzero(depths):
+        if len(batches[i]) == 0:
+            raise FedsimError(f"device {i} delivered {depths[i]} layer(s) from an empty mini-batch")
+    return depths
 
 
 @dataclass(frozen=True)
@@ -189,16 +202,7 @@ class GradientEngine:
         self.path, self.per_device_path = resolve_paths(self.model, self.requested_path)
 
     def _check(self, batches: list[np.ndarray], depths: np.ndarray) -> np.ndarray:
-        depths = np.asarray(depths, dtype=np.int64)
-        n_layers = self.profile.n_layers
-        if depths.ndim != 1 or len(depths) != len(batches):
-            raise ValueError(f"need one depth per mini-batch, got {depths.shape} depths for {len(batches)} batches")
-        if depths.size and (depths.min() < 0 or depths.max() > n_layers):
-            raise ValueError(f"depths must lie in 0..{n_layers}, got {depths.min()}..{depths.max()}")
-        for i in np.flatnonzero(depths):
-            if len(batches[i]) == 0:
-                raise FedsimError(f"device {i} delivered {depths[i]} layer(s) from an empty mini-batch")
-        return depths
+        return check_depths(batches, depths, self.profile.n_layers)
 
     @contextlib.contextmanager
     def _buffers_restored(self) -> Iterator[None]:
