@@ -277,7 +277,8 @@ class Server(ServerBase):
             if depth == 0:
                 continue
             idx = torch.from_numpy(np.concatenate(inputs.step_batches[i]) if inputs.step_batches else inputs.batches[i])
-            loss = F.cross_entropy(self.model(self.grads.x[idx]), self.grads.y[idx])
+            # the trainer always holds the data locally (a sharded gradient engine does not)
+            loss = F.cross_entropy(self.model(self.trainer.x[idx]), self.trainer.y[idx])
             if float(loss.detach()) > worst_loss or not torch.isfinite(loss):
                 worst, worst_loss = i, float(loss.detach())
             grads = torch.autograd.grad(loss, params) if torch.isfinite(loss) else None

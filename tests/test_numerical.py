@@ -53,3 +53,24 @@ def test_diverging_learning_rate_stops_with_the_nan_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "non-finite" in err and "round" in err and "device" in err and "training.lr" in err
+
+
+def test_nan_is_located_without_the_gradient_engine_holding_data(tmp_path, monkeypatch):
+    """A sharded (Dask) gradient engine keeps no training data in the driver: locating the device must
+    not rely on it."""
+    import fedsim.server
+    from fedsim.grads import GradientEngine
+    from fedsim.run import run_scenario
+
+    class NoLocalData:
+        def __init__(self, *args, **kwargs):
+            self._engine = GradientEngine(*args, **kwargs)
+            self.layer_of_param = self._engine.layer_of_param
+
+        def layer_sums(self, batches, depths):
+            return self._engine.layer_sums(batches, depths)
+
+    monkeypatch.setattr(fedsim.server, "GradientEngine", NoLocalData)
+    scn, comp = _poisoned("policy.deadline_s=1000")
+    with pytest.raises(NumericalError, match=r"round 0: .*device 3\b"):
+        run_scenario(scn, tmp_path / "r", components=comp)
