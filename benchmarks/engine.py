@@ -29,6 +29,18 @@ import numpy as np
 
 from benchmarks.common import REPO, emit, machine, print_table
 
+# the fleet of both benchmarks: one class of lognormal-speed phones (a str.format template)
+PHONE_CLASS = """
+[[fleet.classes]]
+name = "phone"
+count = {devices}
+speed_flops = {{ dist = "lognormal", median = 2.0e7, sigma = 0.3 }}
+slowdown = {{ dist = "uniform", low = 1.0, high = 3.0 }}
+downlink_bps = 5.0e7
+uplink_bps = 1.0e7
+latency_s = 0.01
+"""
+
 ENGINE_TOML = """
 [run]
 name = "engine"
@@ -51,15 +63,7 @@ lr = 0.1
 [fleet]
 participants = "all"
 
-[[fleet.classes]]
-name = "phone"
-count = {devices}
-speed_flops = {{ dist = "lognormal", median = 2.0e7, sigma = 0.3 }}
-slowdown = {{ dist = "uniform", low = 1.0, high = 3.0 }}
-downlink_bps = 5.0e7
-uplink_bps = 1.0e7
-latency_s = 0.01
-
+""" + PHONE_CLASS + """
 [network]
 upload_mode = "{upload_mode}"
 
@@ -90,15 +94,7 @@ lr = 0.1
 [fleet]
 participants = 100
 
-[[fleet.classes]]
-name = "phone"
-count = {devices}
-speed_flops = {{ dist = "lognormal", median = 2.0e7, sigma = 0.3 }}
-slowdown = {{ dist = "uniform", low = 1.0, high = 3.0 }}
-downlink_bps = 5.0e7
-uplink_bps = 1.0e7
-latency_s = 0.01
-
+""" + PHONE_CLASS + """
 [policy]
 name = "salf"
 deadline_s = 0.1

@@ -53,8 +53,6 @@ class Fading(enum.Enum):
     RAYLEIGH = "rayleigh"   # |h|^2 ~ Exp(1), drawn per device per round
 
 
-# -- wireless physics (pure functions) ----------------------------------------------------------------
-
 # -- the spec ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

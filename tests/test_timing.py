@@ -30,10 +30,11 @@ test_samples_per_device = 2
 batch_size = 1
 lr = 0.1
 
+""" + "".join(f"""
 [[fleet.classes]]
-name = "a"
+name = "{name}"
 count = 1
-speed_flops = 32
+speed_flops = {speed}
 downlink_bps = 10048
 uplink_bps = 128
 latency_s = 0.5
@@ -41,31 +42,7 @@ power_compute_w = 2
 power_rx_w = 1
 power_tx_w = 0.5
 power_idle_w = 0.25
-
-[[fleet.classes]]
-name = "b"
-count = 1
-speed_flops = 64
-downlink_bps = 10048
-uplink_bps = 128
-latency_s = 0.5
-power_compute_w = 2
-power_rx_w = 1
-power_tx_w = 0.5
-power_idle_w = 0.25
-
-[[fleet.classes]]
-name = "c"
-count = 1
-speed_flops = 16
-downlink_bps = 10048
-uplink_bps = 128
-latency_s = 0.5
-power_compute_w = 2
-power_rx_w = 1
-power_tx_w = 0.5
-power_idle_w = 0.25
-
+""" for name, speed in (("a", 32), ("b", 64), ("c", 16))) + """
 [policy]
 name = "salf"
 deadline_s = 30
