@@ -121,7 +121,7 @@ def engine_rounds(devices: int, rounds: int, deadline_s: float, upload_mode: str
     import simpy
 
     from fedsim.build import build_components
-    from fedsim.engine import serve_rounds
+    from fedsim.engine import run_events, serve_rounds
     from fedsim.scenario import parse_scenario
     from fedsim.server import Server
     from fedsim.trace import TraceWriter
@@ -156,7 +156,7 @@ def engine_rounds(devices: int, rounds: int, deadline_s: float, upload_mode: str
         env = simpy.Environment(initial_time=getattr(server, "clock_at", 0.0))
         env.process(serve_rounds(env, server, rounds))
         start = time.perf_counter()
-        env.run()
+        run_events(env)             # as a run does: env.run() with the heap built so far frozen
         total = time.perf_counter() - start
         events = next(env._eid)      # SimPy numbers every scheduled event from 0
         trace.close()

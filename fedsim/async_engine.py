@@ -1,12 +1,12 @@
 """The SimPy processes of an asynchronous run (`fedasync`, `fedbuff`): no rounds, no deadline.
 
 Jobs. A job is one device's cycle: download the global model (version v), one full local step, upload.
-It runs the synchronous engine's own device process (`fedsim.engine.run_device_round` with no deadline,
+It runs the synchronous engine's own device round (`fedsim.device_round.DeviceRound` with no deadline,
 for a one-device `RoundPlan` from `fedsim.timing.plan_round`), so durations, per-layer events, upload
 modes and energy are exactly those of a synchronous round; in `ideal` upload mode the update arrives when
 the backward pass ends, otherwise when its last layer has been uploaded. `serve_async` starts
 min(max_concurrency, devices) jobs at t = 0; whenever a job ends, `AsyncServer.job_ended` (a plain call
-from the job's process, so nothing else runs in between) handles its update and then starts jobs on idle
+from the job's last event, so nothing else runs in between) handles its update and then starts jobs on idle
 devices until `max_concurrency` devices are training again. Which idle devices start is a uniform draw
 from the stream `(SELECT_STREAM, k)` of the k-th draw; a job's mini-batch and slowdown come from
 `(JOB_STREAM, j)` of the j-th job, so neither depends on how the run got there.
@@ -52,7 +52,8 @@ import numpy as np
 import simpy
 import torch
 
-from fedsim.engine import DeviceOutcome, RoundSetup, StopCause, run_device_round
+from fedsim.device_round import DeviceOutcome, DeviceRound, StopCause
+from fedsim.engine import RoundSetup
 from fedsim.fleet import Fleet
 from fedsim.grads import GradientEngine
 from fedsim.profile import ModelProfile
@@ -63,7 +64,7 @@ from fedsim.strategies.fedasync import AsyncPolicy
 from fedsim.timing import plan_round
 from fedsim.trace import SERVER, DeviceStatus, EventKind, TraceWriter
 
-__all__ = ["AsyncServer", "JOB_STREAM", "SELECT_STREAM", "job_rng", "run_device_job", "select_rng",
+__all__ = ["AsyncServer", "JOB_STREAM", "SELECT_STREAM", "job_rng", "select_rng",
            "serve_async"]
 
 JOB_STREAM = 11      # spawn keys distinct from the synchronous ROUND_STREAM (7)
@@ -202,10 +203,12 @@ class AsyncServer(ServerBase):
         job = _Job(j, device, self.current_round, batch, float(slowdown[0]), setup)
         self._busy[device] = True
         self._holders[job.version] += 1
-        self.active[device] = env.process(run_device_job(env, self, job))
+        job_round = DeviceRound(env, setup, 0, self.trace, lambda ended: self.job_ended(env, job, ended.out))
+        self.active[device] = job_round
+        job_round.start()
 
     def job_ended(self, env: simpy.Environment, job: _Job, out: DeviceOutcome) -> None:
-        """A job's process is over: its update arrived, or it was stopped. Called from that process."""
+        """A job is over: its update arrived, or it was stopped. Called from the job's last event."""
         del self.active[job.device]
         self._busy[job.device] = False
         self._evaluate_until(env.now)          # before the model can change at this instant
@@ -291,14 +294,11 @@ class AsyncServer(ServerBase):
             self.history.pop(version, None)     # nobody can arrive with it any more
 
     # -- end of run and evaluations ---------------------------------------------------------------
-    def finish(self, env: simpy.Environment):
+    def finish(self, env: simpy.Environment) -> None:
         """Stop the jobs still running, drop the unfinished buffer, write the final evaluation row."""
         self._closing = True
-        running = list(self.active.values())
-        for proc in running:
-            proc.interrupt(StopCause.QUORUM)
-        if running:
-            yield simpy.AllOf(env, running)
+        for job_round in list(self.active.values()):
+            job_round.interrupt(StopCause.QUORUM)        # each ends at once, through job_ended
         for job in self._buffer:
             self._record(job, applied=False, round_=self.current_round)
             self._release(job.version)
@@ -367,12 +367,6 @@ class AsyncServer(ServerBase):
         self.trace.devices.append({name: row.get(name) for name in self.trace.devices.columns})
 
 
-def run_device_job(env: simpy.Environment, server: AsyncServer, job: _Job):
-    """One job: the synchronous device process without a deadline, then the server's handling."""
-    out = yield from run_device_round(env, job.setup, 0, None, server.trace)
-    server.job_ended(env, job, out)
-
-
 def serve_async(env: simpy.Environment, server: AsyncServer, on_update: Callable[[int], None] | None = None):
     """The server process of an asynchronous run: start the jobs, stop at duration_s or run.rounds steps."""
     server.start(env, on_update)
@@ -393,4 +387,4 @@ def serve_async(env: simpy.Environment, server: AsyncServer, on_update: Callable
         pass                                  # run.rounds server steps reached first
     if watcher is not None and watcher.is_alive:
         watcher.interrupt()
-    yield from server.finish(env)
+    server.finish(env)

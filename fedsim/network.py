@@ -40,7 +40,7 @@ from fedsim.network_spec import (AccessKind, ClassNetSpec, Direction, Fading, Li
 __all__ = [
     "Direction", "Preset", "RouteMetric", "NodeKind", "AccessKind", "Fading", "NodeSpec", "LinkSpec",
     "WirelessSpec", "ClassNetSpec", "TopologySpec", "read_network_spec", "Topology", "build_topology",
-    "Network", "TransferResult", "transfer", "max_min_rates", "shannon_rate_bps", "path_gain",
+    "Network", "Transfer", "TransferResult", "transfer", "max_min_rates", "shannon_rate_bps", "path_gain",
     "rayleigh_power_gain",
 ]
 
@@ -362,36 +362,93 @@ class Network:
         flow.event.succeed(False)
 
 
+class Transfer:
+    """One transfer as SimPy callbacks, no process: `then(TransferResult)` runs when it has arrived.
+
+    Send `nbytes` between the server and `device`: the bytes go through at the shared rates, then the
+    route's latency passes. With `until_at`, a transfer that cannot arrive by then is cut at `until_at`
+    (its flow leaves the links then) and ends with done=False at `until_at`. `cancel()` (the device went
+    offline) removes the flow at once, so the others speed up, and `then` is never called.
+    """
+
+    __slots__ = ("network", "device", "direction", "nbytes", "until_at", "then", "start_at", "_flow", "_waiting",
+                 "_waiting_callback")
+
+    def __init__(self, network: "Network", device: int, direction: Direction, nbytes: float,
+                 until_at: float | None, then: Callable[[TransferResult], None]):
+        if not nbytes >= 0:
+            raise FedsimError(f"transfer: nbytes must be >= 0, got {nbytes!r}")
+        self.network, self.device, self.direction, self.nbytes = network, int(device), direction, float(nbytes)
+        self.until_at, self.then = until_at, then
+        self.start_at = network.env.now
+        self._flow: _Flow | None = None
+        self._waiting: simpy.Event | None = None
+        self._waiting_callback = None
+
+    def start(self) -> None:
+        """Open the flow (a transfer of 0 bytes goes straight to its latency)."""
+        if self.nbytes > 0:
+            self._flow = self.network._open(self.device, self.direction, 8.0 * self.nbytes, self.until_at)
+            self._wait(self._flow.event, self._bytes_out)
+        else:
+            self._bytes_out(None)
+
+    def cancel(self) -> None:
+        """Stop now: the flow leaves the links; nothing more happens."""
+        if self._waiting is not None and self._waiting.callbacks is not None:
+            self._waiting.callbacks.remove(self._waiting_callback)
+        self._waiting = None
+        if self._flow is not None and self._flow.active:
+            self.network._close(self._flow)
+        self.then = _ignore
+
+    def _wait(self, event: simpy.Event, callback) -> None:
+        self._waiting, self._waiting_callback = event, callback
+        event.callbacks.append(callback)
+
+    def _bytes_out(self, event: simpy.Event | None) -> None:
+        env = self.network.env
+        flow = self._flow
+        delivered = True if event is None else event.value
+        sent = self.nbytes if flow is None else (flow.total_bits - flow.remaining_bits) / 8.0
+        bytes_end_at = env.now
+        latency = float(self.network.topology.latency_s[self.device])
+        until_at = self.until_at
+        if delivered and (until_at is None or env.now + latency <= until_at):
+            result = TransferResult(True, self.start_at, env.now + latency, sent, bytes_end_at)
+            wait_s = latency
+        else:
+            end_at = env.now if until_at is None else max(until_at, env.now)
+            result = TransferResult(False, self.start_at, end_at, sent, bytes_end_at)
+            wait_s = end_at - env.now
+        if wait_s > 0:
+            self._wait(env.timeout(wait_s), lambda _event: self._end(result))
+        else:
+            self._end(result)
+
+    def _end(self, result: TransferResult) -> None:
+        self._waiting = None
+        self.then(result)
+
+
+def _ignore(_result) -> None:
+    pass
+
+
 def transfer(env: simpy.Environment, network: Network, device: int, direction: Direction, nbytes: float, *,
              until_at: float | None = None):
-    """Send `nbytes` between the server and `device`; returns a TransferResult (a SimPy generator).
+    """`Transfer` as a SimPy generator for a process: returns its TransferResult.
 
-    With `until_at`, a transfer that cannot arrive by then is cut at `until_at` (its flow leaves the links
-    then) and returns done=False at `until_at`. Interrupting the calling process (the device goes offline)
-    removes the flow at once, so the others speed up, and re-raises the Interrupt.
+    Interrupting the calling process (the device goes offline) cancels the transfer (its flow leaves the
+    links at once, so the others speed up) and re-raises the Interrupt.
     """
     if env is not network.env:
         raise FedsimError("transfer: the network belongs to another SimPy environment")
-    if not nbytes >= 0:
-        raise FedsimError(f"transfer: nbytes must be >= 0, got {nbytes!r}")
-    start_at = env.now
-    latency = float(network.topology.latency_s[device])
-    delivered = True
-    sent = float(nbytes)
-    if nbytes > 0:
-        flow = network._open(int(device), direction, 8.0 * nbytes, until_at)
-        try:
-            delivered = yield flow.event
-        except simpy.Interrupt:
-            if flow.active:
-                network._close(flow)
-            raise
-        sent = (flow.total_bits - flow.remaining_bits) / 8.0
-    bytes_end_at = env.now
-    if delivered and (until_at is None or env.now + latency <= until_at):
-        if latency > 0:
-            yield env.timeout(latency)
-        return TransferResult(True, start_at, env.now, sent, bytes_end_at)
-    if until_at is not None and env.now < until_at:
-        yield env.timeout(until_at - env.now)
-    return TransferResult(False, start_at, env.now, sent, bytes_end_at)
+    arrived = env.event()
+    job = Transfer(network, device, direction, nbytes, until_at, arrived.succeed)
+    job.start()
+    try:
+        return (yield arrived)
+    except simpy.Interrupt:
+        job.cancel()
+        raise

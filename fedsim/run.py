@@ -13,7 +13,7 @@ import torch
 from fedsim import __version__
 from fedsim.build import Components, build_components
 from fedsim.async_engine import AsyncServer, serve_async
-from fedsim.engine import serve_rounds
+from fedsim.engine import run_events, serve_rounds
 from fedsim.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_server, save_checkpoint
 from fedsim.distributed import sharded_grads
 from fedsim.errors import ScenarioError, TraceError
@@ -114,7 +114,7 @@ def _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, st
             env.process(serve_async(env, server, on_round))
         else:
             env.process(serve_rounds(env, server, scn.run.rounds, on_round))
-        env.run()
+        run_events(env)
         trace.close()
         torch.save(comp.model.state_dict(), run_dir / "model.pt")
     except BaseException as exc:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fedsim.churn import AlwaysOnline, build_availability, churn, load_availability_trace
-from fedsim.engine import DeviceOutcome, RoundSetup, StopCause
+from fedsim.engine import DeviceOutcome, DeviceRound, RoundSetup, StopCause
 from fedsim.errors import FedsimError, NumericalError
 from fedsim.network import Network, build_topology
 from fedsim.network_spec import AccessKind, Direction, Preset
@@ -111,7 +111,7 @@ class ServerBase:
         self.current_round = 0       # rounds (or server updates) done
         self.clock_at = 0.0          # simulated time of the last one: the run's simulated time
         self.last_eval: Evaluation | None = None
-        self.active: dict[int, simpy.Process] = {}    # device id -> its process at work
+        self.active: dict[int, DeviceRound] = {}    # device id -> its round under way
 
 
 class Server(ServerBase):
@@ -160,9 +160,9 @@ class Server(ServerBase):
             return
 
         def on_change(device: int, online: bool) -> None:
-            proc = self.active.get(device)
-            if not online and proc is not None and proc.is_alive:
-                proc.interrupt(StopCause.OFFLINE)
+            device_round = self.active.get(device)
+            if not online and device_round is not None and device_round.is_alive:
+                device_round.interrupt(StopCause.OFFLINE)
 
         self._watcher = env.process(churn(env, self.availability, devices, on_change))
 

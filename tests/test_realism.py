@@ -9,11 +9,7 @@ from conftest import REPO, TRACES_DIR, run, scenario, table
 from test_timing import TEXT, events_of
 
 
-def test_devices_sharing_an_access_point_split_its_bandwidth(tmp_path):
-    # classes a and b attach to one access point of 10048 bit/s (the private links are much faster): the two
-    # downloads of 10048 bits share it, 5024 bit/s each, so both end at 0.5 + 2.0 s; class c keeps a private
-    # link and ends at 0.5 + 1.0 s. Later phases follow as in test_timing, shifted by the extra second.
-    text = TEXT.replace("downlink_bps = 10048", "downlink_bps = 1e12", 2) + """
+SHARED_AP = TEXT.replace("downlink_bps = 10048", "downlink_bps = 1e12", 2) + """
 [network]
 preset = "custom"
 [[network.nodes]]
@@ -33,10 +29,28 @@ attach = "ap"
 [network.classes.b]
 attach = "ap"
 """
-    out = run(tmp_path, text=text)
+
+
+def test_devices_sharing_an_access_point_split_its_bandwidth(tmp_path):
+    # classes a and b attach to one access point of 10048 bit/s (the private links are much faster): the two
+    # downloads of 10048 bits share it, 5024 bit/s each, so both end at 0.5 + 2.0 s; class c keeps a private
+    # link and ends at 0.5 + 1.0 s. Later phases follow as in test_timing, shifted by the extra second.
+    out = run(tmp_path, text=SHARED_AP)
     got = set(events_of(out, 0))
     assert {(0, "download_end", -1, 2.5), (1, "download_end", -1, 2.5), (2, "download_end", -1, 1.5),
             (1, "forward_end", -1, 11.75), (1, "backward_end", 0, 22.75)} <= got
+
+
+def test_leaving_mid_transfer_frees_the_shared_link_at_once(tmp_path):
+    # as above, but device 0 leaves at t = 1: by then each download has sent 5024 of its 10048 bits; device 1
+    # then has the access point alone (10048 bit/s): its last 5024 bits take 0.5 s, plus 0.5 s of latency
+    churn = 'fleet.classes[0].availability={ on_s = 1, off_s = 100, initial = "online" }'
+    out = run(tmp_path, churn, text=SHARED_AP)
+    got = set(events_of(out, 0))
+    assert {(0, "offline", -1, 1.0), (1, "download_end", -1, 2.0), (1, "forward_end", -1, 11.25)} <= got
+    assert not any(d == 0 and t > 1.0 for d, _, _, t in got)
+    dev = table(out, "devices")
+    assert dev["status"][:2] == ["offline", "complete"] and dev["download_s"][:2] == [1.0, 2.0]
 
 
 def test_churn_interrupts_a_device_mid_round(tmp_path):
@@ -52,6 +66,19 @@ def test_churn_interrupts_a_device_mid_round(tmp_path):
     assert dev["compute_s"][0] == 18.5 + 5.0 + 1.0            # the unfinished fc2 phase counts up to t = 26
     # round 1 starts at 30: device 0 is offline (until 126) and is not selected
     assert sorted(set(table(out, "devices")["device"][3:])) == [1, 2]
+
+
+def test_churn_while_working_towards_the_deadline_keeps_the_finished_layers(tmp_path):
+    # device 0 finished fc3 (25) and fc2 (27); fc1 would end at 42, past the deadline (30), so it works on
+    # it until the deadline, and leaves at 28: the layers it finished keep their compute seconds
+    churn = 'fleet.classes[0].availability={ on_s = 28, off_s = 100, initial = "online" }'
+    out = run(tmp_path, churn, text=TEXT)
+    got = set(events_of(out, 0))
+    assert (0, "offline", 0, 28.0) in got and not any(d == 0 and e == "cut" for d, e, _, _ in got)
+    dev = table(out, "devices")
+    assert dev["status"][0] == "offline" and dev["depth"][0] == 2 and dev["layers_computed"][0] == 2
+    assert dev["compute_s"][0] == 18.5 + 5.0 + 2.0 + 1.0
+    assert dev["energy_compute_j"][0] == 2 * 26.5
 
 
 def test_churn_in_streaming_mode_loses_what_had_not_arrived(tmp_path):

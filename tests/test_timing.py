@@ -131,3 +131,16 @@ def test_wait_has_no_deadline(tmp_path):
     # device 2 is the slowest: 1.5 + 37 + 10 + 4 + 30 = 82.5
     assert rounds["end_s"] == [82.5, 165.0]
     assert "deadline" not in table(out, "events")["event"]
+
+
+def test_a_phase_ending_exactly_at_the_deadline_counts(tmp_path):
+    # deadline 27 s: device 0's fc2 backward ends at 27 exactly and counts; fc1 cannot start (a cut with
+    # nothing spent); device 2 is still in its forward pass (due at 38.5)
+    out = run(tmp_path, "policy.deadline_s=27", "run.rounds=1", text=TEXT)
+    got = events_of(out, 0)
+    assert [(e, l, t) for d, e, l, t in got if d == 0][-2:] == [("backward_end", 1, 27.0), ("cut", 0, 27.0)]
+    assert (2, "cut", -1, 27.0) in got and (-1, "deadline", -1, 27.0) in got
+    ev = table(out, "events")
+    assert [j for d, e, j in zip(ev["device"], ev["event"], ev["energy_j"]) if d == 0 and e == "cut"] == [0.0]
+    dev = table(out, "devices")
+    assert dev["depth"] == [2, 3, 0] and dev["compute_s"][0] == 18.5 + 5.0 + 2.0
