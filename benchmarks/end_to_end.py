@@ -174,7 +174,8 @@ def run_fedsim(rounds: int, data_dir: Path, profiler: cProfile.Profile | None = 
         return time.perf_counter() - start, summary
 
 
-# (label, file suffix, function name): cumulative time of each in the profile; first match wins
+# (label, file suffix, function name): cumulative time of each in the profile (the largest match); "*": the
+# own time of every function of the file
 _PARTS = [
     ("build: MNIST load, model, profile, fleet", "fedsim/build.py", "build_components"),
     ("gradients (GradientEngine.layer_sums)", "fedsim/grads.py", "layer_sums"),
@@ -184,7 +185,7 @@ _PARTS = [
     ("round setup (batches, plan)", "fedsim/server.py", "setup_round"),
     ("Parquet writes (TableWriter.flush)", "fedsim/trace.py", "flush"),
     ("event rows (TraceWriter.event)", "fedsim/trace.py", "event"),
-    ("SimPy device processes (own time)", "fedsim/engine.py", "run_device_round"),
+    ("device rounds (own time of fedsim/device_round.py)", "fedsim/device_round.py", "*"),
 ]
 
 
@@ -194,10 +195,11 @@ def profile_breakdown(profiler: cProfile.Profile) -> list[tuple[str, float]]:
     parts = []
     for label, suffix, func in _PARTS:
         found = [(tt, ct) for (file, _, name), (_, _, tt, ct, _) in stats.items()
-                 if name == func and file.replace("\\", "/").endswith(suffix)]
-        if found:
-            tt, ct = max(found, key=lambda v: v[1])
-            parts.append((label, tt if "own time" in label else ct))
+                 if func in ("*", name) and file.replace("\\", "/").endswith(suffix)]
+        if found and func == "*":
+            parts.append((label, sum(tt for tt, _ in found)))
+        elif found:
+            parts.append((label, max(ct for _, ct in found)))
     parts.append(("whole run_scenario", total))
     return parts
 

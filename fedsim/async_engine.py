@@ -34,9 +34,10 @@ the stop. An evaluation at t sees every update applied at or before t. The model
 steps, so evaluations are taken lazily, just before the first server event after t, on the model as it
 was at t.
 
-Churn. Only online devices start jobs (`AsyncServer.is_online`); a watcher over the fleet starts jobs when
-a device comes back, and interrupts a device's job when it goes offline: the job ends with status
-`offline` and frees its slot.
+Churn. Only online devices start jobs (`AsyncServer.is_online`). A watcher over the fleet reports the
+devices switching at each instant (after everything else due then: a job whose update arrives as its
+device leaves delivers it): the jobs of the devices that left end with status `offline`, then the free
+slots are filled once, from every online idle device, those that came back included.
 
 Trace. See `AsyncServer` for what the rows of rounds.parquet and devices.parquet mean in an async run.
 """
@@ -143,6 +144,7 @@ class AsyncServer(ServerBase):
         self._next_job = 0
         self._select_step = 0
         self._closing = False
+        self._holding = False          # churn is being applied: dispatch once it is all applied
         self._main: simpy.Process | None = None
         self._on_update: Callable[[int], None] | None = None
         self._last_step_at = 0.0
@@ -159,7 +161,7 @@ class AsyncServer(ServerBase):
 
     def dispatch(self, env: simpy.Environment) -> None:
         """Start jobs on idle online devices until max_concurrency devices are training."""
-        if self._closing:
+        if self._closing or self._holding:
             return
         need = self.max_concurrency - len(self.active)
         if need <= 0:
@@ -206,6 +208,18 @@ class AsyncServer(ServerBase):
         job_round = DeviceRound(env, setup, 0, self.trace, lambda ended: self.job_ended(env, job, ended.out))
         self.active[device] = job_round
         job_round.start()
+
+    def devices_switched(self, env: simpy.Environment, devices: list[int], online: list[bool]) -> None:
+        """Churn at this instant: stop the jobs of the devices that left, then fill the idle slots once."""
+        self._holding = True
+        try:
+            for device, now_online in zip(devices, online):
+                job_round = self.active.get(device)
+                if not now_online and job_round is not None and job_round.is_alive:
+                    job_round.interrupt(StopCause.OFFLINE)
+        finally:
+            self._holding = False
+        self.dispatch(env)
 
     def job_ended(self, env: simpy.Environment, job: _Job, out: DeviceOutcome) -> None:
         """A job is over: its update arrived, or it was stopped. Called from the job's last event."""
@@ -369,20 +383,15 @@ class AsyncServer(ServerBase):
 
 def serve_async(env: simpy.Environment, server: AsyncServer, on_update: Callable[[int], None] | None = None):
     """The server process of an asynchronous run: start the jobs, stop at duration_s or run.rounds steps."""
+    # scheduled before any job event: an update arriving exactly at duration_s is not applied
+    stop = env.timeout(server.policy.duration_s)
     server.start(env, on_update)
     watcher = None
     if server.is_online is not None:
-        def on_change(device: int, online: bool) -> None:
-            job = server.active.get(device)
-            if online:
-                server.dispatch(env)
-            elif job is not None and job.is_alive:
-                job.interrupt(StopCause.OFFLINE)
-
-        watcher = env.process(churn(env, server.availability, np.arange(server.fleet.n_devices), on_change))
+        watcher = env.process(churn(env, server.availability, np.arange(server.fleet.n_devices),
+                                    lambda devices, online: server.devices_switched(env, devices, online)))
     try:
-        # scheduled before any job event: an update arriving exactly at duration_s is not applied
-        yield env.timeout(server.policy.duration_s)
+        yield stop
     except simpy.Interrupt:
         pass                                  # run.rounds server steps reached first
     if watcher is not None and watcher.is_alive:

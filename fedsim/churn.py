@@ -16,7 +16,7 @@ it is asked about. Its k-th duration is a pure function of (key, device, k): a c
 once from the injected Generator. So a device's sequence does not depend on who else was asked about,
 on the query times, or on how many rounds the run has: a longer run replays the same switches first.
 
-`churn(env, availability, device_ids, on_change)` is one process for any number of devices, with a heap
+`churn(env, availability, device_ids, on_switch)` is one process for any number of devices, with a heap
 of their next switch times; watching only the current round's participants keeps it cheap.
 """
 
@@ -390,11 +390,14 @@ def load_availability_trace(path: str | Path, n_devices: int) -> TraceAvailabili
 
 # -- the process ------------------------------------------------------------------------------------------------------
 
-def churn(env: simpy.Environment, availability: Availability, device_ids, on_change: Callable[[int, bool], None]):
-    """Call `on_change(device, online)` at each switch of `device_ids` after `env.now`.
+def churn(env: simpy.Environment, availability: Availability, device_ids,
+          on_switch: Callable[[list[int], list[bool]], None]):
+    """Call `on_switch(devices, online)` at each instant some of `device_ids` switch, after `env.now`.
 
-    One process and one heap for all the devices: one wake-up per distinct switch time. Devices switching
-    at the same instant are reported by ascending id. Interrupt the process to stop watching.
+    `devices` are the devices switching at that instant (ascending id), `online` the state each enters.
+    Everything else already due at that instant happens first: a phase that ends exactly when its device
+    leaves is complete, as one that ends exactly at a round's deadline is. One process and one heap for
+    all the devices: one wake-up per distinct switch time. Interrupt the process to stop watching.
     """
     devices = np.unique(np.asarray(device_ids, dtype=np.int64))
     switch_at, _ = availability.next_switches(devices, env.now)
@@ -404,13 +407,13 @@ def churn(env: simpy.Environment, availability: Availability, device_ids, on_cha
         while heap:
             at = heap[0][0]
             yield env.timeout(at - env.now)
+            yield env.timeout(0)       # after the events scheduled earlier for this instant
             batch = []
             while heap and heap[0][0] == at:
                 batch.append(heapq.heappop(heap)[1])
             # One vectorised call: the state each device enters now is the opposite of the one it enters next.
             next_at, next_online = availability.next_switches(np.array(batch, dtype=np.int64), at)
-            for d, online in zip(batch, next_online):
-                on_change(d, not online)
+            on_switch(batch, [not online for online in next_online.tolist()])
             for t, d in zip(next_at, batch):
                 if t < math.inf:
                     heapq.heappush(heap, (float(t), d))

@@ -18,8 +18,9 @@ lane has ended; `on_end(device_round)` then runs.
 Interrupts. `interrupt(cause)` ends the round at once (churn: the device left; quorum: the round already
 has what it waits for): the pending events are detached, the unfinished phase of each lane is accounted
 up to the current simulated second (an `offline` or `stopped` event) and `on_end` runs. A SimPy process
-interrupt would take effect before any other event of the same instant; this one takes effect within the
-caller's event, so the outcome is the same.
+interrupt would take effect at the next event; this one takes effect within the caller's event, which for
+the device is the same: none of its events runs in between. (The churn watcher reports a switch after
+every other event due at its instant: a phase ending exactly as its device leaves counts.)
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class _Lane:
         self.wait(event, self._at_deadline)
 
     def _at_deadline(self, _event) -> None:
-        if not self.ended:      # the shared deadline event may be firing while an interrupt ends the lane
+        if not self.ended:      # an interrupted lane leaves its callback on the shared deadline event
             self.waiting = None
             self.cut()
 
@@ -184,9 +185,14 @@ class _Lane:
             self.phase = None
 
     def detach(self) -> None:
-        """Forget the pending event or transfer: nothing this lane scheduled will call it back."""
-        if self.waiting is not None and self.waiting.callbacks is not None:
-            self.waiting.callbacks.remove(self.callback)
+        """Forget the pending event or transfer: nothing this lane scheduled will call it back.
+
+        The round's shared deadline event keeps the callback (`_at_deadline` ignores an ended lane):
+        removing it from a list of up to one callback per device would cost O(devices) per interrupt.
+        """
+        waiting = self.waiting
+        if waiting is not None and waiting is not self.dev.deadline and waiting.callbacks is not None:
+            waiting.callbacks.remove(self.callback)
         self.waiting = None
         if self.transfer is not None:
             self.transfer.cancel()
@@ -232,6 +238,8 @@ class DeviceRound:
 
     # -- the compute lane --------------------------------------------------------------------------
     def start(self) -> None:
+        if not self.is_alive:
+            raise RuntimeError(f"device {self.device}'s round was interrupted before it started")
         setup, cols, i = self.setup, self.setup.columns, self.i
         power = setup.powers[i]
         self.trace.event(self.round, self.env.now, self.device, EventKind.DOWNLOAD_START)

@@ -130,6 +130,8 @@ def run_events(env: simpy.Environment) -> None:
     thousands of events and device rounds, which trigger full collections. Left in the heap, the few
     hundred thousand objects of torch, numpy and pyarrow make each full collection cost ~90 ms here (about
     10 ms a round in a 1,000-device round). Frozen (`gc.freeze`), they are not traversed until the run ends.
+    No collection first: it would cost as much, for the few hundred garbage objects a build leaves (they
+    are collected after the run, once unfrozen).
     """
     gc.freeze()
     try:

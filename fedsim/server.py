@@ -159,12 +159,13 @@ class Server(ServerBase):
         if isinstance(self.availability, AlwaysOnline):
             return
 
-        def on_change(device: int, online: bool) -> None:
-            device_round = self.active.get(device)
-            if not online and device_round is not None and device_round.is_alive:
-                device_round.interrupt(StopCause.OFFLINE)
+        def on_switch(switched: list[int], online: list[bool]) -> None:
+            for device, now_online in zip(switched, online):
+                device_round = self.active.get(device)
+                if not now_online and device_round is not None and device_round.is_alive:
+                    device_round.interrupt(StopCause.OFFLINE)
 
-        self._watcher = env.process(churn(env, self.availability, devices, on_change))
+        self._watcher = env.process(churn(env, self.availability, devices, on_switch))
 
     def unwatch(self) -> None:
         if self._watcher is not None and self._watcher.is_alive:

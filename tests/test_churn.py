@@ -35,7 +35,8 @@ EXPECTED_SWITCHES = [(3.0, 2, True), (5.0, 1, True), (6.0, 2, False), (7.5, 1, F
 
 def record(env, availability, devices):
     events = []
-    proc = env.process(churn(env, availability, devices, lambda d, on: events.append((env.now, d, on))))
+    proc = env.process(churn(env, availability, devices,
+                             lambda ds, ons: events.extend((env.now, d, on) for d, on in zip(ds, ons))))
     return events, proc
 
 
@@ -163,12 +164,13 @@ def test_offline_switch_interrupts_the_device_process():
 
     running = {0: env.process(device_round())}
 
-    def on_change(device, online):
-        proc = running.get(device)
-        if not online and proc is not None and proc.is_alive:
-            proc.interrupt("offline")
+    def on_switch(devices, online):
+        for device, now_online in zip(devices, online):
+            proc = running.get(device)
+            if not now_online and proc is not None and proc.is_alive:
+                proc.interrupt("offline")
 
-    env.process(churn(env, avail, [0], on_change))
+    env.process(churn(env, avail, [0], on_switch))
     env.run(until=3)
     assert log == [(1.5, "offline")]
 
@@ -255,7 +257,7 @@ def test_many_devices_one_process():
     assert len(avail.online_devices(3600.0)) == pytest.approx(n * 600 / 720, rel=0.02)
     env = simpy.Environment()
     count = [0]
-    env.process(churn(env, avail, np.arange(0, n, 10), lambda d, on: count.__setitem__(0, count[0] + 1)))
+    env.process(churn(env, avail, np.arange(0, n, 10), lambda ds, ons: count.__setitem__(0, count[0] + len(ds))))
     env.run(until=600.0)
     # 10,000 watched devices, about 2 switches per 720 s each.
     assert count[0] == pytest.approx(10_000 * 600 * 2 / 720, rel=0.05)
