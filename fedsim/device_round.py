@@ -251,8 +251,9 @@ class DeviceRound:
                              cols.download_bytes[i], self._forward)
 
     def _forward(self) -> None:
-        self.compute.run(_Phase.COMPUTE, self.setup.columns.forward_s[self.i], self.setup.powers[self.i].power_compute_w,
-                         -1, EventKind.FORWARD_END, 0, self._backward)
+        setup, i = self.setup, self.i
+        self.compute.run(_Phase.COMPUTE, setup.columns.forward_s[i], setup.powers[i].power_compute_w, -1,
+                         EventKind.FORWARD_END, 0, self._backward)
 
     def _backward(self) -> None:
         cols = self.setup.columns
