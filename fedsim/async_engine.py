@@ -213,10 +213,7 @@ class AsyncServer(ServerBase):
         """Churn at this instant: stop the jobs of the devices that left, then fill the idle slots once."""
         self._holding = True
         try:
-            for device, now_online in zip(devices, online):
-                job_round = self.active.get(device)
-                if not now_online and job_round is not None and job_round.is_alive:
-                    job_round.interrupt(StopCause.OFFLINE)
+            self.stop_departed(devices, online)
         finally:
             self._holding = False
         self.dispatch(env)

@@ -113,6 +113,13 @@ class ServerBase:
         self.last_eval: Evaluation | None = None
         self.active: dict[int, DeviceRound] = {}    # device id -> its round under way
 
+    def stop_departed(self, devices: list[int], online: list[bool]) -> None:
+        """Churn: end the rounds under way of the devices that went offline (`devices[i]` enters `online[i]`)."""
+        for device, now_online in zip(devices, online):
+            device_round = self.active.get(device)
+            if not now_online and device_round is not None and device_round.is_alive:
+                device_round.interrupt(StopCause.OFFLINE)
+
 
 class Server(ServerBase):
     """The server of synchronous policies: one round after another."""
@@ -158,14 +165,7 @@ class Server(ServerBase):
         """Interrupt participants that go offline during the round (churn)."""
         if isinstance(self.availability, AlwaysOnline):
             return
-
-        def on_switch(switched: list[int], online: list[bool]) -> None:
-            for device, now_online in zip(switched, online):
-                device_round = self.active.get(device)
-                if not now_online and device_round is not None and device_round.is_alive:
-                    device_round.interrupt(StopCause.OFFLINE)
-
-        self._watcher = env.process(churn(env, self.availability, devices, on_switch))
+        self._watcher = env.process(churn(env, self.availability, devices, self.stop_departed))
 
     def unwatch(self) -> None:
         if self._watcher is not None and self._watcher.is_alive:
