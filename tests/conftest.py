@@ -1,10 +1,22 @@
 from __future__ import annotations
 
+import os
+
+# One thread per test process, for torch and for numpy's BLAS: two cores shared by parallel test
+# processes (pytest-xdist) and the subprocesses tests start (which inherit these variables) would
+# otherwise oversubscribe. Set before numpy or torch is imported; a test that needs more threads sets
+# them itself.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = "1"
+
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
