@@ -6,7 +6,7 @@ file, the field and the offending value.
 
 from __future__ import annotations
 
-__all__ = ["FedsimError", "ScenarioError", "DataError", "TraceError", "NumericalError"]
+__all__ = ["FedsimError", "ScenarioError", "DataError", "ScenarioFileError", "TraceError", "NumericalError"]
 
 
 class FedsimError(Exception):
@@ -28,6 +28,13 @@ class ScenarioError(FedsimError):
 
 class DataError(FedsimError):
     """A dataset or measurement file is missing, truncated or not of the expected format."""
+
+
+class ScenarioFileError(ScenarioError, DataError):
+    """A file a scenario field names (dataset, availability file, measurements) is unreadable or malformed.
+
+    `str(err)` reads `SCENARIO: FIELD: FILE: message`; it is both a ScenarioError and a DataError.
+    """
 
 
 class TraceError(FedsimError):

@@ -12,7 +12,9 @@ from typing import Any, Iterable
 
 from fedsim.errors import ScenarioError
 
-__all__ = ["Fields", "MISSING"]
+__all__ = ["Fields", "MISSING", "printable", "show_key"]
+
+_SHOW_CHARS = 120      # a value quoted in a message is cut to this many characters
 
 
 class _Missing:
@@ -23,14 +25,45 @@ class _Missing:
 MISSING: Any = _Missing()
 
 
+def printable(text: str) -> str:
+    """`text` on one line: control characters, line separators and lone surrogates escaped, so that a
+    message quoting a hostile name or value stays one line on stderr."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for ch in text)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _SHOW_CHARS else f"{text[:_SHOW_CHARS]}... ({len(text)} characters)"
+
+
+def _show_int(value: int) -> str:
+    """An integer for a message: huge ones (str() refuses more than 4300 digits) by their size."""
+    if abs(value) < 10**30:
+        return str(value)
+    return f"{'-' if value < 0 else ''}an integer of about {int(abs(value).bit_length() * 0.30103) + 1} digits"
+
+
 def _show(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _show_int(value)
     if isinstance(value, str):
-        return repr(value)
+        return _cut(printable(repr(value)))
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
-        return f"a list of {len(value)} items" if len(value) > 4 else repr(value)
-    return repr(value)
+        if len(value) > 4:
+            return f"a list of {len(value)} items"
+        return _cut("[" + ", ".join(_show(v) for v in value) + "]")
+    return _cut(printable(repr(value)))
+
+
+def show_key(key: str) -> str:
+    """A table key as written in a field path: bare if it is a TOML bare key, else quoted and escaped."""
+    if key and all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in key):
+        return key
+    return '"' + _cut(printable(key.replace("\\", "\\\\").replace('"', '\\"'))) + '"'
 
 
 class Fields:
@@ -46,6 +79,7 @@ class Fields:
 
     # -- plumbing ---------------------------------------------------------------------------------
     def field(self, key: str) -> str:
+        key = show_key(key)
         return f"{self.path}.{key}" if self.path else key
 
     def error(self, key: str, message: str) -> ScenarioError:
@@ -90,9 +124,9 @@ class Fields:
                 raise self.error(key, f"must be an integer, got {_show(value)}")
         if low is not None and value < low:
             what = "a positive integer" if low == 1 else f"an integer >= {low}"
-            raise self.error(key, f"must be {what}, got {value}")
+            raise self.error(key, f"must be {what}, got {_show_int(value)}")
         if high is not None and value > high:
-            raise self.error(key, f"must be at most {high}, got {value}")
+            raise self.error(key, f"must be at most {high}, got {_show_int(value)}")
         return value
 
     def number(self, key: str, default: Any = MISSING, *, low: float | None = None,
@@ -104,7 +138,10 @@ class Fields:
                      high: float | None = None, low_open: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(key, f"must be a number, got {_show(value)}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise self.error(key, f"must be a finite number, got {_show(value)}") from None
         if not math.isfinite(value):
             raise self.error(key, f"must be a finite number, got {value}")
         if low is not None and (value <= low if low_open else value < low):
