@@ -11,7 +11,10 @@ from fedsim.errors import FedsimError
 
 __all__ = ["main"]
 
-EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1       # a sweep in which some runs failed
+EXIT_BAD_INPUT = 2        # bad input, or a run that cannot go on (FedsimError)
+EXIT_ENVIRONMENT = 3      # the operating system refused: permissions, a full disk, a name it rejects
+EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<run.name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario field, e.g. --set policy.deadline_s=0.5 (repeatable)")
+    run.add_argument("--force", action="store_true",
+                     help="replace a completed or interrupted run in the --out directory (only fedsim's files "
+                          "are removed)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--cluster", default=None, metavar="ADDRESS|local[:N]",
                      help="compute the gradients on a Dask cluster: a scheduler address, or local:N worker "
@@ -79,8 +85,8 @@ def _cmd_run(args) -> int:
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise FedsimError(f"--checkpoint-every: must be a positive integer, got {args.checkpoint_every}")
     if args.resume is not None:
-        if args.scenario is not None or args.overrides:
-            raise FedsimError("--resume takes the scenario from the run directory; give no FILE or --set")
+        if args.scenario is not None or args.overrides or args.force:
+            raise FedsimError("--resume takes the scenario from the run directory; give no FILE, --set or --force")
         with _progress(None, args.quiet) as progress:
             summary = resume_run(args.resume, progress, args.checkpoint_every, cluster=args.cluster)
     else:
@@ -91,7 +97,8 @@ def _cmd_run(args) -> int:
         out = args.out if args.out is not None else Path("runs") / scn.run.name
         with _progress(scn, args.quiet) as progress:
             summary = run_scenario(scn, out, progress, components, args.checkpoint_every,
-                                   base_dir=args.scenario.resolve().parent, cluster=args.cluster)
+                                   base_dir=args.scenario.resolve().parent, cluster=args.cluster,
+                                   force=args.force)
     acc = "n/a" if summary.test_accuracy is None else f"{summary.test_accuracy:.4f}"
     print(f"{summary.run_dir}: {summary.rounds} rounds, simulated {summary.sim_time_s:.3f} s, "
           f"test accuracy {acc}")
@@ -133,9 +140,27 @@ def main(argv: list[str] | None = None) -> int:
     except FedsimError as exc:
         print(f"fedsim: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:
+        print(f"fedsim: error: {_os_error(exc)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print("fedsim: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except SystemExit as exc:       # the handlers return their code: this came from user code (a model, a loss)
+        print(f"fedsim: error: user code called sys.exit({exc.code!r}); the run was stopped", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RecursionError:
+        print("fedsim: error: input nested too deeply (recursion limit reached)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _os_error(exc: OSError) -> str:
+    """One line naming the path(s) and the operating system's reason."""
+    reason = exc.strerror or type(exc).__name__
+    paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+    if not paths:
+        return f"{reason} ({exc})" if str(exc) and str(exc) != reason else reason
+    return f"{': '.join(str(p) for p in paths)}: {reason}"
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,7 +19,8 @@ from fedsim.engine import run_events, serve_rounds
 from fedsim.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_server, save_checkpoint
 from fedsim.distributed import sharded_grads
 from fedsim.errors import ScenarioError, TraceError
-from fedsim.rundir import RunStatus, prepare_run_dir, read_status, write_status
+from fedsim.rundir import (RunStatus, open_run_dir, prepare_run_dir, read_status, write_atomic, write_marker,
+                           write_status)
 from fedsim.scenario import Scenario, parse_scenario
 from fedsim.server import Server
 from fedsim.strategies.fedasync import is_asynchronous
@@ -33,6 +36,7 @@ class RunSummary:
     sim_time_s: float
     test_accuracy: float | None
     test_loss: float | None
+    warnings: dict | None = None      # e.g. updates dropped as non-finite; None when there were none
 
 
 def trace_metadata(scn: Scenario) -> dict[str, str]:
@@ -55,9 +59,11 @@ ProgressFn = Callable[[int, float, float | None], None]
 
 def run_scenario(scn: Scenario, run_dir: Path, progress: ProgressFn | None = None,
                  components: Components | None = None, checkpoint_every: int | None = None,
-                 base_dir: Path | None = None, cluster=None) -> RunSummary:
+                 base_dir: Path | None = None, cluster=None, force: bool = False) -> RunSummary:
     """Run `scn` into `run_dir`. Bad input is detected (FedsimError) before the directory is touched.
 
+    `run_dir` must be new, empty, or a fedsim run directory (see fedsim.rundir): a completed or
+    interrupted run there is replaced only with `force`, and only fedsim's own files are removed.
     `checkpoint_every` N saves `checkpoint.pt` after every N rounds (synchronous policies), and
     `base_dir` (the scenario file's folder) is recorded so `resume_run` can re-read relative paths.
     `cluster` (a `--cluster` text or a `distributed.Client`) computes the gradients on a Dask cluster
@@ -69,31 +75,54 @@ def run_scenario(scn: Scenario, run_dir: Path, progress: ProgressFn | None = Non
     comp = components if components is not None else build_components(scn)
     with sharded_grads(cluster, scn, comp) as grads:     # shards load on the workers before any output
         run_dir = Path(run_dir)
-        prepare_run_dir(run_dir)
-        write_status(run_dir, RunStatus.RUNNING, rounds_done=0)
-        trace = TraceWriter(run_dir, trace_metadata(scn))
-        return _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state=None, grads=grads)
+        with prepare_run_dir(run_dir, force=force):
+            write_marker(run_dir, scn, base_dir)
+            write_status(run_dir, RunStatus.RUNNING, rounds_done=0, pid=os.getpid())
+            trace = TraceWriter(run_dir, trace_metadata(scn))
+            return _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state=None,
+                            grads=grads)
 
 
 def resume_run(run_dir: Path, progress: ProgressFn | None = None, checkpoint_every: int | None = None,
                cluster=None) -> RunSummary:
-    """Continue a run from its last checkpoint; the result is identical to an uninterrupted run."""
+    """Continue an interrupted or failed run; the result is identical to an uninterrupted run.
+
+    From its last checkpoint if it has one, else from the start (the scenario is in the run directory's
+    marker). A crash at any instant of a run, of its finalisation or of a resume can be resumed.
+    """
     run_dir = Path(run_dir)
-    status = read_status(run_dir)
-    if status["status"] == RunStatus.COMPLETED.value:
-        raise TraceError(f"{run_dir}: the run already completed; nothing to resume")
-    state = load_checkpoint(run_dir)
-    meta = state["scenario"]
-    base_dir = None if meta["base_dir"] is None else Path(meta["base_dir"])
-    scn = parse_scenario(meta["text"], meta["source"], meta["overrides"], base_dir=base_dir)
-    comp = build_components(scn)
-    with sharded_grads(cluster, scn, comp) as grads:
-        write_status(run_dir, RunStatus.RUNNING, rounds_done=int(state["next_round"]))
-        trace = TraceWriter(run_dir, trace_metadata(scn), keep_rows=state["rows"])
-        return _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state, grads=grads)
+    lock, marker = open_run_dir(run_dir)
+    with lock:
+        try:
+            status = read_status(run_dir)
+        except TraceError:             # killed between writing the marker and the first status
+            status = {"status": RunStatus.RUNNING.value}
+        if status["status"] == RunStatus.COMPLETED.value:
+            _discard_leftovers(run_dir)
+            raise TraceError(f"{run_dir}: the run already completed; nothing to resume")
+        has_checkpoint = (run_dir / CHECKPOINT_FILE).exists()
+        state = load_checkpoint(run_dir) if has_checkpoint else None
+        meta = marker["scenario"]
+        base_dir = None if meta["base_dir"] is None else Path(meta["base_dir"])
+        scn = parse_scenario(meta["text"], meta["source"], meta["overrides"], base_dir=base_dir)
+        comp = build_components(scn)
+        with sharded_grads(cluster, scn, comp) as grads:
+            next_round = 0 if state is None else int(state["next_round"])
+            write_status(run_dir, RunStatus.RUNNING, rounds_done=next_round, pid=os.getpid(),
+                         **({} if state is None else {"checkpoint_round": next_round}))
+            keep = {"events": 0, "devices": 0, "rounds": 0} if state is None else state["rows"]
+            trace = TraceWriter(run_dir, trace_metadata(scn), keep_rows=keep)
+            return _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state, grads=grads)
+
+
+def _discard_leftovers(run_dir: Path) -> None:
+    """What a crash after the final status (the commit point) may have left: journals and checkpoint."""
+    for name in ("events.arrows", "devices.arrows", "rounds.arrows", CHECKPOINT_FILE):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state, grads=None) -> RunSummary:
+    server = None
     try:
         asynchronous = is_asynchronous(scn.policy)     # fedasync / fedbuff: no rounds (fedsim/async_engine.py)
         parts = (scn, comp.model, comp.profile, comp.fleet, comp.partition, comp.dataset, trace)
@@ -105,7 +134,7 @@ def _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, st
         def on_round(done: int) -> None:
             if checkpoint_every and done % checkpoint_every == 0 and done < scn.run.rounds:
                 save_checkpoint(run_dir, server, trace, scn, base_dir)
-                write_status(run_dir, RunStatus.RUNNING, rounds_done=done, checkpoint_round=done)
+                write_status(run_dir, RunStatus.RUNNING, rounds_done=done, checkpoint_round=done, pid=os.getpid())
             if progress is not None:
                 acc = server.last_eval.accuracy if server.last_eval else None
                 progress(done, server.clock_at, acc)
@@ -115,16 +144,44 @@ def _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, st
         else:
             env.process(serve_rounds(env, server, scn.run.rounds, on_round))
         run_events(env)
+        # Finalisation: every file goes to a temporary name and is renamed; the journals and the checkpoint
+        # stay until the final status is written, so a crash at any instant before it leaves a run that
+        # `resume_run` continues, and one after it leaves a completed run.
         trace.close()
-        torch.save(comp.model.state_dict(), run_dir / "model.pt")
+        buf = io.BytesIO()
+        torch.save(comp.model.state_dict(), buf)
+        write_atomic(run_dir / "model.pt", buf.getvalue())
+        last = server.last_eval
+        extra = _warnings(server)
+        write_status(run_dir, RunStatus.COMPLETED, rounds_done=server.current_round, sim_time_s=server.clock_at,
+                     test_accuracy=None if last is None else last.accuracy, **extra)
     except BaseException as exc:
         trace.close(complete=False)
-        write_status(run_dir, RunStatus.FAILED, rounds_done=server.current_round if "server" in locals() else 0,
-                     error=f"{type(exc).__name__}: {exc}")
+        _record_failure(run_dir, server, exc)
         raise
+    trace.discard_journals()
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    last = server.last_eval
-    write_status(run_dir, RunStatus.COMPLETED, rounds_done=server.current_round, sim_time_s=server.clock_at,
-                 test_accuracy=None if last is None else last.accuracy)
     return RunSummary(run_dir, server.current_round, server.clock_at, None if last is None else last.accuracy,
-                      None if last is None else last.loss)
+                      None if last is None else last.loss, extra.get("warnings"))
+
+
+def _warnings(server) -> dict:
+    """`{"warnings": {...}}` when the run completed with warnings (e.g. updates dropped as non-finite)."""
+    report = getattr(server, "warnings", None)
+    found = report() if callable(report) else None
+    return {"warnings": found} if found else {}
+
+
+def _record_failure(run_dir: Path, server, exc: BaseException) -> None:
+    """Status `failed` with the reason, if the disk still takes it; the original error is what is raised."""
+    if isinstance(exc, KeyboardInterrupt):
+        error = "interrupted (Ctrl-C); continue with `fedsim run --resume`"
+    elif isinstance(exc, SystemExit):
+        error = f"user code called sys.exit({exc.code!r})"
+    else:
+        error = f"{type(exc).__name__}: {exc}"
+    try:
+        write_status(run_dir, RunStatus.FAILED, rounds_done=0 if server is None else server.current_round,
+                     error=error)
+    except OSError:
+        pass

@@ -40,7 +40,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 import tomllib
 from contextlib import closing
@@ -53,7 +52,7 @@ import pyarrow.parquet as pq
 
 from fedsim.errors import FedsimError, ScenarioError, TraceError
 from fedsim.overrides import apply_overrides
-from fedsim.rundir import RunStatus, read_status, write_atomic, write_status
+from fedsim.rundir import RunStatus, clear_run_files, read_status, write_atomic, write_status
 from fedsim.scenario import load_scenario, parse_scenario
 
 __all__ = ["SweepRun", "SweepResult", "parse_grid", "plan_sweep", "run_sweep", "run_metrics",
@@ -291,10 +290,36 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _init_worker() -> None:
+def _init_worker(sweep_pid: int) -> None:
     import torch
 
     torch.set_num_threads(1)     # one single-thread process per core beats fewer multi-thread ones
+    _die_with(sweep_pid)
+
+
+def _die_with(pid: int) -> None:
+    """End this worker as soon as process `pid` (the sweep) ends, however it ended (SIGKILL included):
+    a killed sweep leaves no runs going on behind it. Its unfinished runs are redone by the next sweep."""
+    import threading
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):          # no pidfd (not Linux, or old kernel): poll the parent instead
+        def watch() -> None:
+            import time
+            while os.getppid() != 1:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.5)
+            os._exit(1)
+    else:
+        def watch() -> None:
+            import select
+            select.select([fd], [], [])        # readable when the process has ended
+            os._exit(1)
+    threading.Thread(target=watch, name="fedsim-die-with-sweep", daemon=True).start()
 
 
 def _run_one(scenario: str, overrides: tuple[str, ...], run_dir: str, params: dict, text: str | None = None,
@@ -310,7 +335,7 @@ def _run_one(scenario: str, overrides: tuple[str, ...], run_dir: str, params: di
     try:
         scn = (load_scenario(scenario, list(overrides)) if text is None
                else parse_scenario(text, scenario, list(overrides), base_dir=Path(base_dir)))
-        run_scenario(scn, run_path)
+        run_scenario(scn, run_path, force=True)
         result: tuple[str, str | None] = (RunStatus.COMPLETED.value, None)
     except Exception as exc:           # a failed run must not stop the sweep; status.json records it
         error = f"{type(exc).__name__}: {exc}"
@@ -384,8 +409,8 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
                 write_atomic(run_dir / PARAMS_FILE, (json.dumps(run.params_json(scenario), indent=2) + "\n").encode())
             rows[run.run_id] = _index_row(out, run, target_accuracy)
         else:
-            if run_dir.exists():
-                shutil.rmtree(run_dir)        # unfinished, failed or stale: redo from scratch
+            if run_dir.is_dir():
+                clear_run_files(run_dir)      # unfinished, failed or stale: redo from scratch (fedsim's files only)
             todo.append(run)
             rows[run.run_id] = _index_row(out, run, target_accuracy) | {"status": "pending"}
 
@@ -436,7 +461,7 @@ def _execute(scenario: Path, out: Path, todo: list[SweepRun], jobs: int):
     queue = iter(todo)
     in_flight: dict = {}
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=_mp_context(),
-                               initializer=_init_worker)
+                               initializer=_init_worker, initargs=(os.getpid(),))
 
     def submit_next() -> None:
         run = next(queue, None)

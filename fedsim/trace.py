@@ -3,7 +3,8 @@
 A run directory holds `events.parquet`, `rounds.parquet` and `devices.parquet`. Columns carry their unit
 in the name. Every file's key-value metadata holds the schema version, the scenario text and overrides,
 the seed and the fedsim and torch versions, so any trace can be re-run. Rows are buffered as columns,
-journaled at least once per round (see `TableWriter`), and compacted to Parquet when the run completes.
+journaled at least once per round (see `TableWriter`), and compacted to Parquet when the run completes
+(the journals are removed only after the final status is written).
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ class TableWriter:
     While the run goes, every flush appends one record batch to an Arrow IPC stream journal
     (`events.arrows` next to `events.parquet`) and flushes it to the OS: unlike a Parquet file, whose
     footer is written last, a stream stays readable up to its last complete batch after a SIGKILL. When
-    the run completes, the journal is compacted into the Parquet file and removed.
+    the run completes, the journal is compacted into the Parquet file (and removed once the run's final
+    status is written).
     """
 
     def __init__(self, path: Path, schema: pa.Schema, metadata: dict[str, str], flush_rows: int = 65_536,
@@ -141,18 +143,29 @@ class TableWriter:
         self.columns: dict[str, list] = {name: [] for name in schema.names}
         self.flush_rows = flush_rows
         self._plain = _plain(self.schema)
-        kept = None
-        if keep_rows is not None:          # resuming: keep exactly the rows of the checkpointed rounds
-            kept = read_journal(self.journal).slice(0, keep_rows)
-            if kept.num_rows != keep_rows:
-                raise TraceError(f"{self.journal}: has {kept.num_rows} rows, the checkpoint expects {keep_rows}")
-        self._sink = pa.OSFile(str(self.journal), "wb")
-        self._writer = pa.ipc.new_stream(self._sink, self._plain)
         self.rows_written = 0
+        if keep_rows is None:
+            self._sink = pa.OSFile(str(self.journal), "wb")
+            self._writer = pa.ipc.new_stream(self._sink, self._plain)
+        else:
+            self._reopen(keep_rows)
+
+    def _reopen(self, keep_rows: int) -> None:
+        """Resuming: keep exactly the rows of the checkpointed rounds. The kept rows go to a new journal
+        under a temporary name, which then replaces the old one: a crash at any instant leaves the old
+        journal or the new one, never an emptied one. Writing goes on into the renamed file."""
+        kept = read_journal(self.journal).slice(0, keep_rows) if keep_rows else None
+        if keep_rows and kept.num_rows != keep_rows:
+            raise TraceError(f"{self.journal}: has {kept.num_rows} rows, the checkpoint expects {keep_rows}")
+        tmp = self.journal.with_name(f".{self.journal.name}.tmp")
+        self._sink = pa.OSFile(str(tmp), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, self._plain)
         if kept is not None and kept.num_rows:
             self._writer.write_table(kept.cast(self._plain))
             self.rows_written = kept.num_rows
-            self._sink.flush()
+        self._sink.flush()
+        _fsync(tmp)
+        os.replace(tmp, self.journal)
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))
@@ -181,7 +194,11 @@ class TableWriter:
             col.clear()
 
     def close(self, complete: bool = True) -> None:
-        """Stop writing; if the run completed, compact the journal into the Parquet file."""
+        """Stop writing; if the run completed, write the Parquet file from the journal.
+
+        The journal is kept: it is removed by `discard_journal` only after the run's final status is on
+        disk, so a crash anywhere in finalisation leaves a run that can be resumed.
+        """
         if self._writer is None:
             return
         if complete:
@@ -192,9 +209,24 @@ class TableWriter:
         if complete:
             table = read_journal(self.journal, self._plain).cast(self.schema)
             tmp = self.path.with_name(f".{self.path.name}.tmp")
-            pq.write_table(table, tmp, row_group_size=65_536, compression="zstd")
-            os.replace(tmp, self.path)
-            self.journal.unlink()
+            try:
+                pq.write_table(table, tmp, row_group_size=65_536, compression="zstd")
+                _fsync(tmp)
+                os.replace(tmp, self.path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    def discard_journal(self) -> None:
+        self.journal.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class TraceWriter:
@@ -239,3 +271,8 @@ class TraceWriter:
     def close(self, complete: bool = True) -> None:
         for table in (self.events, self.devices, self.rounds):
             table.close(complete)
+
+    def discard_journals(self) -> None:
+        """After the run's final status is written: the Parquet files are the trace now."""
+        for table in (self.events, self.devices, self.rounds):
+            table.discard_journal()
