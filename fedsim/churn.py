@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import abc
 import enum
+import hashlib
 import heapq
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +36,12 @@ import numpy as np
 import simpy
 
 from fedsim.distributions import Dist, DistKind, read_dist
-from fedsim.errors import DataError
-from fedsim.fields import Fields
+from fedsim.errors import DataError, ScenarioFileError
+from fedsim.fields import Fields, printable
 
 __all__ = [
-    "InitialState", "ChurnSpec", "read_churn_spec", "read_availability_file", "Availability", "AlwaysOnline",
+    "InitialState", "ChurnSpec", "read_churn_spec", "read_availability_file", "check_availability_file",
+    "Availability", "AlwaysOnline",
     "RenewalAvailability", "TraceAvailability", "build_availability", "load_availability_trace", "churn",
 ]
 
@@ -88,6 +91,15 @@ def read_availability_file(fields: Fields, key: str, base_dir: Path | None = Non
     if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
         raise fields.error(key, f"must be a .csv or .parquet file, got {str(path)!r}")
     return path
+
+
+def check_availability_file(fields: Fields, key: str, path: Path, n_devices: int) -> TraceAvailability:
+    """Read and validate the file of `key` for a fleet of `n_devices`; a bad file is a ScenarioFileError
+    naming the scenario, the field, then the file and its row."""
+    try:
+        return load_availability_trace(path, n_devices)
+    except DataError as exc:
+        raise ScenarioFileError(fields.source, fields.field(key), printable(str(exc))) from None
 
 
 # -- the interface -------------------------------------------------------------------------------------------
@@ -276,9 +288,13 @@ class TraceAvailability(Availability):
     Boundaries up to time t counted per device: odd means online (half-open intervals).
     """
 
-    def __init__(self, n_devices: int, device: np.ndarray, start_s: np.ndarray, end_s: np.ndarray):
-        """`device`, `start_s`, `end_s`: intervals sorted by (device, start), non-overlapping, not touching."""
+    def __init__(self, n_devices: int, device: np.ndarray, start_s: np.ndarray, end_s: np.ndarray,
+                 source: str | None = None):
+        """`device`, `start_s`, `end_s`: intervals sorted by (device, start), non-overlapping, not touching.
+        `source`: the file they were read from, for messages."""
         self.n_devices = int(n_devices)
+        self.source = source
+        self.last_online_s = float(np.max(end_s)) if len(end_s) else 0.0   # after this nobody is online
         self.bounds = np.column_stack([start_s, end_s]).reshape(-1).astype(np.float64)
         counts = np.bincount(np.asarray(device, dtype=np.int64), minlength=self.n_devices) * 2
         self.ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -308,24 +324,44 @@ class TraceAvailability(Availability):
 _COLUMNS = ("device", "start_s", "end_s")
 
 
-def _read_columns(path: Path) -> tuple[dict[str, list | np.ndarray], Callable[[int], str]]:
+def _read_table(path: Path, data: bytes, csv: bool):
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    csv = path.suffix.lower() == ".csv"
-    where = (lambda i: f"row {i + 1} (line {i + 2})") if csv else (lambda i: f"row {i + 1}")
-    if not path.is_file():
-        raise DataError(f"{path}: no such availability file")
+    if not data:
+        raise DataError(f"{path}: empty file, expected " + ("a header line device,start_s,end_s" if csv
+                                                            else "a Parquet file"))
+    if csv:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            raise DataError(f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line}") from None
     try:
         # Only empty fields are missing: "nan" must reach the finiteness check, not become a null.
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(null_values=[""])) if csv \
-            else pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: cannot read the availability file: {exc}") from None
-    missing = [c for c in _COLUMNS if c not in table.column_names]
+        if csv:
+            return pacsv.read_csv(pa.BufferReader(data), convert_options=pacsv.ConvertOptions(null_values=[""]))
+        return pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        detail = printable(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        raise DataError(f"{path}: cannot read the availability file: {detail}") from None
+
+
+def _read_columns(path: Path, data: bytes) -> tuple[dict[str, np.ndarray], Callable[[int], str]]:
+    import pyarrow as pa
+
+    csv = path.suffix.lower() == ".csv"
+    where = (lambda i: f"row {i + 1} (line {i + 2})") if csv else (lambda i: f"row {i + 1}")
+    table = _read_table(path, data, csv)
+    names = table.column_names
+    missing = [c for c in _COLUMNS if c not in names]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(table.column_names)}")
+        found = ", ".join(printable(repr(n)) for n in names[:10]) + (", ..." if len(names) > 10 else "")
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {found or 'none'}")
+    twice = [c for c in _COLUMNS if names.count(c) > 1]
+    if twice:
+        raise DataError(f"{path}: column {twice[0]} appears {names.count(twice[0])} times")
     columns: dict[str, np.ndarray] = {}
     for name in _COLUMNS:
         col = table.column(name)
@@ -336,24 +372,60 @@ def _read_columns(path: Path) -> tuple[dict[str, list | np.ndarray], Callable[[i
             columns[name] = col.to_numpy().astype(np.float64)
             continue
         values = col.to_pylist()
-        for i, v in enumerate(values):   # not numeric: find the culprit for the message
+        numbers = np.empty(len(values))
+        for i, v in enumerate(values):   # not a numeric column: only text that reads as a number is accepted
             try:
-                float(v)
+                if not isinstance(v, str):
+                    raise TypeError
+                numbers[i] = float(v)
             except (TypeError, ValueError):
-                raise DataError(f"{path}: {where(i)}: {name}: not a number, got {v!r}") from None
-        columns[name] = np.array([float(v) for v in values])
+                shown = printable(repr(v))
+                shown = shown if len(shown) <= 60 else shown[:60] + "..."
+                raise DataError(f"{path}: {where(i)}: {name}: not a number, got {shown}") from None
+        columns[name] = numbers
     return columns, where
+
+
+# The server reads the file the scenario check has already read: the last few results are kept, keyed by
+# the file's content, so the second read is free and a changed file is read again. TraceAvailability is
+# read-only, so the object can be shared.
+_CACHE: dict[tuple[str, int, str], TraceAvailability] = {}
+_CACHE_SIZE = 4
 
 
 def load_availability_trace(path: str | Path, n_devices: int) -> TraceAvailability:
     """Read and validate ONLINE intervals; every problem is a DataError naming the file and the row.
 
     Rules: columns `device`, `start_s`, `end_s` (others ignored); device ids integers in [0, n_devices);
-    times finite with start_s < end_s; each device's rows sorted by start and not overlapping (they need
-    not be grouped). Touching intervals (end == next start) are merged. Devices absent are never online.
+    times finite, >= 0 (simulated time starts at 0), with start_s < end_s; each device's rows sorted by start
+    and not overlapping (they need not be grouped). Touching intervals (end == next start) are merged.
+    Devices absent are never online. A CSV file must be UTF-8 text.
     """
     path = Path(path)
-    cols, where = _read_columns(path)
+    shown = printable(str(path))
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise DataError(f"{shown}: no such availability file") from None
+    except IsADirectoryError:
+        raise DataError(f"{shown}: is a directory, expected an availability file") from None
+    except OSError as exc:
+        raise DataError(f"{shown}: cannot read the availability file: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise DataError(f"{shown}: cannot read the availability file: {exc}") from None
+    key = (str(path.resolve()), int(n_devices), hashlib.sha256(data).hexdigest())
+    if key in _CACHE:
+        return _CACHE[key]
+    trace = _parse_trace(Path(shown), data, int(n_devices))
+    while len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = trace
+    return trace
+
+
+def _parse_trace(path: Path, data: bytes, n_devices: int) -> TraceAvailability:
+    cols, where = _read_columns(path, data)
     device, start, end = cols["device"], cols["start_s"], cols["end_s"]
     if device.size == 0:
         raise DataError(f"{path}: no intervals: nobody would ever be online")
@@ -366,9 +438,12 @@ def load_availability_trace(path: str | Path, n_devices: int) -> TraceAvailabili
     fail(~np.isfinite(device) | (device != np.round(device)),
          lambda i: f"device: not an integer id, got {float(device[i])!r}")
     fail((device < 0) | (device >= n_devices),
-         lambda i: f"device: id {int(device[i])} out of range (the fleet has {n_devices} devices: 0..{n_devices - 1})")
+         lambda i: f"device: id {float(device[i]):.0f} out of range (the fleet has {n_devices} devices: "
+                   f"0..{n_devices - 1})")
     for name, values in (("start_s", start), ("end_s", end)):
         fail(~np.isfinite(values), lambda i, n=name, v=values: f"{n}: must be a finite number, got {float(v[i])!r}")
+        fail(values < 0, lambda i, n=name, v=values: f"{n}: must be >= 0 (simulated time starts at 0), "
+                                                     f"got {float(v[i])!r}")
     fail(start >= end, lambda i: f"start_s {float(start[i])!r} must be before end_s {float(end[i])!r}")
     ids = device.astype(np.int64)
     order = np.argsort(ids, kind="stable")        # by device, file order within a device
@@ -385,7 +460,7 @@ def load_availability_trace(path: str | Path, n_devices: int) -> TraceAvailabili
                         "and must not overlap")
     keep_start = np.concatenate([[True], ~(same & (s[1:] == e[:-1]))])   # merge touching intervals
     keep_end = np.concatenate([keep_start[1:], [True]])
-    return TraceAvailability(n_devices, d[keep_start], s[keep_start], e[keep_end])
+    return TraceAvailability(n_devices, d[keep_start], s[keep_start], e[keep_end], source=str(path))
 
 
 # -- the process ------------------------------------------------------------------------------------------------------

@@ -14,20 +14,25 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.calibration import DvfsSpec, MeasuredSpec, read_dvfs, read_measured, resolve_traces_dir
-from fedsim.churn import ChurnSpec, read_availability_file, read_churn_spec
+from fedsim.churn import ChurnSpec, check_availability_file, read_availability_file, read_churn_spec
 from fedsim.distributions import Dist, DistKind, read_dist
 from fedsim.errors import ScenarioError
-from fedsim.fields import Fields
+from fedsim.fields import Fields, printable, show_key
 from fedsim.network_spec import AccessKind, TopologySpec, read_network_spec
 from fedsim.overrides import apply_overrides
 
 __all__ = [
     "Scenario", "RunSpec", "ModelSpec", "DataSpec", "TrainingSpec", "DeviceClassSpec", "FleetSpec",
-    "NetworkSpec", "UploadMode", "load_scenario", "parse_scenario", "MAX_DEVICES",
+    "NetworkSpec", "UploadMode", "load_scenario", "parse_scenario", "MAX_DEVICES", "MAX_CLASSES",
 ]
 
 MAX_DEVICES = 10_000_000   # beyond this the per-device index arrays alone would not fit in memory
 MAX_ROUNDS = 100_000_000
+MAX_CLASSES = 10_000       # the server loops over classes for every round's draws
+MAX_SCENARIO_BYTES = 4 * 2**20   # tomllib reads about 0.6 MiB/s of the worst text; a scenario is a few kB
+MAX_DEPTH = 32             # tables and lists nested in one another (a scenario needs about 5)
+MAX_RUN_NAME_BYTES = 200   # a directory name: most filesystems allow 255 bytes
+MAX_SYNTHETIC_VARIANCE = 1e6   # data.synthetic_alpha and _beta: beyond, the generated inputs are not usable numbers
 
 
 class UploadMode(enum.Enum):
@@ -126,23 +131,92 @@ class Scenario:
 
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
     path = Path(path)
-    source = str(path)
+    source = printable(str(path))
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_SCENARIO_BYTES + 1)
     except FileNotFoundError:
         raise ScenarioError(source, "", "no such scenario file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except IsADirectoryError:
+        raise ScenarioError(source, "", "is a directory, expected a scenario TOML file") from None
+    except OSError as exc:
+        raise ScenarioError(source, "", f"cannot read the file: {exc.strerror or exc}") from None
+    except ValueError as exc:          # e.g. a NUL character in the path
         raise ScenarioError(source, "", f"cannot read the file: {exc}") from None
+    if len(data) > MAX_SCENARIO_BYTES:
+        raise ScenarioError(source, "", f"larger than {MAX_SCENARIO_BYTES // 2**20} MiB; a scenario is a small "
+                                        "TOML file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise ScenarioError(source, "", f"not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, "
+                                        f"column {column}") from None
     return parse_scenario(text, source, overrides, base_dir=path.parent)
 
 
-def parse_scenario(text: str, source: str = "<scenario>", overrides=(), base_dir: Path | None = None) -> Scenario:
+def _too_deep(raw: Any) -> str | None:
+    """The path of a table or list nested deeper than MAX_DEPTH levels, else None (no recursion)."""
+    stack = [(raw, 0, "")]
+    while stack:
+        node, depth, where = stack.pop()
+        if depth > MAX_DEPTH:
+            return where
+        if isinstance(node, dict):
+            items = ((f"{where}.{show_key(str(k))}" if where else show_key(str(k)), v) for k, v in node.items())
+        elif isinstance(node, list):
+            items = ((f"{where}[{i}]", v) for i, v in enumerate(node))
+        else:
+            continue
+        # past a few levels the path says nothing more: keep the prefix
+        stack.extend((v, depth + 1, w if depth < 4 else where) for w, v in items if isinstance(v, (dict, list)))
+    return None
+
+
+def _parse_toml(text: str, source: str) -> dict:
+    if len(text) > MAX_SCENARIO_BYTES:
+        raise ScenarioError(source, "", f"larger than {MAX_SCENARIO_BYTES // 2**20} MiB; a scenario is a small "
+                                        "TOML file")
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(source, "", f"malformed TOML: {exc}") from None
-    if overrides:
-        raw = apply_overrides(raw, overrides, source)
+    except ValueError as exc:     # an integer of more than 4300 digits
+        raise ScenarioError(source, "", f"malformed TOML: a number too long to read "
+                                        f"({printable(str(exc).split(';')[0])})") from None
+    except RecursionError:
+        raise ScenarioError(source, "", f"tables or lists nested deeper than {MAX_DEPTH} levels") from None
+    where = _too_deep(raw)
+    if where is not None:
+        raise ScenarioError(source, where, f"tables or lists nested deeper than {MAX_DEPTH} levels")
+    return raw
+
+
+def parse_scenario(text: str, source: str = "<scenario>", overrides=(), base_dir: Path | None = None) -> Scenario:
+    source = printable(source)
+    raw = _parse_toml(text, source)
+    try:
+        if overrides:
+            try:
+                raw = apply_overrides(raw, overrides, source)
+            except RecursionError:
+                raise ScenarioError(source, "--set", f"a value nested deeper than {MAX_DEPTH} levels") from None
+            except ValueError as exc:    # an integer of more than 4300 digits
+                raise ScenarioError(source, "--set", f"a number too long to read "
+                                                     f"({printable(str(exc).split(';')[0])})") from None
+            where = _too_deep(raw)
+            if where is not None:
+                raise ScenarioError(source, where, f"--set: tables or lists nested deeper than {MAX_DEPTH} levels")
+        return _read_scenario(raw, text, source, overrides, base_dir)
+    except ScenarioError as exc:
+        if exc.field.isprintable() and exc.message.isprintable():
+            raise
+        # a hostile key or value (a --set key with a newline, say) must not break the one-line message
+        raise type(exc)(exc.source, printable(exc.field), printable(exc.message)) from None
+
+
+def _read_scenario(raw: dict, text: str, source: str, overrides, base_dir: Path | None) -> Scenario:
     root = Fields(raw, source, "")
     run = _read_run(root.sub("run"))
     model = _read_model(root.sub("model"))
@@ -160,6 +234,9 @@ def parse_scenario(text: str, source: str = "<scenario>", overrides=(), base_dir
                             f"must be at most the number of devices ({fleet.n_devices}), got {fleet.participants}")
     scn = Scenario(source, text, tuple(overrides), run, model, data, training, fleet, network, policy)
     policy.check(scn)
+    if fleet.availability_file is not None:
+        # read now, not when the run starts: a bad file must fail before any output exists
+        check_availability_file(root.sub("fleet"), "availability_file", fleet.availability_file, fleet.n_devices)
     return scn
 
 
@@ -186,10 +263,25 @@ def _read_run(f: Fields) -> RunSpec:
         rounds=f.integer("rounds", low=1, high=MAX_ROUNDS),
         eval_every=f.integer("eval_every", 1, low=1),
     )
-    if any(ch in spec.name for ch in "/\\") or spec.name.startswith("."):
-        raise f.error("name", f"must be a plain name usable as a directory, got {spec.name!r}")
+    _check_run_name(f, spec.name)
     f.finish()
     return spec
+
+
+def _check_run_name(f: Fields, name: str) -> None:
+    """run.name names the run directory: one plain, printable directory name."""
+    shown = printable(repr(name)) if len(name) <= 60 else printable(repr(name[:60])) + "..."
+    if "\0" in name:
+        raise f.error("name", f"must not contain a NUL character, got {shown}")
+    if not name.isprintable():
+        raise f.error("name", f"must not contain control or unprintable characters, got {shown}")
+    if any(ch in name for ch in "/\\") or name.startswith("."):
+        raise f.error("name", f"must be a plain name usable as a directory (no '/' or '\\', not starting "
+                              f"with '.'), got {shown}")
+    size = len(name.encode("utf-8"))
+    if size > MAX_RUN_NAME_BYTES:
+        raise f.error("name", f"must be at most {MAX_RUN_NAME_BYTES} bytes in UTF-8 (it names the run "
+                              f"directory), got {size} bytes: {shown}")
 
 
 def _read_model(f: Fields) -> ModelSpec:
@@ -217,8 +309,8 @@ def _read_data(f: Fields, base_dir: Path | None) -> DataSpec:
         partition=f.choice("partition", ["iid", "dirichlet"], "iid"),
         dirichlet_alpha=f.number("dirichlet_alpha", 0.5, low=0.0, low_open=True),
         samples_per_device=f.integer("samples_per_device", low=1, high=10_000_000),
-        synthetic_alpha=f.number("synthetic_alpha", 1.0, low=0.0),
-        synthetic_beta=f.number("synthetic_beta", 1.0, low=0.0),
+        synthetic_alpha=f.number("synthetic_alpha", 1.0, low=0.0, high=MAX_SYNTHETIC_VARIANCE),
+        synthetic_beta=f.number("synthetic_beta", 1.0, low=0.0, high=MAX_SYNTHETIC_VARIANCE),
         test_samples_per_device=f.integer("test_samples_per_device", 20, low=1, high=1_000_000),
     )
     f.finish()
@@ -279,11 +371,16 @@ def _read_device_class(f: Fields, index: int, traces_dir: Path | None) -> Device
 
 def _read_fleet(f: Fields, base_dir: Path | None) -> FleetSpec:
     traces_dir = resolve_traces_dir(f, "traces_dir", base_dir)
+    raw_classes = f.raw("classes")
+    if isinstance(raw_classes, list) and len(raw_classes) > MAX_CLASSES:
+        raise f.error("classes", f"at most {MAX_CLASSES} device classes are supported, got {len(raw_classes)}")
     classes = tuple(_read_device_class(c, i, traces_dir) for i, c in enumerate(f.sub_list("classes")))
-    names = [c.name for c in classes]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise ScenarioError(f.source, f"fleet.classes[{i}].name", f"duplicate class name {name!r}")
+    first: dict[str, int] = {}
+    for i, c in enumerate(classes):
+        if c.name in first:
+            raise ScenarioError(f.source, f"fleet.classes[{i}].name",
+                                f"duplicate class name {c.name!r} (also fleet.classes[{first[c.name]}].name)")
+        first[c.name] = i
     total = sum(c.count for c in classes)
     if total > MAX_DEVICES:
         raise f.error("classes", f"the fleet has {total} devices; at most {MAX_DEVICES} are supported")
