@@ -153,6 +153,12 @@ def build(input_shape, num_classes):
 """
 
 
+# for sweeps: hold every run (whatever its directory) whose status names this process, forever
+GATED_SWEEP_MODEL = GATED_MODEL.replace(
+    'return json.loads((OUT / "status.json").read_text()).get("pid") == os.getpid()',
+    'return any(json.loads(p.read_text()).get("pid") == os.getpid() for p in Path("RUNS").glob("*/status.json"))')
+
+
 def test_second_run_on_a_run_under_way_exits_2_and_the_first_completes(tmp_path, scenario_file):
     """End to end, two processes: the second `fedsim run` is refused while the first is held in its first
     round (its model waits for a file the test creates), and the first then completes normally."""
@@ -383,3 +389,72 @@ def test_crash_at_every_step_of_a_forced_replacement(tmp_path, scenario_file, re
         assert main(args) == 0, k
         assert_same_run(snapshot(out), reference)
     capsys.readouterr()
+
+
+# -- a killed sweep leaves nothing running -------------------------------------------------------------
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":                          # a zombie has ended
+            tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return tree
+
+
+def _descendants(pid: int) -> set[int]:
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_killed_sweep_leaves_no_process_behind(tmp_path, scenario_file):
+    """SIGKILL of `fedsim sweep` while its workers are in the middle of runs (held there by a model that
+    waits for a file that never comes): every worker process ends within seconds."""
+    out = tmp_path / "sweep"
+    (tmp_path / "gated.py").write_text(GATED_MODEL)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)]),
+           "GATE_OUT": str(tmp_path / "never"), "GATE_GO": str(tmp_path / "never-go")}
+    (tmp_path / "gated_sweep.py").write_text(GATED_SWEEP_MODEL.replace("RUNS", str(out / "runs")))
+    sweep = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "sweep", str(scenario_file), "--out", str(out),
+                              "--seeds", "2", "--jobs", "2", "--quiet",
+                              "--set", 'model.name="gated_sweep:build"'],
+                             env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len([d for d in (out / "runs").glob("*") if run_state(d).state == "running"]) < 2:
+            assert sweep.poll() is None, sweep.stderr.read()
+            assert time.monotonic() < deadline, "the sweep's runs did not start"
+            time.sleep(0.1)
+        workers = _descendants(sweep.pid)
+        assert len(workers) >= 2
+        sweep.kill()
+        sweep.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _alive(workers):
+            assert time.monotonic() < deadline, f"orphans still running: {sorted(_alive(workers))}"
+            time.sleep(0.1)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        for pid in _alive(_descendants(sweep.pid)):
+            os.kill(pid, 9)
