@@ -255,8 +255,12 @@ def make_synthetic(alpha: float, beta: float, n_devices: int, samples_per_device
     for lo in range(0, n_devices, step):
         hi = min(lo + step, n_devices)
         xs = means[lo:hi, None, :] + rng.standard_normal((hi - lo, per_device, dim)) * x_std
-        y[lo:hi] = (xs @ weights[lo:hi].transpose(0, 2, 1) + biases[lo:hi, None, :]).argmax(axis=-1)
-        x[lo:hi] = xs
+        with np.errstate(over="ignore", invalid="ignore"):   # checked next, with a message naming beta
+            y[lo:hi] = (xs @ weights[lo:hi].transpose(0, 2, 1) + biases[lo:hi, None, :]).argmax(axis=-1)
+            x[lo:hi] = xs
+        if not np.isfinite(x[lo:hi]).all():
+            raise DataError(f"beta = {beta!r} makes synthetic inputs too large for float32 (non-finite "
+                            "values); use a smaller beta")
 
     def flat(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a.reshape(-1, *a.shape[2:])))
@@ -278,8 +282,8 @@ def partition_iid(n_samples: int, n_devices: int, samples_per_device: int,
     _require_ints(n_samples=(n_samples, 1), n_devices=(n_devices, 1),
                   samples_per_device=(samples_per_device, 1))
     if samples_per_device > n_samples:
-        raise DataError(f"samples_per_device must be <= n_samples ({n_samples}), "
-                        f"got {samples_per_device}")
+        raise DataError(f"samples_per_device must be at most the {n_samples} training samples of the dataset "
+                        f"(an iid partition gives each device distinct samples), got {samples_per_device}")
     offsets = np.arange(n_devices + 1, dtype=np.int64) * samples_per_device
     if n_devices * samples_per_device <= n_samples:
         return Partition(offsets, rng.permutation(n_samples)[: offsets[-1]])

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.errors import ScenarioError
+from fedsim.fields import printable
 
-__all__ = ["MODEL_NAMES", "MLP", "CNN", "build_model", "scaled_width"]
+__all__ = ["MODEL_NAMES", "MLP", "CNN", "build_model", "check_model_io", "scaled_width"]
 
 MODEL_NAMES = ("mlp", "cnn")
 
@@ -151,12 +152,20 @@ def _build_from_factory(spec: str, input_shape: tuple[int, ...], num_classes: in
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ScenarioError(source, _FIELD, f"cannot import module {module_name!r} of factory {spec!r}: {exc}") from exc
-    except Exception as exc:  # a broken user module may raise anything at import time
-        raise ScenarioError(
-            source, _FIELD, f"importing module {module_name!r} of factory {spec!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    factory: Callable[..., object] | None = getattr(module, func_name, None)
+        raise ScenarioError(source, _FIELD, f"cannot import module {module_name!r} of factory {spec!r}: "
+                                            f"{_describe(exc)}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a broken user module may raise anything at import time, sys.exit included
+        raise ScenarioError(source, _FIELD, f"importing module {module_name!r} of factory {spec!r} "
+                                            f"{_what_happened(exc)}") from None
+    try:
+        factory: Callable[..., object] | None = getattr(module, func_name, None)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:   # a module-level __getattr__ may raise too
+        raise ScenarioError(source, _FIELD, f"looking up {func_name!r} in module {module_name!r} "
+                                            f"{_what_happened(exc)}") from None
     if factory is None:
         raise ScenarioError(source, _FIELD, f"module {module_name!r} has no attribute {func_name!r} (factory {spec!r})")
     if not callable(factory):
@@ -171,12 +180,69 @@ def _build_from_factory(spec: str, input_shape: tuple[int, ...], num_classes: in
         torch.manual_seed(seed)
         try:
             model = factory(input_shape, num_classes)
-        except Exception as exc:
-            raise ScenarioError(
-                source, _FIELD, f"factory {spec!r} raised {type(exc).__name__}: {exc}"
-            ) from exc
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:   # sys.exit() in a factory must not end fedsim silently
+            raise ScenarioError(source, _FIELD, _factory_failed(spec, exc)) from None
     if not isinstance(model, nn.Module):
         raise ScenarioError(
             source, _FIELD, f"factory {spec!r} must return a torch.nn.Module, got {type(model).__name__}"
         )
     return model
+
+
+def _describe(exc: BaseException) -> str:
+    text = printable(str(exc))
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _what_happened(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r})"
+    return f"failed: {type(exc).__name__}: {_describe(exc)}"
+
+
+def _factory_failed(spec: str, exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"the factory {spec!r} called sys.exit({exc.code!r})"
+    return f"factory {spec!r} raised {type(exc).__name__}: {_describe(exc)}"
+
+
+def check_model_io(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, *, name: str,
+                   what: str = "the data", source: str = "<scenario>") -> None:
+    """One forward pass of one sample: the model must take inputs of `input_shape` and return a tensor of
+    shape [1, num_classes]. A mismatch is a ScenarioError on model.name, before any run output exists.
+
+    Evaluation mode, no gradient, buffers restored and the global RNG forked: the model is left as it was.
+    """
+    first = next(iter(model.parameters()), None)
+    sample = torch.zeros((1, *input_shape), dtype=first.dtype if first is not None else torch.float32)
+    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+    training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            out = model(sample)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        happened = (f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit)
+                    else f"raised {type(exc).__name__}: {_describe(exc)}")
+        raise ScenarioError(source, _FIELD, f"model {name!r} does not take the inputs of {what}: one sample of "
+                                            f"shape {list(sample.shape)} {happened}") from None
+    finally:
+        model.train(training)
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                if k in saved and b.shape == saved[k].shape:
+                    b.copy_(saved[k])
+    if not isinstance(out, torch.Tensor):
+        raise ScenarioError(source, _FIELD, f"model {name!r} must return one tensor of class scores, got "
+                                            f"{type(out).__name__}")
+    if tuple(out.shape) != (1, num_classes):
+        raise ScenarioError(source, _FIELD, f"model {name!r} returns shape {list(out.shape)} for one sample of "
+                                            f"shape {[1, *input_shape]}; expected [1, {num_classes}] "
+                                            f"({num_classes} classes in {what})")
+    if not out.is_floating_point():
+        raise ScenarioError(source, _FIELD, f"model {name!r} must return floating-point class scores, got "
+                                            f"{out.dtype}")

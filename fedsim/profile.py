@@ -136,18 +136,35 @@ def _measure(model: nn.Module, input_shape: tuple[int, ...], owners: dict[nn.Mod
     counter = FlopCounterMode(display=False)
     try:
         with _record_first_calls(owners, order, out_numel), counter:
-            output = model(batch)
+            try:
+                output = model(batch)
+            except Exception as exc:
+                raise FedsimError(f"profiling {type(model).__name__}: its forward pass on a batch of shape "
+                                  f"{list(batch.shape)} raised {type(exc).__name__}: {_brief(exc)}") from None
             forward_counts = counter.get_flop_counts()
             if not isinstance(output, torch.Tensor):
-                raise FedsimError(f"profiling needs a model returning one tensor, got {type(output).__name__}")
+                raise FedsimError(f"profiling {type(model).__name__}: its forward pass must return one tensor, "
+                                  f"got {type(output).__name__}")
             if trainable:
+                if not output.requires_grad:
+                    raise FedsimError(f"profiling {type(model).__name__}: its output does not depend on any "
+                                      "trainable parameter, so there is nothing to backpropagate")
                 # autograd.grad rather than .backward(): the model's .grad fields stay untouched.
-                torch.autograd.grad(output.sum(), trainable, allow_unused=True)
+                try:
+                    torch.autograd.grad(output.sum(), trainable, allow_unused=True)
+                except Exception as exc:
+                    raise FedsimError(f"profiling {type(model).__name__}: its backward pass raised "
+                                      f"{type(exc).__name__}: {_brief(exc)}") from None
     finally:
         with torch.no_grad():
             for name, buffer in model.named_buffers():
                 buffer.copy_(saved_buffers[name])
     return order, out_numel, forward_counts, counter.get_flop_counts()
+
+
+def _brief(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())      # one line
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def build_profile(model: nn.Module, input_shape: tuple[int, ...], granularity: Granularity) -> ModelProfile:
@@ -160,7 +177,8 @@ def build_profile(model: nn.Module, input_shape: tuple[int, ...], granularity: G
         owner, _, _ = full_name.rpartition(".")
         params_of.setdefault(owner, []).append((full_name, param))
     if not params_of:
-        raise FedsimError(f"cannot profile {type(model).__name__}: it has no parameters")
+        raise FedsimError(f"cannot profile {type(model).__name__}: it has no parameters, so it has no layers to "
+                          "train or deliver")
     owners = {named_modules[name]: name for name in params_of}
 
     order, out_numel, fwd_counts, all_counts = _measure(model, input_shape, owners)
