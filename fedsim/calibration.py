@@ -92,15 +92,21 @@ def read_dvfs(fields: Fields, key: str) -> DvfsSpec | None:
 
 def measured_speeds_flops(spec: MeasuredSpec, n: int, rng: np.random.Generator, source: str, field: str) -> np.ndarray:
     """Effective FLOP/s of `n` devices calibrated from `spec` (see the module docstring)."""
-    from fedsim.errors import ScenarioError
+    from fedsim.errors import DataError, FedsimError, ScenarioError, ScenarioFileError
+    from fedsim.fields import printable
     from fedsim.measurements import load_ai_benchmark, measured_speed_flops, sample_phone_speeds_flops
 
-    ref_speed = measured_speed_flops(spec.time_table, spec.batch_size)
+    try:
+        ref_speed = measured_speed_flops(spec.time_table, spec.batch_size)
+    except DataError as exc:
+        key = "batch_size" if "no row for batchsize" in str(exc) else "time_table"
+        raise ScenarioFileError(source, f"{field}.{key}", printable(str(exc))) from None
     if spec.spread == "none":
         return np.full(n, ref_speed)
-    from fedsim.errors import FedsimError
-
-    bench = load_ai_benchmark(spec.benchmark_file)
+    try:
+        bench = load_ai_benchmark(spec.benchmark_file)
+    except DataError as exc:
+        raise ScenarioFileError(source, f"{field}.benchmark_file", printable(str(exc))) from None
     try:
         phone = bench.find(spec.reference_phone)
     except FedsimError:

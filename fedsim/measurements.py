@@ -60,8 +60,10 @@ def load_time_table(path: str | Path) -> dict[int, float]:
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: cannot read the time table: {exc}") from None
+    except csv.Error as exc:      # a NUL character, a field too large
+        raise DataError(f"{path}: malformed CSV: {exc}") from None
     if not rows:
         raise DataError(f"{path}: empty file, expected a header with batchsize and expr_train")
     header = [h.strip() for h in rows[0]]
@@ -132,10 +134,12 @@ class AiBenchmark:
 def _read_json(path: Path, what: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read the {what}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except (OSError, ValueError) as exc:      # UnicodeDecodeError is a ValueError
+        raise DataError(f"{path}: cannot read the {what}: {exc}") from None
+    except RecursionError:
+        raise DataError(f"{path}: cannot read the {what}: JSON nested too deeply") from None
 
 
 def _positive_float(value) -> float | None:
@@ -165,7 +169,7 @@ def load_ai_benchmark(path: str | Path) -> AiBenchmark:
             continue
         year = str(row.get("Year", "")).strip()
         phones.append(PhoneScore(model.strip(), str(row.get("CPU", "")).strip(),
-                                 int(year) if year.isdigit() else None, score))
+                                 int(year) if year.isascii() and year.isdigit() else None, score))
     if not phones:
         raise DataError(f"{path}: no row has a usable CPU_F_AI_Score")
     return AiBenchmark(tuple(phones), tuple(skipped))

@@ -120,26 +120,32 @@ def _read_capacity(f: Fields, prefix: str, required: bool) -> tuple[float, float
 
 def _read_custom(f: Fields) -> tuple[tuple[NodeSpec, ...], tuple[LinkSpec, ...]]:
     nodes: list[NodeSpec] = []
+    seen: set[str] = set()
     for i, nf in enumerate(f.sub_list("nodes")):
         node = NodeSpec(nf.string("name"), NodeKind(nf.choice("kind", [k.value for k in NodeKind], "router")))
-        if any(n.name == node.name for n in nodes):
+        if node.name in seen:
             raise nf.error("name", f"duplicate node name {node.name!r}")
         nf.finish()
         nodes.append(node)
+        seen.add(node.name)
     servers = [n.name for n in nodes if n.kind is NodeKind.SERVER]
     if len(servers) != 1:
         raise f.error("nodes", f"exactly one node must have kind = \"server\", got {len(servers)}")
     names = {n.name for n in nodes}
     links: list[LinkSpec] = []
+    joined: set[frozenset[str]] = set()
     for lf in (f.sub_list("links") if f.raw("links", []) != [] else []):
         a, b = lf.string("a"), lf.string("b")
         for key, name in (("a", a), ("b", b)):
             if name not in names:
-                raise lf.error(key, f"unknown node {name!r} (nodes: {', '.join(sorted(names))})")
+                known = sorted(names)
+                listed = ", ".join(known[:10]) + (f", ... ({len(known)} nodes)" if len(known) > 10 else "")
+                raise lf.error(key, f"unknown node {name!r} (nodes: {listed})")
         if a == b:
             raise lf.error("b", f"a link must join two different nodes, got {a!r} twice")
-        if any({a, b} == {x.a, x.b} for x in links):
+        if frozenset((a, b)) in joined:
             raise lf.error("b", f"duplicate link between {a!r} and {b!r}")
+        joined.add(frozenset((a, b)))
         down, up = _read_capacity(lf, "", required=True)
         links.append(LinkSpec(a, b, down, up, lf.number("latency_s", 0.0, low=0.0)))
         lf.finish()
