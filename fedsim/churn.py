@@ -354,6 +354,16 @@ def _read_columns(path: Path, data: bytes) -> tuple[dict[str, np.ndarray], Calla
     csv = path.suffix.lower() == ".csv"
     where = (lambda i: f"row {i + 1} (line {i + 2})") if csv else (lambda i: f"row {i + 1}")
     table = _read_table(path, data, csv)
+    try:
+        return _columns(path, table, where), where
+    except (pa.ArrowException, UnicodeDecodeError) as exc:      # a damaged Parquet file: names, values
+        detail = printable(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        raise DataError(f"{path}: cannot read the availability file: {detail}") from None
+
+
+def _columns(path: Path, table, where: Callable[[int], str]) -> dict[str, np.ndarray]:
+    import pyarrow as pa
+
     names = table.column_names
     missing = [c for c in _COLUMNS if c not in names]
     if missing:
@@ -368,8 +378,8 @@ def _read_columns(path: Path, data: bytes) -> tuple[dict[str, np.ndarray], Calla
         if col.null_count:
             i = next(i for i, v in enumerate(col.to_pylist()) if v is None)
             raise DataError(f"{path}: {where(i)}: {name}: missing value")
-        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-            columns[name] = col.to_numpy().astype(np.float64)
+        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_decimal(col.type):
+            columns[name] = col.cast(pa.float64(), safe=False).to_numpy()
             continue
         values = col.to_pylist()
         numbers = np.empty(len(values))
@@ -383,7 +393,7 @@ def _read_columns(path: Path, data: bytes) -> tuple[dict[str, np.ndarray], Calla
                 shown = shown if len(shown) <= 60 else shown[:60] + "..."
                 raise DataError(f"{path}: {where(i)}: {name}: not a number, got {shown}") from None
         columns[name] = numbers
-    return columns, where
+    return columns
 
 
 # The server reads the file the scenario check has already read: the last few results are kept, keyed by
