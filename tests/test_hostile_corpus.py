@@ -156,7 +156,17 @@ AVAIL_CSV = [
     ("nul.csv", HEADER + "0,1,2\x00\n", ["end_s: not a number", "\\x00"]),
     ("date_time.csv", HEADER + "0,2024-01-01,2\n", ["start_s: not a number"]),
 ]
+def _damaged_names() -> bytes:
+    """A Parquet file whose column names are not UTF-8."""
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"device": [0], "start_s": [1.0], "end_s": [2.0]}), buf)
+    return buf.getvalue().replace(b"start_s", b"st\xffrt_s")
+
+
 AVAIL_PARQUET = [
+    ("damaged_names.parquet", _damaged_names(), ["cannot read the availability file"]),
     ("garbage.parquet", b"PAR1 this is not parquet PAR1", ["cannot read the availability file"]),
     ("zero.parquet", b"", ["empty file"]),
     ("csv_inside.parquet", HEADER + "0,1,2\n", ["cannot read the availability file"]),
