@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from fedsim.errors import FedsimError
+from fedsim.fields import printable
 
 __all__ = ["main"]
 
@@ -17,8 +18,17 @@ EXIT_ENVIRONMENT = 3      # the operating system refused: permissions, a full di
 EXIT_INTERRUPTED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with fedsim's error contract: one line on stderr, exit 2 (`--help` shows the usage)."""
+
+    def error(self, message: str):
+        from fedsim.fields import printable
+
+        self.exit(EXIT_BAD_INPUT, f"fedsim: error: {self.prog}: {printable(message)} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsim", description="Simulate federated learning on device fleets.")
+    parser = _Parser(prog="fedsim", description="Simulate federated learning on device fleets.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a scenario and write its trace directory")
@@ -133,15 +143,18 @@ def _cmd_sweep(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:         # --help, --version, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     handlers = {"run": _cmd_run, "validate": _cmd_validate, "sweep": _cmd_sweep}
     try:
         return handlers[args.command](args)
     except FedsimError as exc:
-        print(f"fedsim: error: {exc}", file=sys.stderr)
+        print(f"fedsim: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:
-        print(f"fedsim: error: {_os_error(exc)}", file=sys.stderr)
+        print(f"fedsim: error: {printable(_os_error(exc))}", file=sys.stderr)
         return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print("fedsim: interrupted", file=sys.stderr)

@@ -577,7 +577,6 @@ def test_run_without_a_file_and_resume_misuse(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
 
 
-@pytest.mark.xfail(reason="argparse prints its usage line before its error (fedsim/cli.py)", strict=False)
 def test_checkpoint_every_not_a_number(tmp_path, capsys):
     scenario = tmp_path / "s.toml"
     scenario.write_text(BASE_TOML)
