@@ -76,13 +76,14 @@ def test_resume_with_renewal_churn(tmp_path):
 
 def test_resume_into_a_round_that_waits_for_devices(tmp_path):
     # test_behaviours' availability: rounds [5, 47], [47, 60] (everyone leaves), then nobody until 65:
-    # [65, 147.5] with device 2, and [147.5, 189.5] with devices 0 (back since 70) and 2... The checkpoint
+    # [65, 147.5] with device 2, and [147.5, 230] with devices 0 (back since 70) and 2. The checkpoint
     # after round 1 is taken at 60, when nobody is online.
     path = tmp_path / "avail.csv"
     path.write_text("device,start_s,end_s\n0,5,60\n0,70,1000\n1,12,55\n2,65,1000\n")
     straight, resumed, k = _straight_and_resumed(tmp_path, f"fleet.availability_file={str(path)!r}", text=TINY,
                                                  rounds=4, every=2, stop_after=3)
-    assert table(straight, "rounds")["start_s"][:3] == [5.0, 47.0, 65.0]
+    assert table(straight, "rounds")["start_s"] == [5.0, 47.0, 65.0, 147.5]
+    assert table(straight, "rounds")["end_s"] == [47.0, 60.0, 147.5, 230.0]
     _assert_identical(straight, resumed)
 
 
