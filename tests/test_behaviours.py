@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import BASE_TOML, run, scenario, table
+from conftest import BASE_TOML, TRACES_DIR, run, scenario, table
 
 
 def _events(run_dir, round_=0):
@@ -58,9 +58,16 @@ def _mlp(width: float) -> tuple[int, int]:
     return 4 * params, flops
 
 
-def test_mlp_submodel_hand_figures():
-    assert [_mlp(w) for w in (1, 0.5, 0.25, 0.125, 0.0625)] == [
-        (10600, 11712), (4808, 5088), (2296, 2352), (1136, 1128), (580, 552)]
+def test_mlp_submodels_have_the_hand_figures():
+    from fedsim.models import build_model
+    from fedsim.profile import Granularity, build_profile
+
+    widths = (1, 0.5, 0.25, 0.125, 0.0625)
+    assert [_mlp(w) for w in widths] == [(10600, 11712), (4808, 5088), (2296, 2352), (1136, 1128), (580, 552)]
+    for w in widths:
+        prof = build_profile(build_model("mlp", (60,), 10, generator=torch.Generator(), width=w), (60,),
+                             Granularity.MODULE)
+        assert (prof.total_bytes, prof.fwd_flops_per_sample + prof.bwd_flops_per_sample) == _mlp(w)
 
 
 # Every class: fixed speed, slowdown 1, latency 0, both links 84800 bit/s (the full model moves in 1.0 s).
@@ -129,8 +136,10 @@ def test_heterofl_auto_widths_fit_the_deadline(tmp_path, mode, widths):
     assert table(out, "rounds")["contributors"][0] == [5, 5, 5]
 
 
-# A class with no wired rates of its own (wireless access here; flash_bandwidth and measured classes alike)
-WIRELESS_TEXT = BASE_TOML.replace('[policy]\nname = "salf"', """
+# Classes whose rates or speed are not a distribution of their own: a wireless access (no wired rates; the
+# network supplies them), a measured phone (speed from a time table). flash_bandwidth classes are alike.
+WIRELESS_TEXT = BASE_TOML.replace("speed_flops = 2.0e7\ndownlink_bps = 1.0e8\nuplink_bps = 1.0e7", "speed_flops = 2.0e7") \
+    .replace('[policy]\nname = "salf"', """
 [network.classes.fast]
 access = "wireless"
 bandwidth_hz = 1e6
@@ -141,19 +150,35 @@ distance_m = 50.0
 [policy]
 name = "heterofl"
 widths = "auto"
-""").replace("speed_flops = 2.0e7\ndownlink_bps = 1.0e8\nuplink_bps = 1.0e7", "speed_flops = 2.0e7")
+""")
+MEASURED_TEXT = BASE_TOML.replace(
+    "speed_flops = 2.0e7\n", 'measured = { time_table = "ondevice_training/XIAOMI/time_table_Lenet.csv", batch_size = 16 }\n') \
+    .replace("[[fleet.classes]]", f"[fleet]\ntraces_dir = {str(TRACES_DIR)!r}\n\n[[fleet.classes]]", 1) \
+    .replace('[policy]\nname = "salf"', '[policy]\nname = "heterofl"\nwidths = "auto"')
 
 
 @pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="heterofl widths='auto' reads spec.downlink_bps.mean / spec.speed_flops.mean of the class "
-                          "spec (strategies/heterofl.py:71-72), which are None for wireless, flash_bandwidth and "
-                          "measured classes: the run dies with AttributeError (scenarios/phones.toml with "
-                          "policy.name=heterofl too)")
-def test_heterofl_auto_widths_for_a_class_without_wired_rates(tmp_path):
-    scn = scenario(text=WIRELESS_TEXT)
-    assert scn.fleet.classes[1].downlink_bps is None
-    out = run(tmp_path, "run.rounds=1", text=WIRELESS_TEXT)
-    assert len(table(out, "rounds")["round"]) == 1
+                   reason="heterofl widths = 'auto' estimates a class's round time from spec.downlink_bps.mean and "
+                          "spec.speed_flops.mean (fedsim/strategies/heterofl.py:71-72), which are None for a wireless "
+                          "(or flash_bandwidth) class and a measured class: the first round dies with AttributeError "
+                          "(also scenarios/phones.toml --set policy.name=heterofl)")
+@pytest.mark.parametrize("text", ["wireless", "measured"])
+def test_heterofl_auto_widths_for_classes_without_a_speed_or_rate_distribution(tmp_path, text):
+    from fedsim.errors import ScenarioError
+    from fedsim.strategies.heterofl import AUTO_WIDTHS
+
+    if text == "measured" and not TRACES_DIR.is_dir():
+        pytest.skip(f"measurement traces not found at {TRACES_DIR}")
+    text = WIRELESS_TEXT if text == "wireless" else MEASURED_TEXT
+    try:
+        scenario(text=text)
+    except ScenarioError as exc:      # refusing the combination up front would be a fix too
+        assert "policy.widths" in str(exc)
+        return
+    out = run(tmp_path, "run.rounds=1", text=text)
+    assert table(out, "rounds")["round"] == [0]
+    sizes = {b for e, b in zip(table(out, "events")["event"], table(out, "events")["bytes"]) if e == "download_end"}
+    assert sizes and sizes <= {_mlp(w)[0] for w in AUTO_WIDTHS}      # every device got one of the auto widths
 
 
 # ==========================================================================================================
@@ -534,22 +559,6 @@ def test_dirichlet_partition_from_a_scenario_file(tmp_path, mnist_dir, monkeypat
     # a different alpha is a different partition
     other = build_components(load_scenario(_mnist_file(tmp_path, mnist_dir, 'partition = "dirichlet"\ndirichlet_alpha = 100.0', name="a100.toml")))
     assert _label_shares(other).max(axis=1).max() < 0.3
-
-
-@pytest.mark.xfail(strict=True, reason="data.partition is silently ignored for synthetic data (fedsim/build.py:44-52 "
-                                       "uses make_synthetic's own partition); the scenario is accepted as if it "
-                                       "applied")
-def test_dirichlet_partition_with_synthetic_data_is_refused_or_applied():
-    from fedsim.build import build_components
-    from fedsim.errors import ScenarioError
-
-    try:
-        skewed = build_components(scenario('data.partition="dirichlet"', "data.dirichlet_alpha=0.01"))
-    except ScenarioError:
-        return
-    plain = build_components(scenario())
-    assert any(not np.array_equal(skewed.partition.device_indices(k), plain.partition.device_indices(k))
-               for k in range(8))
 
 
 @pytest.mark.parametrize("path,used", [("loop", "_loop_sums"), ("vmap", "_vmap_sums"), ("grouped", "_grouped_sums"),
