@@ -239,7 +239,8 @@ def main(argv=None) -> dict:
               "rounds": rounds, "threads": args.threads,
               "fedsim_s": round(fedsim_s, 3), "replica_s": round(replica_s, 3),
               "e2e_speedup": round(replica_s / fedsim_s, 2), "fedsim_accuracy": summary.test_accuracy,
-              "replica_accuracy": replica_acc}
+              "replica_accuracy": replica_acc, "fedsim_rounds": summary.rounds,
+              "fedsim_sim_time_s": summary.sim_time_s}
     if profiler is not None:
         parts = profile_breakdown(profiler)
         print_table(f"where fedsim's time goes (cProfile, cumulative; the profiled run took {profiled_s:.2f} s, "

@@ -11,7 +11,8 @@
    with SimPy's event id counter (every scheduled event takes one).
 2. Peak RSS of a 100,000-device fleet with 100 participants per round running a few rounds of the paper
    MLP on synthetic data (and of a 1,000-device fleet, for the difference), each in a fresh subprocess
-   reading its own `resource.getrusage(RUSAGE_SELF).ru_maxrss`.
+   reading its own `resource.getrusage(RUSAGE_SELF).ru_maxrss`. `--fleet-devices N` measures a fleet of N
+   devices instead (`fleet_rss_mb`; `fleet_100k_rss_mb` is then null).
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from benchmarks.common import REPO, emit, machine, print_table
+
+# trace rows that end a phase: each is one SimPy timeout (with a star network), the rest of a round is overhead
+PHASE_ENDS = ("download_end", "forward_end", "backward_end", "upload_end")
 
 # the fleet of both benchmarks: one class of lognormal-speed phones (a str.format template)
 PHONE_CLASS = """
@@ -160,12 +165,14 @@ def engine_rounds(devices: int, rounds: int, deadline_s: float, upload_mode: str
         total = time.perf_counter() - start
         events = next(env._eid)      # SimPy numbers every scheduled event from 0
         trace.close()
+        kinds = pq.read_table(Path(tmp) / "events.parquet", columns=["event"]).column("event").to_pylist()
+    phase_events = {k: kinds.count(k) for k in PHASE_ENDS}
     event_s = total - spent["setup_round"] - spent["finish_round"]
     all_depths = np.concatenate(depths)
     n_layers = comp.profile.n_layers
     return {
         "devices": devices, "rounds": rounds, "layers": n_layers, "events": events,
-        "events_per_round": events / rounds, "event_s": event_s, "total_s": total,
+        "events_per_round": events / rounds, "phase_events": phase_events, "event_s": event_s, "total_s": total,
         "events_per_s": events / event_s, "round_event_ms": event_s / rounds * 1e3,
         "setup_ms": spent["setup_round"] / rounds * 1e3, "finish_ms": spent["finish_round"] / rounds * 1e3,
         "straggler_fraction": float(np.mean(all_depths < n_layers)), "mean_depth": float(all_depths.mean()),
@@ -180,9 +187,10 @@ def fleet_child(devices: int, rounds: int) -> None:
     start = time.perf_counter()
     scn = parse_scenario(FLEET_TOML.format(devices=devices, rounds=rounds), "benchmarks/engine.py")
     with tempfile.TemporaryDirectory() as tmp:
-        run_scenario(scn, Path(tmp) / "run")
+        summary = run_scenario(scn, Path(tmp) / "run")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: kilobytes
-    print(json.dumps({"devices": devices, "rounds": rounds, "rss_mb": rss_mb, "seconds": time.perf_counter() - start}))
+    print(json.dumps({"devices": devices, "rounds": rounds, "rounds_run": summary.rounds, "rss_mb": rss_mb,
+                      "seconds": time.perf_counter() - start}))
 
 
 def fleet_rss(devices: int, rounds: int) -> dict:
@@ -215,6 +223,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--deadline", type=float, default=0.09, help="deadline_s of the event benchmark")
+    ap.add_argument("--fleet-devices", type=int, default=100_000,
+                    help="devices of the large fleet whose memory is measured (default 100,000)")
     ap.add_argument("--fleet-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.fleet_child is not None:
@@ -232,7 +242,7 @@ def main(argv=None) -> dict:
                 ["upload mode", "events/round", "M events/s", "event part ms", "setup_round ms", "finish_round ms",
                  "stragglers", "mean depth"], rows)
     fleet_rounds = 1 if args.quick else 3
-    big = fleet_rss(100_000, fleet_rounds)
+    big = fleet_rss(args.fleet_devices, fleet_rounds)
     fleet_rows = [[big["devices"], big["rss_mb"], big["seconds"]]]
     small = None
     if not args.quick:      # the same run with 1,000 devices: libraries, model and the rest of a run
@@ -248,8 +258,13 @@ def main(argv=None) -> dict:
     result = {"benchmark": "engine", "quick": args.quick, "devices": args.devices, "layers": ideal["layers"],
               "events_per_s": round(ideal["events_per_s"]), "round_event_ms": round(ideal["round_event_ms"], 2),
               "events_per_round": round(ideal["events_per_round"]), "bare_simpy_events_per_s": round(bare),
+              "rounds": rounds, "events": ideal["events"], "phase_events": ideal["phase_events"],
+              "straggler_fraction": round(ideal["straggler_fraction"], 4),
+              "mean_depth": round(ideal["mean_depth"], 3),
               "setup_round_ms": round(ideal["setup_ms"], 2), "finish_round_ms": round(ideal["finish_ms"], 2),
-              "fleet_100k_rss_mb": round(big["rss_mb"], 1), "fleet_rounds": fleet_rounds,
+              "fleet_devices": big["devices"], "fleet_rss_mb": round(big["rss_mb"], 1),
+              "fleet_100k_rss_mb": round(big["rss_mb"], 1) if big["devices"] == 100_000 else None,
+              "fleet_rounds": fleet_rounds, "fleet_rounds_run": big["rounds_run"],
               "fleet_1k_rss_mb": None if small is None else round(small["rss_mb"], 1),
               "fleet_kb_per_device": None if per_device_kb is None else round(per_device_kb, 3),
               "by_upload_mode": {m: {"round_event_ms": round(r["round_event_ms"], 2),

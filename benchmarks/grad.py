@@ -158,6 +158,10 @@ def main(argv=None) -> dict:
                     f"{flops / 1e6:.1f} MFLOP useful work; auto = {auto_sums.value} (sums), {auto_pd.value} "
                     f"(per device); relative error vs naive {err:.1e}",
                     ["path", "threads", "ms/round", "useful GFLOP/s", "of mm peak", "speedup vs naive best"], rows)
+        result[f"{name}_layers"] = profile.n_layers
+        result[f"{name}_contributors"] = live
+        result[f"{name}_rel_err"] = err        # fedsim's layer sums vs the naive loop's (fp32 both)
+        result[f"{name}_useful_mflop"] = round(flops / 1e6, 3)
         result[f"{name}_speedup"] = round(naive_best / auto_best, 2)
         result[f"{name}_peak_fraction"] = round(flops / auto_best / 1e9 / peak[best_t], 4)
         result[f"{name}_ms"] = round(auto_best * 1e3, 3)

@@ -35,3 +35,16 @@ def layerwise_update(model, profile, x, y, batches, depths, divisor="count", sca
         div = len(members) if divisor == "count" else len(depths)
         update[name] = total / div * (1.0 if scales is None else float(scales[layer]))
     return update
+
+
+def unbiased_scales(depth_counts, n_participants):
+    """SALF's unbiased factors per layer l (forward order): 1 / (1 - P_l^U) with U the participants and P_l the
+    fraction of device-rounds so far that did not reach layer l, counted one device-round at a time (a device
+    of depth d delivers the last d of the L layers, so it reaches layer l iff d >= L - l)."""
+    n_layers = len(depth_counts) - 1
+    device_rounds = [d for d in range(n_layers + 1) for _ in range(int(depth_counts[d]))]
+    scales = []
+    for layer in range(n_layers):
+        missed = sum(1 for d in device_rounds if d < n_layers - layer)
+        scales.append(1.0 / (1.0 - (missed / len(device_rounds)) ** n_participants))
+    return scales

@@ -148,31 +148,50 @@ def test_build_availability_and_always_online():
     assert avail.next_switches(np.arange(3), 0.0)[0].tolist() == [np.inf] * 3
 
 
-def test_offline_switch_interrupts_the_device_process():
-    """How the engine wires churn: on_change interrupts the running device process."""
-    avail = RenewalAvailability(np.array([0]), [ChurnSpec(fixed(1.5), fixed(1.0), InitialState.ONLINE)],
-                                np.random.default_rng(0))
+class StubRound:
+    """What `ServerBase.stop_departed` touches of a `DeviceRound`: `is_alive` and `interrupt` (which, like the
+    real one, refuses a round that has ended). Its work is a chain of two phases: 1 s, then `ends_at - 1` s."""
+
+    def __init__(self, env, device, ends_at, log):
+        self.env, self.device, self.log, self.is_alive = env, device, log, True
+        env.timeout(1.0).callbacks.append(lambda _: env.timeout(ends_at - 1.0).callbacks.append(self._done))
+
+    def _done(self, _event):
+        if self.is_alive:
+            self.is_alive = False
+            self.log.append((self.env.now, self.device, "done"))
+
+    def interrupt(self, cause):
+        if not self.is_alive:
+            raise RuntimeError("interrupted after its end")
+        self.is_alive = False
+        self.log.append((self.env.now, self.device, cause))
+
+
+def test_server_stops_exactly_the_rounds_of_devices_going_offline():
+    """`churn` + `ServerBase.stop_departed`, as `Server.watch` wires them. Switch times by hand:
+    class 0 online for 1.5 s then offline 1.0 s (off at 1.5, on at 2.5, off at 4.0); class 1 starts offline for
+    0.75 s (on at 0.75, off at 2.25); class 2 has no churn.
+      device 0 (class 0), round until 10: stopped at 1.5, and not again at 4.0 (its round is over);
+      device 1 (class 0), round ends at exactly 1.5: done (a phase ending as its device leaves counts, although
+        its second phase's timer was created at t = 1, after the watcher's timer for 1.5);
+      device 2 (class 1), round until 10: going online at 0.75 stops nothing; stopped at 2.25;
+      device 3 (class 2), round until 10: done at 10;
+      device 4 (class 0) is watched but has no round under way: its switches stop nothing."""
+    from fedsim.device_round import StopCause
+    from fedsim.server import ServerBase
+
+    specs = [ChurnSpec(fixed(1.5), fixed(1.0), InitialState.ONLINE),
+             ChurnSpec(fixed(1.5), fixed(0.75), InitialState.OFFLINE), None]
+    avail = RenewalAvailability(np.array([0, 0, 1, 2, 0]), specs, np.random.default_rng(0))
     env = simpy.Environment()
     log = []
-
-    def device_round():
-        try:
-            yield env.timeout(10.0)
-            log.append("finished")
-        except simpy.Interrupt as exc:
-            log.append((env.now, exc.cause))
-
-    running = {0: env.process(device_round())}
-
-    def on_switch(devices, online):
-        for device, now_online in zip(devices, online):
-            proc = running.get(device)
-            if not now_online and proc is not None and proc.is_alive:
-                proc.interrupt("offline")
-
-    env.process(churn(env, avail, [0], on_switch))
-    env.run(until=3)
-    assert log == [(1.5, "offline")]
+    server = ServerBase.__new__(ServerBase)          # only its `active` map is used
+    server.active = {d: StubRound(env, d, ends_at, log) for d, ends_at in ((0, 10.0), (1, 1.5), (2, 10.0),
+                                                                            (3, 10.0))}
+    env.process(churn(env, avail, range(5), server.stop_departed))
+    env.run(until=12.0)
+    assert log == [(1.5, 1, "done"), (1.5, 0, StopCause.OFFLINE), (2.25, 2, StopCause.OFFLINE), (10.0, 3, "done")]
 
 
 def read(text, key="availability"):

@@ -66,14 +66,25 @@ COMPARISON = {
 
 
 def test_every_policy_runs_on_the_same_fleet_and_seed(tmp_path):
+    """Every policy runs on the fleet BASE_TOML describes: devices 0-3 of class slow, 4-7 of class fast (classes
+    fill device ids in class order), the fast ones at their fixed 2e7 FLOP/s (no slowdown), each slow one at its
+    own base speed divided by a slowdown in [1, 2], the base speeds being those of the fleet built from the seed."""
+    from fedsim.build import build_components
     from fedsim.strategies import POLICIES
 
     assert set(COMPARISON) == set(POLICIES), "a new policy joins the comparison set"
-    classes = None
+    expected_class = {d: "slow" if d < 4 else "fast" for d in range(8)}
+    base = build_components(scenario()).fleet.speed_flops
+    assert base[4:].tolist() == [2e7] * 4
     for name, extra in COMPARISON.items():
         out = run(tmp_path, f'policy.name="{name}"', *extra, name=name)
         rounds = table(out, "rounds")
         assert any(a is not None for a in rounds["test_accuracy"]), name
-        fleet = {(d, c) for d, c in zip(table(out, "devices")["device"], table(out, "devices")["class"])}
-        classes = classes or fleet
-        assert fleet <= classes | fleet and {c for _, c in fleet} <= {"slow", "fast"}
+        dev = table(out, "devices")
+        assert set(dev["device"]) == set(expected_class), name          # every device took part
+        for d, cls, speed in zip(dev["device"], dev["class"], dev["speed_flops"]):
+            assert cls == expected_class[d], (name, d, cls)
+            if cls == "fast":
+                assert speed == 2e7, (name, d, speed)
+            else:
+                assert base[d] / 2 <= speed <= base[d], (name, d, speed, base[d])

@@ -388,9 +388,46 @@ def test_transfer_argument_checks():
     assert p.value.done and p.value.end_at == 0.0
 
 
-def test_many_devices_on_one_ap_stay_fast():
-    # 2,000 equal flows on one link all end together at 2000 * 8e3 bits / 8e6 = 2 s.
+def _count_work(env, monkeypatch):
+    """Record the delay of every timeout the network schedules and count its max-min computations."""
+    import fedsim.network
+
+    delays, shares = [], []
+    timeout, rates = env.timeout, fedsim.network.max_min_rates
+    env.timeout = lambda delay=0, value=None: (delays.append(delay), timeout(delay, value))[1]
+    monkeypatch.setattr(fedsim.network, "max_min_rates",
+                        lambda paths, capacity: (shares.append(len(paths)), rates(paths, capacity))[1])
+    return delays, shares
+
+
+def test_simultaneous_starts_share_once_and_keep_one_timer(monkeypatch):
+    """2,000 equal flows on one link: the starts of one instant are shared in one max-min computation of
+    8e6 / 2000 = 4,000 bit/s each, the group has one completion timer, and all end together at
+    2000 * 8e3 bits / 8e6 bit/s = 2 s, with no computation more (a group whose flows are all done just ends)."""
     env, net = shared(8e6, 2000)
+    delays, shares = _count_work(env, monkeypatch)
     flows = [start(env, net, d, 1000) for d in range(2000)]
+    env.run(until=1.0)
+    assert set(net.rates_bps().values()) == {4000.0} and net.n_active == 2000
+    assert shares == [2000]
+    assert [d for d in delays if d > 0] == [2.0]        # the one timer, of the first flow (by id) of the group
     env.run()
-    assert {p.value.end_at for p in flows} == {2.0}
+    assert {p.value.end_at for p in flows} == {2.0} and net.n_active == 0
+    assert shares == [2000] and [d for d in delays if d > 0] == [2.0]
+
+
+def test_flows_ending_one_by_one_reshare_once_per_end(monkeypatch):
+    """n flows of sizes 1, 2, ..., n kB start together on one link of C bit/s: they end in size order, one at a
+    time; flow k (0-based) ends when the n - j flows left after j ends have each sent 1 kB more, for j = 0..k:
+    t_k = sum_{j<=k} (n - j) * 8e3 / C. Each end re-shares the others in one computation (n - 1 - k flows)
+    and arms one timer: n computations and n timers in all, not one per flow and change."""
+    n, capacity = 200, 8e6
+    env, net = shared(capacity, n)
+    delays, shares = _count_work(env, monkeypatch)
+    flows = [start(env, net, d, 1000 * (d + 1)) for d in range(n)]
+    env.run()
+    expected = np.cumsum([(n - j) * 8e3 / capacity for j in range(n)])
+    # n re-shares, each adding a few roundings of 2^-53 to the remaining sizes and times: well within 1e-12
+    assert [p.value.end_at for p in flows] == pytest.approx(expected.tolist(), rel=1e-12)
+    assert shares == list(range(n, 0, -1))
+    assert len([d for d in delays if d > 0]) == n
