@@ -76,6 +76,7 @@ class TrainingSpec:
     local_steps: int
     grad_path: str           # "auto", "grouped", "vmap" or "loop" (see fedsim/grads.py)
     on_nonfinite: str = "stop"   # NaN/Inf in a loss or gradient: "stop" the run, or "drop" that device's update
+    divergence_factor: float = 10.0   # the run fails when the training loss stays this many times its start
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,7 @@ def _read_training(f: Fields) -> TrainingSpec:
         local_steps=f.integer("local_steps", 1, low=1, high=10_000),
         grad_path=f.choice("grad_path", ["auto", "grouped", "vmap", "loop"], "auto"),
         on_nonfinite=f.choice("on_nonfinite", ["stop", "drop"], "stop"),
+        divergence_factor=f.number("divergence_factor", 10.0, low=1.0, low_open=True),
     )
     f.finish()
     return spec

@@ -8,12 +8,12 @@ not depend on how the run got there (resume, sweeps).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import simpy
 import torch
-import torch.nn.functional as F
 
 from fedsim.churn import AlwaysOnline, build_availability, churn, load_availability_trace
 from fedsim.engine import DeviceOutcome, DeviceRound, RoundSetup, StopCause
@@ -25,11 +25,12 @@ from fedsim.grads import GradientEngine, cross_entropy_rows
 from fedsim.profile import ModelProfile
 from fedsim.scenario import Scenario, UploadMode
 from fedsim.local import LocalTrainer
-from fedsim.strategies import RoundContext, RoundInputs
+from fedsim.strategies import RoundContext, RoundInputs, RoundUpdate
 from fedsim.timing import max_depth_fitting
 from fedsim.trace import DeviceStatus, TraceWriter
 
-__all__ = ["Server", "ServerBase", "Evaluation", "evaluate", "round_rng", "ROUND_STREAM"]
+__all__ = ["Server", "ServerBase", "Evaluation", "NumericalHealth", "evaluate", "devices_text", "round_rng",
+           "DIVERGENCE_ROUNDS", "ROUND_STREAM"]
 
 ROUND_STREAM = 7
 CHURN_STREAM = 4          # children of SeedSequence(seed) (see build.STREAMS for 0-3)
@@ -64,6 +65,145 @@ def _require_finite(update) -> None:
             raise NumericalError(f"non-finite aggregated gradient of {name}")
 
 
+_SHOWN_DEVICES = 20      # a message lists at most this many device ids
+
+
+def devices_text(ids) -> str:
+    """`device 3`, `devices 1, 4, 5`, or the first few ids and how many there are."""
+    ids = [int(d) for d in ids]
+    if len(ids) == 1:
+        return f"device {ids[0]}"
+    shown = ", ".join(str(d) for d in ids[:_SHOWN_DEVICES])
+    return f"devices {shown}" + (f", ... ({len(ids)} devices)" if len(ids) > _SHOWN_DEVICES else "")
+
+
+# The divergence rule (README, training.divergence_factor): a run has diverged when the mean training loss
+# of the updates applied stays above divergence_factor x max(the first such loss, ln(classes)) for this many
+# rounds (asynchronous: server updates) in a row, or when its final test loss is above that bound.
+DIVERGENCE_ROUNDS = 3
+
+
+class NumericalHealth:
+    """Whether a run is still training: the divergence rule, and the non-finite updates dropped.
+
+    The server reports every round (asynchronous: every server-step attempt) with `record`, and the end of
+    the run with `finish`; both raise `NumericalError` when the run must end failed. `warnings()` is what a
+    run that completes should report. `unit` names a step in messages: "round", or "update" (the update
+    index of an asynchronous run).
+    """
+
+    def __init__(self, factor: float, num_classes: int, unit: str = "round"):
+        self.factor = factor
+        self.floor = math.log(max(int(num_classes), 2))    # the loss of a uniform guess
+        self.unit = unit
+        self.reference: float | None = None   # mean training loss of the first update applied
+        self.streak: list[tuple[int, float, tuple[int, ...]]] = []   # steps above the bound, in a row
+        self.applied = 0                      # updates applied (rounds whose update changed the model)
+        self.dropped = 0                      # device-updates dropped as non-finite
+        self.dropped_steps = 0                # distinct rounds (update indices) with at least one drop
+        self.first_dropped: int | None = None
+        self.last_dropped: int | None = None
+        self.dropped_devices: set[int] = set()
+
+    @property
+    def bound(self) -> float:
+        return self.factor * max(self.reference or 0.0, self.floor)
+
+    def record(self, step: int, loss: float | None, dropped: list[int]) -> None:
+        """Step `step` is over: `loss` is the mean training loss of the update applied (None: no update),
+        `dropped` the devices whose non-finite update was dropped. Raises NumericalError on divergence."""
+        if dropped:
+            self.dropped += len(dropped)
+            if step != self.last_dropped:
+                self.dropped_steps += 1
+            if self.first_dropped is None:
+                self.first_dropped = step
+            self.last_dropped = step
+            self.dropped_devices.update(int(d) for d in dropped)
+        if loss is None and not dropped:
+            return                            # nothing delivered: says nothing about the model
+        if loss is not None:
+            self.applied += 1
+            if self.reference is None and math.isfinite(loss):
+                self.reference = float(loss)
+        value = math.inf if loss is None else float(loss)    # every update non-finite: none applied
+        if value <= self.bound:
+            self.streak = []
+            return
+        self.streak.append((step, value, tuple(int(d) for d in dropped)))
+        if len(self.streak) >= DIVERGENCE_ROUNDS:
+            raise NumericalError(self._diverged())
+
+    def finish(self, step: int, evaluation: Evaluation | None) -> None:
+        """The run ends after step `step` with this final evaluation: raise if it has not trained."""
+        if self.applied == 0 and self.dropped:
+            raise NumericalError(
+                f"{self.unit} {step}: no update applied in the whole run: every delivered update was non-finite "
+                f"and dropped ({self.dropped} device-updates, from {devices_text(sorted(self.dropped_devices))}); "
+                "the global model itself gives NaN/Inf: check the model, or lower training.lr")
+        if self.applied and evaluation is not None and not evaluation.loss <= self.bound:
+            where = "not finite" if math.isnan(evaluation.loss) else f"above {self.bound:.3g} ({self._bound_text()})"
+            raise NumericalError(f"{self.unit} {step}: training diverged: the final model's test loss is "
+                                 f"{evaluation.loss:.3g}, {where}; lower training.lr")
+
+    def _bound_text(self) -> str:
+        ref = "ln(classes)" if self.reference is None or self.reference < self.floor else f"the first {self.unit}'s training loss"
+        return f"training.divergence_factor {self.factor:g} x {max(self.reference or 0.0, self.floor):.3g}, {ref}"
+
+    def _diverged(self) -> str:
+        steps = [s for s, _, _ in self.streak]
+        span = f"{self.unit} {steps[0]}" if steps[0] == steps[-1] else f"{self.unit}s {steps[0]}-{steps[-1]}"
+        devices = sorted({d for _, _, ds in self.streak for d in ds})
+        empty = [s for s, v, _ in self.streak if v == math.inf]
+        n = len(self.streak)
+        if len(empty) == n:
+            lost = sum(len(ds) for _, _, ds in self.streak)
+            return (f"{span}: no update applied: every delivered update was non-finite and dropped, {n} times in a "
+                    f"row ({lost} device-updates, from {devices_text(devices)}); the global model itself gives "
+                    "NaN/Inf: check the model, or lower training.lr")
+        last = [v for _, v, _ in self.streak if v != math.inf][-1]
+        text = (f"{span}: training diverged: the mean training loss stayed above {self.bound:.3g} "
+                f"({self._bound_text()}) for {n} {self.unit}s in a row (last {last:.3g})")
+        if empty:
+            text += (f"; in {self.unit}{'s' if len(empty) > 1 else ''} {', '.join(str(s) for s in empty)} every "
+                     f"update was non-finite and dropped ({devices_text(devices)})")
+        return text + "; lower training.lr"
+
+    def warnings(self) -> dict:
+        """What a run that completes should report; {} when there is nothing to report."""
+        out: dict = {}
+        messages = []
+        if self.dropped:
+            devices = sorted(self.dropped_devices)
+            out.update(nonfinite_dropped=self.dropped, nonfinite_rounds=self.dropped_steps,
+                       nonfinite_first_round=self.first_dropped, nonfinite_last_round=self.last_dropped,
+                       nonfinite_devices=devices[:100], nonfinite_device_count=len(devices))
+            span = (f"{self.unit} {self.first_dropped}" if self.first_dropped == self.last_dropped
+                    else f"{self.unit}s {self.first_dropped}-{self.last_dropped}")
+            messages.append(f"{self.dropped} device-update(s) with NaN/Inf dropped (training.on_nonfinite = "
+                            f"\"drop\") in {self.dropped_steps} {self.unit}(s) ({span}), from {devices_text(devices)}")
+        if self.applied == 0:
+            messages.append("no update was applied in the whole run: the model is the initial one")
+        if messages:
+            out["updates_applied"] = self.applied
+            out["messages"] = messages
+        return out
+
+    def state(self) -> dict:
+        """Plain values for a checkpoint (`restore` takes them back)."""
+        return {"reference": self.reference, "streak": [[s, v, list(ds)] for s, v, ds in self.streak],
+                "applied": self.applied, "dropped": self.dropped, "dropped_steps": self.dropped_steps,
+                "first_dropped": self.first_dropped, "last_dropped": self.last_dropped,
+                "dropped_devices": sorted(self.dropped_devices)}
+
+    def restore(self, state: dict) -> None:
+        self.reference = state["reference"]
+        self.streak = [(int(s), float(v), tuple(int(d) for d in ds)) for s, v, ds in state["streak"]]
+        self.applied, self.dropped, self.dropped_steps = state["applied"], state["dropped"], state["dropped_steps"]
+        self.first_dropped, self.last_dropped = state["first_dropped"], state["last_dropped"]
+        self.dropped_devices = set(state["dropped_devices"])
+
+
 def round_rng(seed: int, round_: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(ROUND_STREAM, round_)))
 
@@ -91,6 +231,8 @@ class ServerBase:
     """What every server holds: the scenario, the global model and its optimizer, the test set, the
     clock and the devices at work. `Server` (rounds) and `AsyncServer` (no rounds) build on it."""
 
+    step_unit = "round"       # what a step is called in messages (asynchronous runs: "update")
+
     def __init__(self, scenario: Scenario, model: torch.nn.Module, profile: ModelProfile, fleet: Fleet,
                  partition, dataset, trace: TraceWriter):
         self.scenario = scenario
@@ -112,6 +254,20 @@ class ServerBase:
         self.clock_at = 0.0          # simulated time of the last one: the run's simulated time
         self.last_eval: Evaluation | None = None
         self.active: dict[int, DeviceRound] = {}    # device id -> its round under way
+        self.health = NumericalHealth(t.divergence_factor, self.num_classes, self.step_unit)
+
+    def warnings(self) -> dict:
+        """What a run that completes should report (non-finite updates dropped, no update applied), as
+        JSON-ready values; {} when there is nothing to report. See `NumericalHealth.warnings`."""
+        return self.health.warnings()
+
+    def weights_error(self, step: int, devices) -> NumericalError | None:
+        """The error to end the run with if an update made the global weights non-finite, else None."""
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if not bad:
+            return None
+        return NumericalError(f"{self.step_unit} {step}: training diverged: the update of {devices_text(devices)} "
+                              f"made the weights non-finite ({', '.join(bad)}); lower training.lr")
 
     def stop_departed(self, devices: list[int], online: list[bool]) -> None:
         """Churn: end the rounds under way of the devices that went offline (`devices[i]` enters `online[i]`)."""
@@ -212,15 +368,17 @@ class Server(ServerBase):
                              self._step_batches, plan.samples, plan.steps,
                              np.array([i for _, i in sorted(done)], dtype=np.int64), self.trainer, setup.quorum,
                              self.submodel)
-        update, dropped = self._aggregate_finite(inputs)
+        update, dropped, error = self._aggregate_finite(inputs)
         for i in dropped:
             outcomes[i].nonfinite = True
-        self._apply(update.grads, update.frozen)
-        if self._eval_due(setup.round):
+        if error is None:
+            self._apply(update.grads, update.frozen)
+            counted = [int(plan.devices[i]) for i in np.flatnonzero(depths > 0) if i not in set(dropped)]
+            error = self.weights_error(setup.round, counted)
+        evaluation = None
+        if error is None and self._eval_due(setup.round):
             self.last_eval = evaluate(self.model, self.x_test, self.y_test)
             evaluation = self.last_eval
-        else:
-            evaluation = None
         energy_j = self._write_devices(setup, end_at, outcomes)
         self.trace.rounds.append({
             "round": setup.round, "policy": self.policy.describe(), "start_s": start_at, "end_s": end_at,
@@ -231,7 +389,12 @@ class Server(ServerBase):
             "test_accuracy": None if evaluation is None else evaluation.accuracy,
             "energy_j": energy_j,
         })
-        self.trace.end_round()
+        self.trace.end_round()          # the round is in the trace even when it ends the run
+        if error is not None:
+            raise error
+        self.health.record(setup.round, update.train_loss, [int(plan.devices[i]) for i in dropped])
+        if setup.round + 1 >= self.scenario.run.rounds:
+            self.health.finish(setup.round, evaluation)
 
     def submodel(self, width: float):
         """The global architecture at `width` (HeteroFL) and its profile, built once per width."""
@@ -245,47 +408,63 @@ class Server(ServerBase):
             self._submodels[width] = (sub, build_profile(sub, self.input_shape, self.profile.granularity))
         return self._submodels[width]
 
-    def _aggregate_finite(self, inputs: RoundInputs):
-        """The policy's update; on NaN/Inf, find the devices responsible, then stop or drop them."""
+    def _aggregate_finite(self, inputs: RoundInputs) -> tuple[RoundUpdate, list[int], NumericalError | None]:
+        """(update, dropped participants, error): the policy's update; on NaN/Inf, the participants whose own
+        update is not finite are found, then named in the error (on_nonfinite = "stop") or dropped."""
         try:
             update = self.policy.aggregate(inputs, self.grads)
             _require_finite(update)
-            return update, []
+            return update, [], None
         except NumericalError as exc:
             cause = str(exc)
-        bad, worst, worst_loss = self._nonfinite_devices(inputs)
         r = inputs.round
+        bad, losses = self._nonfinite_devices(inputs)
+        ids = [int(inputs.devices[i]) for i in bad]
+        nothing = self._no_update(inputs)
+        if bad and self.scenario.training.on_nonfinite == "stop":
+            return nothing, bad, NumericalError(
+                f"round {r}: non-finite loss or gradient in {devices_text(ids)} ({cause}); "
+                "lower training.lr, or set training.on_nonfinite = \"drop\"")
         if bad:
-            where = "device " + ", ".join(str(int(inputs.devices[i])) for i in bad)
-        else:    # every device is finite alone but their sum overflows: training has diverged
-            where = f"the sum over devices (the largest loss, {worst_loss:.3g}, is device {int(inputs.devices[worst])}'s)"
-        if self.scenario.training.on_nonfinite == "stop" or not bad:
-            raise NumericalError(f"round {r}: non-finite loss or gradient in {where} ({cause}); "
-                                 "lower training.lr, or set training.on_nonfinite = \"drop\"")
-        depths = inputs.depths.copy()
-        depths[bad] = 0
-        update = self.policy.aggregate(replace(inputs, depths=depths), self.grads)
-        _require_finite(update)
-        return update, bad
+            depths = inputs.depths.copy()
+            depths[bad] = 0
+            try:
+                update = self.policy.aggregate(replace(inputs, depths=depths), self.grads)
+                _require_finite(update)
+                return update, bad, None
+            except NumericalError as exc:
+                cause = str(exc)
+        # every remaining device is finite alone but not their aggregate: training has diverged
+        live = [i for i in np.flatnonzero(inputs.depths > 0) if i not in set(bad)]
+        worst = max(losses, key=losses.get) if losses else None
+        largest = "" if worst is None else (f"; the largest loss, {losses[worst]:.3g}, is device "
+                                            f"{int(inputs.devices[worst])}'s")
+        return nothing, bad, NumericalError(
+            f"round {r}: non-finite aggregate of {devices_text(int(inputs.devices[i]) for i in live)}, although "
+            f"each one's update is finite alone ({cause}{largest}): training has diverged; lower training.lr")
 
-    def _nonfinite_devices(self, inputs: RoundInputs) -> tuple[list[int], int, float]:
-        """Participants whose own loss or full gradient is not finite (a plain per-device check), and
-        the participant with the largest loss."""
-        bad = []
-        worst, worst_loss = 0, -float("inf")
-        params = list(self.model.parameters())
-        for i, depth in enumerate(inputs.depths):
-            if depth == 0:
+    def _no_update(self, inputs: RoundInputs) -> RoundUpdate:
+        return RoundUpdate({n: None for n, _ in self.model.named_parameters()},
+                           np.zeros(inputs.n_layers, dtype=np.int64), None)
+
+    def _nonfinite_devices(self, inputs: RoundInputs) -> tuple[list[int], dict[int, float]]:
+        """Participants (positions) whose own update is not finite, and each other one's training loss.
+
+        Each participant is checked alone by the policy's own aggregation (the same layers, local steps,
+        sub-model and work as in the round), through the same gradient engine."""
+        bad, losses = [], {}
+        for i in np.flatnonzero(inputs.depths > 0):
+            depths = np.zeros_like(inputs.depths)
+            depths[i] = inputs.depths[i]
+            try:
+                alone = self.policy.aggregate(replace(inputs, depths=depths), self.grads)
+                _require_finite(alone)
+            except NumericalError:
+                bad.append(int(i))
                 continue
-            idx = torch.from_numpy(np.concatenate(inputs.step_batches[i]) if inputs.step_batches else inputs.batches[i])
-            # the trainer always holds the data locally (a sharded gradient engine does not)
-            loss = F.cross_entropy(self.model(self.trainer.x[idx]), self.trainer.y[idx])
-            if float(loss.detach()) > worst_loss or not torch.isfinite(loss):
-                worst, worst_loss = i, float(loss.detach())
-            grads = torch.autograd.grad(loss, params) if torch.isfinite(loss) else None
-            if grads is None or not all(bool(torch.isfinite(g).all()) for g in grads):
-                bad.append(i)
-        return bad, worst, worst_loss
+            if alone.train_loss is not None:
+                losses[int(i)] = alone.train_loss
+        return bad, losses
 
     # -- helpers ----------------------------------------------------------------------------------
     def _eval_due(self, round_: int) -> bool:
