@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,12 +56,13 @@ import torch
 
 from fedsim.device_round import DeviceOutcome, DeviceRound, StopCause
 from fedsim.engine import RoundSetup
+from fedsim.errors import NumericalError
 from fedsim.fleet import Fleet
 from fedsim.grads import GradientEngine
 from fedsim.profile import ModelProfile
 from fedsim.scenario import Scenario
 from fedsim.churn import AlwaysOnline, churn
-from fedsim.server import Evaluation, ServerBase, evaluate
+from fedsim.server import Evaluation, ServerBase, devices_text, evaluate
 from fedsim.strategies.fedasync import AsyncPolicy
 from fedsim.timing import plan_round
 from fedsim.trace import SERVER, DeviceStatus, EventKind, TraceWriter
@@ -120,6 +122,8 @@ class AsyncServer(ServerBase):
       (device -1, `round` = update index) and `update_discarded` (`device` = the device whose update was
       too stale, `round` = the pending update index, as in its device row).
     """
+
+    step_unit = "update"      # messages name server updates by their index
 
     def __init__(self, scenario: Scenario, model: torch.nn.Module, profile: ModelProfile, fleet: Fleet,
                  partition, dataset, trace: TraceWriter):
@@ -244,23 +248,22 @@ class AsyncServer(ServerBase):
     def _server_step(self, env: simpy.Environment) -> None:
         jobs, self._buffer = self._buffer, []
         u = self.current_round
+        dropped: list[_Job] = []
+        try:
+            total, loss_sum = self._buffer_gradient(jobs, u)
+        except NumericalError as exc:
+            total, loss_sum, jobs, dropped = self._drop_nonfinite(jobs, u, str(exc))
+        if not jobs:                       # every update was non-finite and dropped: no server step
+            self._checked(self.health.record, u, None, [job.device for job in dropped])
+            return
         k = len(jobs)
-        total: dict[str, torch.Tensor] = {}
-        loss_sum = 0.0
-        for v in sorted({job.version for job in jobs}):
-            group = [job for job in jobs if job.version == v]
-            self._load_scratch(v)
-            sums = self.grads.layer_sums([job.batch for job in group], np.full(len(group), self._n_layers))
-            weight = self.policy.staleness_weight(u - v) / k
-            for name, g in sums.sums.items():
-                total[name] = total[name] + weight * g if name in total else weight * g
-            loss_sum += sums.loss_sum
         for job in jobs:
             self._release(job.version)
         # keep version u while jobs still hold it (they will arrive with staleness >= 1)
         if self._holders.get(u, 0) > 0 and self.policy.max_staleness >= 1:
             self.history[u] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self._apply(total)
+        error = self.weights_error(u, [job.device for job in jobs])
         self.current_round = u + 1
         oldest = self.current_round - self.policy.max_staleness
         for v in [v for v in self.history if v < oldest]:
@@ -272,11 +275,93 @@ class AsyncServer(ServerBase):
         self.trace.event(u, now, SERVER, EventKind.UPDATE_APPLIED)
         self._write_row(u, self._last_step_at, now, participants=k, train_loss=loss_sum / k)
         self._last_step_at = self.clock_at = now
+        if error is not None:
+            self.trace.end_round()
+            raise error
+        self._checked(self.health.record, u, loss_sum / k, [job.device for job in dropped])
         if self._on_update is not None:
             self._on_update(self.current_round)
         if self.current_round >= self.scenario.run.rounds and not self._closing:
             self._closing = True          # run.rounds is an upper bound on server steps
             self._main.interrupt()
+
+    def _buffer_gradient(self, jobs: list[_Job], u: int) -> tuple[dict[str, torch.Tensor], float]:
+        """The staleness-weighted mean gradient of `jobs` at update `u`, and the sum of their losses."""
+        k = len(jobs)
+        total: dict[str, torch.Tensor] = {}
+        loss_sum = 0.0
+        for v in sorted({job.version for job in jobs}):
+            group = [job for job in jobs if job.version == v]
+            self._load_scratch(v)
+            sums = self.grads.layer_sums([job.batch for job in group], np.full(len(group), self._n_layers))
+            weight = self.policy.staleness_weight(u - v) / k
+            for name, g in sums.sums.items():
+                total[name] = total[name] + weight * g if name in total else weight * g
+            loss_sum += sums.loss_sum
+        for name, g in total.items():
+            if not bool(torch.isfinite(g).all()):
+                raise NumericalError(f"non-finite aggregated gradient of {name}")
+        return total, loss_sum
+
+    def _drop_nonfinite(self, jobs: list[_Job], u: int, cause: str):
+        """NaN/Inf in update `u`'s buffer: find the jobs whose own update is not finite; stop the run naming
+        them (training.on_nonfinite = "stop"), or drop them and aggregate the others. Returns (gradient,
+        loss sum, jobs kept, jobs dropped); the gradient is None when every job was dropped."""
+        bad, losses = self._nonfinite_jobs(jobs)
+        bad_ids = {job.id for job in bad}
+        kept = [job for job in jobs if job.id not in bad_ids]
+        versions = ", ".join(str(v) for v in sorted({job.version for job in bad}))
+        what = (f"{devices_text(sorted({job.device for job in bad}))} ({len(bad)} update(s) of the buffer, "
+                f"computed at model version {versions})")
+        error = None
+        if bad and self.scenario.training.on_nonfinite == "stop":
+            error = NumericalError(f"update {u}: non-finite loss or gradient in {what} ({cause}); "
+                                   "lower training.lr, or set training.on_nonfinite = \"drop\"")
+        elif kept:
+            try:
+                total, loss_sum = self._buffer_gradient(kept, u)
+            except NumericalError as exc:
+                worst = max(kept, key=lambda job: losses.get(job.id, -math.inf))
+                error = NumericalError(
+                    f"update {u}: non-finite aggregate of {devices_text([job.device for job in kept])}, although "
+                    f"each one's update is finite alone ({exc}; the largest loss, {losses.get(worst.id, math.nan):.3g}, "
+                    f"is device {worst.device}'s): training has diverged; lower training.lr")
+        for job in bad:
+            self._record(job, applied=False, round_=u, nonfinite=True)
+            self._release(job.version)
+        if error is not None:
+            for job in kept:
+                self._record(job, applied=False, round_=u)
+                self._release(job.version)
+            self.trace.end_round()
+            raise error
+        if not kept:
+            return None, 0.0, [], bad
+        return total, loss_sum, kept, bad
+
+    def _nonfinite_jobs(self, jobs: list[_Job]) -> tuple[list[_Job], dict[int, float]]:
+        """The jobs whose own gradient or loss is not finite (each at its version), and the others' losses."""
+        bad, losses = [], {}
+        for job in jobs:
+            self._load_scratch(job.version)
+            try:
+                sums = self.grads.layer_sums([job.batch], np.array([self._n_layers]))
+                finite = all(bool(torch.isfinite(g).all()) for g in sums.sums.values())
+            except NumericalError:
+                finite = False
+            if finite:
+                losses[job.id] = sums.loss_sum
+            else:
+                bad.append(job)
+        return bad, losses
+
+    def _checked(self, check: Callable, *args) -> None:
+        """Run a check that may end the run; the rows recorded so far are flushed first if it does."""
+        try:
+            check(*args)
+        except NumericalError:
+            self.trace.end_round()
+            raise
 
     def _load_scratch(self, version: int) -> None:
         if self._scratch_version == version:
@@ -317,6 +402,7 @@ class AsyncServer(ServerBase):
         self._evaluate_until(env.now)
         self.clock_at = env.now
         self._write_eval(env.now, final=True)
+        self.health.finish(max(self.current_round - 1, 0), self.last_eval)
 
     def _evaluate_until(self, now_at: float) -> None:
         """Evaluation rows for the instants strictly before now (the model has not changed since)."""
@@ -352,7 +438,7 @@ class AsyncServer(ServerBase):
         }
         self.trace.rounds.append({name: row.get(name) for name in self.trace.rounds.columns})
 
-    def _record(self, job: _Job, applied: bool, round_: int) -> None:
+    def _record(self, job: _Job, applied: bool, round_: int, nonfinite: bool = False) -> None:
         """The job's devices.parquet row, with the energy formulas of a synchronous round (idle 0)."""
         o = job.outcome
         spec = job.setup.powers[0]
@@ -363,6 +449,8 @@ class AsyncServer(ServerBase):
         self._pending_energy_j += energy
         if applied:
             status = DeviceStatus.COMPLETE
+        elif nonfinite:
+            status = DeviceStatus.NONFINITE      # its update had NaN/Inf and was dropped
         elif o.stopped is StopCause.OFFLINE:
             status = DeviceStatus.OFFLINE
         else:
