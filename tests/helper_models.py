@@ -18,3 +18,26 @@ class Tiny(nn.Module):
 
 def tiny(input_shape, num_classes):
     return Tiny(input_shape, num_classes)
+
+
+class AlwaysNaN(Tiny):
+    """`Tiny` whose every output is NaN: a broken model, whatever the data."""
+
+    def forward(self, x):
+        return super().forward(x) * float("nan")
+
+
+def always_nan(input_shape, num_classes):
+    return AlwaysNaN(input_shape, num_classes)
+
+
+class Loud(Tiny):
+    """`Tiny` with logits scaled by 1e20: finite losses and gradients of about 1e19, so that a learning rate of
+    1e20 overflows the float32 weights in one step."""
+
+    def forward(self, x):
+        return super().forward(x) * 1e20
+
+
+def loud(input_shape, num_classes):
+    return Loud(input_shape, num_classes)
