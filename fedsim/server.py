@@ -373,7 +373,9 @@ class Server(ServerBase):
             outcomes[i].nonfinite = True
         if error is None:
             self._apply(update.grads, update.frozen)
-            counted = [int(plan.devices[i]) for i in np.flatnonzero(depths > 0) if i not in set(dropped)]
+            live = depths > 0
+            live[dropped] = False
+            counted = plan.devices[live].tolist()
             error = self.weights_error(setup.round, counted)
         evaluation = None
         if error is None and self._eval_due(setup.round):
@@ -435,12 +437,13 @@ class Server(ServerBase):
             except NumericalError as exc:
                 cause = str(exc)
         # every remaining device is finite alone but not their aggregate: training has diverged
-        live = [i for i in np.flatnonzero(inputs.depths > 0) if i not in set(bad)]
+        live = inputs.depths > 0
+        live[bad] = False
         worst = max(losses, key=losses.get) if losses else None
         largest = "" if worst is None else (f"; the largest loss, {losses[worst]:.3g}, is device "
                                             f"{int(inputs.devices[worst])}'s")
         return nothing, bad, NumericalError(
-            f"round {r}: non-finite aggregate of {devices_text(int(inputs.devices[i]) for i in live)}, although "
+            f"round {r}: non-finite aggregate of {devices_text(inputs.devices[live])}, although "
             f"each one's update is finite alone ({cause}{largest}): training has diverged; lower training.lr")
 
     def _no_update(self, inputs: RoundInputs) -> RoundUpdate:
