@@ -1,8 +1,8 @@
 """Checkpoints of a synchronous run: everything needed to continue it exactly.
 
 What is saved: the global model and the server optimizer (momentum buffers), the next round and the
-simulated clock, the depth histogram (SALF unbiased), the last evaluation, and how many rows each trace
-journal held at that instant. What is not saved, because it is rebuilt exactly from the seed: the data,
+simulated clock, the depth histogram (SALF unbiased), the last evaluation, the divergence rule's state
+(`server.NumericalHealth`), and how many rows each trace journal held at that instant. What is not saved, because it is rebuilt exactly from the seed: the data,
 the partition, the fleet and every round's random draws (each round has its own stream, see server.py).
 A checkpoint is written to a temporary file and renamed, so it is either the old one or the new one.
 """
@@ -36,6 +36,8 @@ def save_checkpoint(run_dir: Path, server, trace, scenario, base_dir: Path | Non
         "depth_counts": server.depth_counts.tolist(),
         "last_eval": None if last is None else [last.loss, last.accuracy],
         "rows": trace.rows_written(),
+        # the divergence rule's running state (reference loss, streak, dropped updates), as JSON text
+        "health": json.dumps(server.health.state()),
         "scenario": {"source": scenario.source, "text": scenario.text, "overrides": list(scenario.overrides),
                      "base_dir": None if base_dir is None else str(base_dir)},
     }
@@ -68,3 +70,5 @@ def restore_server(server, state: dict) -> None:
     server.depth_counts = np.array(state["depth_counts"], dtype=np.int64)
     last = state["last_eval"]
     server.last_eval = None if last is None else Evaluation(float(last[0]), float(last[1]))
+    if "health" in state:
+        server.health.restore(json.loads(state["health"]))

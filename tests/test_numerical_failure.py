@@ -293,3 +293,24 @@ def test_health_state_round_trips():
         for r in (2, 3):
             other.record(r, 60.0, [])
     assert np.isclose(other.bound, 10 * math.log(10))
+
+
+def test_checkpoint_carries_the_divergence_rule_state(tmp_path):
+    """A resumed run keeps counting its streak and its dropped updates from where the checkpoint was."""
+    from fedsim.build import build_components
+    from fedsim.checkpoint import load_checkpoint, restore_server, save_checkpoint
+    from fedsim.server import Server
+    from fedsim.trace import TraceWriter
+
+    scn = scenario()
+    comp = build_components(scn)
+    parts = (scn, comp.model, comp.profile, comp.fleet, comp.partition, comp.dataset)
+    server = Server(*parts, TraceWriter(tmp_path, {}))
+    server.health.record(0, 2.0, [])
+    server.health.record(1, 50.0, [4, 6])
+    save_checkpoint(tmp_path, server, server.trace, scn, None)
+    fresh = Server(*parts, TraceWriter(tmp_path / "x", {}) if (tmp_path / "x").mkdir() is None else None)
+    assert fresh.health.state() != server.health.state()
+    restore_server(fresh, load_checkpoint(tmp_path))
+    assert fresh.health.state() == server.health.state()
+    assert fresh.health.warnings() == server.health.warnings() and fresh.health.warnings()["nonfinite_dropped"] == 2
