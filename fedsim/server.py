@@ -313,9 +313,17 @@ class Server(ServerBase):
             switch_at, online = self.availability.next_switches(np.arange(self.fleet.n_devices), env.now)
             coming = switch_at[online]
             if len(coming) == 0 or not np.isfinite(coming.min()):
-                raise FedsimError(f"no device is online at t = {env.now:g} s and none comes back; "
-                                  "check the fleet's availability")
+                raise FedsimError(self._nobody_online(env.now))
             yield env.timeout(float(coming.min()) - env.now)
+
+    def _nobody_online(self, now_s: float) -> str:
+        source = getattr(self.availability, "source", None)
+        where = (f"fleet.availability_file: {source}" if source is not None
+                 else "fleet.classes[*].availability")
+        last = getattr(self.availability, "last_online_s", None)
+        until = "" if last is None else f" (every interval ends by {last:g} s)"
+        return (f"{self.scenario.source}: {where}: round {self.current_round}: no device is online at "
+                f"t = {now_s:g} s and none comes back{until}")
 
     def watch(self, env: simpy.Environment, devices: np.ndarray) -> None:
         """Interrupt participants that go offline during the round (churn)."""
