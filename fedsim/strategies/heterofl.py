@@ -61,17 +61,25 @@ class HeteroFL(Policy):
             given = dict(self.widths)
             return np.array([given.get(c.name, 1.0) for c in classes])
         if "widths" not in self._auto:
-            self._auto["widths"] = np.array([self._auto_width(c, ctx) for c in classes])
+            self._auto["widths"] = np.array([self._auto_width(i, c, ctx) for i, c in enumerate(classes)])
         return self._auto["widths"]
 
-    def _auto_width(self, spec, ctx: RoundContext) -> float:
+    def _auto_width(self, index: int, spec, ctx: RoundContext) -> float:
+        def mean(dist, per_device: np.ndarray) -> float:
+            """The class's expected value: its distribution's mean, or (measured phones, FLASH or wireless
+            links, which have no distribution in the scenario) the mean over the class's devices."""
+            return dist.mean if dist is not None else float(per_device[ctx.fleet.class_of == index].mean())
+
+        down_bps = mean(spec.downlink_bps, ctx.fleet.downlink_bps)
+        up_bps = mean(spec.uplink_bps, ctx.fleet.uplink_bps)
+        speed_flops = mean(spec.speed_flops, ctx.fleet.speed_flops)
         for width in AUTO_WIDTHS:
             profile = ctx.submodel(width)[1]
             flops = (profile.fwd_flops_per_sample + profile.bwd_flops_per_sample) * ctx.batch_size * int(ctx.steps.max())
-            time_s = spec.latency_s + 8 * profile.total_bytes / spec.downlink_bps.mean
-            time_s += flops * spec.slowdown.mean / spec.speed_flops.mean
+            time_s = spec.latency_s + 8 * profile.total_bytes / down_bps
+            time_s += flops * spec.slowdown.mean / speed_flops
             if ctx.upload_mode is not UploadMode.IDEAL:
-                time_s += spec.latency_s + 8 * profile.total_bytes / spec.uplink_bps.mean
+                time_s += spec.latency_s + 8 * profile.total_bytes / up_bps
             if time_s <= self.deadline_s:
                 return width
         return AUTO_WIDTHS[-1]
