@@ -453,6 +453,10 @@ def sync_runs(draw, name: str):
             widths = [1.0] + [min(w, 0.5) for w in widths[:5]]
             heavy = True
         policy["widths"] = {f"c{i}": w for i, w in enumerate(widths)}
+    elif name == "partial" and draw(st.booleans()):
+        # compute-bound devices: the deadline leaves each a different prefix of its mini-batch
+        fleet = [Device(d.speed, 1e8, 1e8, 0.0, d.slow_hi) for d in fleet]
+        heavy = True
     elif name == "overselect":             # select more than K (K < n), keep the first K
         churn, participants = None, None
         policy["fraction"] = draw(st.sampled_from([1.0, 1.5, 2.0]))
@@ -473,7 +477,8 @@ def sync_runs(draw, name: str):
     )
     scales = {"churn": churn}
     if name in ("salf", "drop", "partial", "heterofl"):
-        scales["deadline"] = (draw(st.floats(0.4, 1.0)), 0) if heavy else draw(deadline_scales)
+        scales["deadline"] = (draw(st.floats(0.4, 1.0)), draw(st.integers(0, 5)) if name == "partial" else 0) if heavy \
+            else draw(deadline_scales)
     return fleet, policy, options, scales
 
 
@@ -809,6 +814,21 @@ def _check_async(run: Run, policy: dict, options: dict, dev_rows: list, n_layers
         assert complete[u] == k == rnd["participants"][updates[u]], u
     assert all(row["depth"] in (0, n_layers) for row in dev_rows)
     assert all((row["status"] == "complete") == (row["depth"] == n_layers) for row in dev_rows)
-    assert sum(1 for e in ev["event"] if e == "update_discarded") <= len(dev_rows)
+    # staleness: a device's applied updates are its delivered, not discarded jobs, in order; each was at
+    # most max_staleness versions old when it arrived, and is applied at or after its arrival
+    steps_at = [t for _, t in applied]
+    discarded = {(d, t) for d, t, e in zip(ev["device"], ev["time_s"], ev["event"]) if e == "update_discarded"}
+    last = "upload_end" if options["upload"] != "ideal" else "backward_end"
+    for device, device_jobs in jobs.items():
+        arrived = [(job[0][0], job[-1][2]) for job in device_jobs if sum(x[3] == last for x in job) == n_layers]
+        for version, t in arrived:
+            if (device, t) in discarded:       # staler than max_staleness at arrival
+                assert sum(a <= t for a in steps_at) - version > policy["max_staleness"], (device, version, t)
+        kept = [(v, t) for v, t in arrived if (device, t) not in discarded]
+        rounds = [row["round"] for row in dev_rows if row["device"] == device and row["status"] == "complete"]
+        assert len(rounds) <= len(kept), device
+        for (version, t), u in zip(kept, rounds):
+            assert sum(a < t for a in steps_at) - version <= policy["max_staleness"], (device, version, t)
+            assert version <= u and steps_at[u] >= t, (device, version, t, u)
     evals = [i for i, p in enumerate(rnd["participants"]) if p == 0]
     assert evals and rnd["end_s"][evals[-1]] == max(rnd["end_s"])
