@@ -9,13 +9,15 @@
 2. SALF (and drop) with a deadline nobody misses is `wait`: same model, same trace.
 3. Traces keep their invariants for random scenarios, every policy, churn, shared links, every upload mode.
 
-Examples are derandomized and no example database is used, so every run checks the same scenarios.
+Examples are derandomized and no example database is used, so every run checks the same scenarios; a
+failure is reported unshrunk unless FEDSIM_PROPERTY_SHRINK=1.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, event, example, given, note, settings
+from hypothesis import HealthCheck, Phase, event, example, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -36,9 +38,14 @@ LR = 0.1
 SAMPLES_PER_DEVICE = 12
 
 
+# A failing example is reported as generated (its scenario is in the notes, and derandomized runs replay it):
+# shrinking simulations costs minutes per failing test. FEDSIM_PROPERTY_SHRINK=1 shrinks it first.
+PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("FEDSIM_PROPERTY_SHRINK") == "1" else [])
+
+
 def props(n: int):
     """Settings of every property here: n examples, reproducible (no random seed, no database)."""
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=False,
+    return settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=False, phases=PHASES,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -170,7 +177,8 @@ def round_s(profile, d: Device, batch: int, steps: int = 1, upload: str = "ideal
     per_flop = (1.0 + d.slow_hi) / 2 * batch / d.speed
     down, up = (d.down, d.up) if shared_ap is None else (min(d.down, shared_ap), min(d.up, shared_ap))
     before = d.latency + 8 * profile.total_bytes / down
-    before += (profile.fwd_flops_per_sample + (steps - 1) * (profile.fwd_flops_per_sample + profile.bwd_flops_per_sample)) * per_flop
+    step_flops = profile.fwd_flops_per_sample + profile.bwd_flops_per_sample
+    before += (profile.fwd_flops_per_sample + (steps - 1) * step_flops) * per_flop
     after = profile.bwd_flops_per_sample * per_flop
     if upload != "ideal":
         after += profile.n_layers * d.latency + 8 * profile.total_bytes / up
@@ -345,7 +353,7 @@ def unbiased_scales(history: np.ndarray, n_layers: int, n: int) -> list[float]:
 def device_events(events: dict) -> dict[tuple[int, int], list[tuple[int, float, str, int, float]]]:
     """(round, device) -> [(row, time, event, layer, energy)] in file order (device events only)."""
     out = defaultdict(list)
-    cols = zip(events["round"], events["device"], events["time_s"], events["event"], events["layer"], events["energy_j"])
+    cols = zip(*(events[k] for k in ("round", "device", "time_s", "event", "layer", "energy_j")))
     for row, (r, d, t, e, layer, energy) in enumerate(cols):
         if d >= 0:
             out[(r, d)].append((row, t, e, layer, energy))
@@ -711,7 +719,8 @@ def test_trace_invariants(name, data):
     asynchronous = name in ("fedasync", "fedbuff")
     run = simulate(text, comp)
     ev, dev, rnd = run.events, run.devices, run.rounds
-    event("ends: " + "+".join(sorted({e for e in ev["event"] if e in ("cut", "offline", "stopped", "update_discarded")})))
+    ends = {e for e in ev["event"] if e in ("cut", "offline", "stopped", "update_discarded")}
+    event("ends: " + "+".join(sorted(ends)))
     n_rows = len(dev["round"])
     dev_rows = [{k: dev[k][i] for k in dev} for i in range(n_rows)]
 
