@@ -12,7 +12,7 @@ directory (`index.parquet` + `runs/`), and writes PNG figures, Markdown tables a
     depths          histogram of the depths stragglers reached
     report          one self-contained HTML page with all of the above
 
-This package never imports `fedsim`: the trace schema (fedsim/trace.py, docs) is the contract, so the
+This package never imports `fedsim`: the trace schema (fedsim/output/trace.py, docs) is the contract, so the
 scripts work on traces copied to any machine with pyarrow, numpy and matplotlib.
 """
 

@@ -1,7 +1,7 @@
 """Shared helpers of the analysis scripts: load runs, group them, per-run metrics, tables and figures.
 
 Inputs are files only: `status.json`, `params.json`, a sweep's `index.parquet` and the Parquet traces of
-each run (`rounds.parquet`, `devices.parquet`, `events.parquet`; schema in fedsim/trace.py). Runs whose
+each run (`rounds.parquet`, `devices.parquet`, `events.parquet`; schema in fedsim/output/trace.py). Runs whose
 `status.json` does not say `completed` are skipped with a warning line on stderr.
 """
 
@@ -134,7 +134,7 @@ def _params_json(path: Path) -> tuple[dict[str, str], int | None]:
         return {}, None
 
 
-SCHEMA_VERSION = "1"     # the trace schema these scripts read (fedsim/trace.py)
+SCHEMA_VERSION = "1"     # the trace schema these scripts read (fedsim/output/trace.py)
 
 
 def _check_schema(run_dir: Path) -> None:

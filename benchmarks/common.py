@@ -51,7 +51,7 @@ def thread_counts() -> list[int]:
 
 def load_mnist_or_random(directory: Path = MNIST_DIR):
     """(x_train, y_train, x_test, y_test, source): real MNIST, else random data of the same shapes."""
-    from fedsim.data import load_mnist
+    from fedsim.learn.data import load_mnist
 
     if directory.is_dir():
         try:

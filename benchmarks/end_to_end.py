@@ -77,7 +77,7 @@ class PerSampleMNIST(torch.utils.data.Dataset):
 
 
 def _raw_mnist(directory: Path):
-    from fedsim.data import read_idx
+    from fedsim.learn.data import read_idx
 
     names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
     paths = [next(p for p in (directory / n, directory / f"{n}.gz") if p.is_file()) for n in names]
@@ -121,7 +121,7 @@ def _test(loader, model):
 
 def run_replica(rounds: int, data_dir: Path, seed: int = 0) -> tuple[float, float]:
     """Seconds of the whole replica run (data loading included) and its final accuracy."""
-    from fedsim.models import build_model
+    from fedsim.learn.models import build_model
 
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -159,7 +159,7 @@ def run_replica(rounds: int, data_dir: Path, seed: int = 0) -> tuple[float, floa
 def run_fedsim(rounds: int, data_dir: Path, profiler: cProfile.Profile | None = None) -> tuple[float, object]:
     """Seconds of load_scenario + run_scenario (data loading included), and the run's summary."""
     from fedsim.run import run_scenario
-    from fedsim.scenario import load_scenario
+    from fedsim.spec.scenario import load_scenario
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -177,15 +177,15 @@ def run_fedsim(rounds: int, data_dir: Path, profiler: cProfile.Profile | None = 
 # (label, file suffix, function name): cumulative time of each in the profile (the largest match); "*": the
 # own time of every function of the file
 _PARTS = [
-    ("build: MNIST load, model, profile, fleet", "fedsim/build.py", "build_components"),
-    ("gradients (GradientEngine.layer_sums)", "fedsim/grads.py", "layer_sums"),
-    ("evaluation on 10,000 test images", "fedsim/server.py", "evaluate"),
-    ("server optimizer step", "fedsim/server.py", "_apply"),
-    ("device rows (Server._write_devices)", "fedsim/server.py", "_write_devices"),
-    ("round setup (batches, plan)", "fedsim/server.py", "setup_round"),
-    ("Parquet writes (TableWriter.flush)", "fedsim/trace.py", "flush"),
-    ("event rows (TraceWriter.event)", "fedsim/trace.py", "event"),
-    ("device rounds (own time of fedsim/device_round.py)", "fedsim/device_round.py", "*"),
+    ("build: MNIST load, model, profile, fleet", "fedsim/sim/build.py", "build_components"),
+    ("gradients (GradientEngine.layer_sums)", "fedsim/learn/grads.py", "layer_sums"),
+    ("evaluation on 10,000 test images", "fedsim/sim/server.py", "evaluate"),
+    ("server optimizer step", "fedsim/sim/server.py", "_apply"),
+    ("device rows (Server._write_devices)", "fedsim/sim/server.py", "_write_devices"),
+    ("round setup (batches, plan)", "fedsim/sim/server.py", "setup_round"),
+    ("Parquet writes (TableWriter.flush)", "fedsim/output/trace.py", "flush"),
+    ("event rows (TraceWriter.event)", "fedsim/output/trace.py", "event"),
+    ("device rounds (own time of fedsim/sim/device_round.py)", "fedsim/sim/device_round.py", "*"),
 ]
 
 

@@ -108,7 +108,7 @@ deadline_s = 0.1
 
 def _null_grads(server):
     """A GradientEngine that computes nothing: empty sums, the right contributor counts."""
-    from fedsim.grads import GradientEngine, LayerSums
+    from fedsim.learn.grads import GradientEngine, LayerSums
 
     class NullGrads(GradientEngine):
         def layer_sums(self, batches, depths):
@@ -125,11 +125,11 @@ def engine_rounds(devices: int, rounds: int, deadline_s: float, upload_mode: str
     """Run `rounds` rounds with the gradient work stubbed out; time the event part apart from the callbacks."""
     import simpy
 
-    from fedsim.build import build_components
-    from fedsim.engine import run_events, serve_rounds
-    from fedsim.scenario import parse_scenario
-    from fedsim.server import Server
-    from fedsim.trace import TraceWriter
+    from fedsim.sim.build import build_components
+    from fedsim.sim.engine import run_events, serve_rounds
+    from fedsim.spec.scenario import parse_scenario
+    from fedsim.sim.server import Server
+    from fedsim.output.trace import TraceWriter
 
     scn = parse_scenario(ENGINE_TOML.format(rounds=rounds, devices=devices, deadline_s=deadline_s,
                                             upload_mode=upload_mode), "benchmarks/engine.py")
@@ -182,7 +182,7 @@ def engine_rounds(devices: int, rounds: int, deadline_s: float, upload_mode: str
 def fleet_child(devices: int, rounds: int) -> None:
     """Run in a subprocess: a whole run of a large fleet; print its own peak RSS as JSON."""
     from fedsim.run import run_scenario
-    from fedsim.scenario import parse_scenario
+    from fedsim.spec.scenario import parse_scenario
 
     start = time.perf_counter()
     scn = parse_scenario(FLEET_TOML.format(devices=devices, rounds=rounds), "benchmarks/engine.py")

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from benchmarks.common import best_time, emit, load_mnist_or_random, machine, matmul_peak_gflops, print_table, \
     thread_counts
-from fedsim.grads import GradientEngine, resolve_paths
-from fedsim.models import build_model
-from fedsim.profile import Granularity, build_profile
+from fedsim.learn.grads import GradientEngine, resolve_paths
+from fedsim.learn.models import build_model
+from fedsim.learn.profile import Granularity, build_profile
 
 
 class NaiveLoop:

@@ -65,7 +65,7 @@ def model_digest(path: Path) -> str:
 
 def run_one(scenario: Path, overrides: list[str], out: Path) -> dict[str, str]:
     from fedsim.run import run_scenario
-    from fedsim.scenario import load_scenario
+    from fedsim.spec.scenario import load_scenario
 
     run_scenario(load_scenario(scenario, overrides), out, base_dir=scenario.resolve().parent)
     digests = {name: table_digest(out / f"{name}.parquet") for name in TABLES}

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fedsim.errors import FedsimError
-from fedsim.fields import printable
+from fedsim.spec.fields import printable
 
 __all__ = ["main"]
 
@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with fedsim's error contract: one line on stderr, exit 2 (`--help` shows the usage)."""
 
     def error(self, message: str):
-        from fedsim.fields import printable
+        from fedsim.spec.fields import printable
 
         self.exit(EXIT_BAD_INPUT, f"fedsim: error: {self.prog}: {printable(message)} (see {self.prog} --help)\n")
 
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_validate(args) -> int:
-    from fedsim.scenario import load_scenario
+    from fedsim.spec.scenario import load_scenario
 
     scn = load_scenario(args.scenario, args.overrides)
     fleet = scn.fleet
@@ -88,9 +88,9 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from fedsim.build import build_components
+    from fedsim.sim.build import build_components
     from fedsim.run import resume_run, run_scenario
-    from fedsim.scenario import load_scenario
+    from fedsim.spec.scenario import load_scenario
 
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise FedsimError(f"--checkpoint-every: must be a positive integer, got {args.checkpoint_every}")
@@ -98,7 +98,7 @@ def _cmd_run(args) -> int:
         if args.scenario is not None or args.overrides or args.force:
             raise FedsimError("--resume takes the scenario from the run directory; give no FILE, --set or --force")
         with _progress(None, args.quiet) as progress:
-            summary = resume_run(args.resume, progress, args.checkpoint_every, cluster=args.cluster)
+            summary = resume_run(args.resume, progress, args.checkpoint_every, gradients=_gradients(args.cluster))
     else:
         if args.scenario is None:
             raise FedsimError("run: give a scenario FILE (or --resume RUN_DIR)")
@@ -107,12 +107,21 @@ def _cmd_run(args) -> int:
         out = args.out if args.out is not None else Path("runs") / scn.run.name
         with _progress(scn, args.quiet) as progress:
             summary = run_scenario(scn, out, progress, components, args.checkpoint_every,
-                                   base_dir=args.scenario.resolve().parent, cluster=args.cluster,
+                                   base_dir=args.scenario.resolve().parent, gradients=_gradients(args.cluster),
                                    force=args.force)
     acc = "n/a" if summary.test_accuracy is None else f"{summary.test_accuracy:.4f}"
     print(f"{summary.run_dir}: {summary.rounds} rounds, simulated {summary.sim_time_s:.3f} s, "
           f"test accuracy {acc}")
     return 0
+
+
+def _gradients(cluster):
+    """`--cluster`: the run's gradients on a Dask cluster (fedsim.cluster.shards); None: in this process."""
+    if cluster is None:
+        return None
+    from fedsim.cluster.shards import cluster_gradients
+
+    return cluster_gradients(cluster)
 
 
 @contextlib.contextmanager
@@ -137,9 +146,18 @@ def _progress(scn, quiet: bool):
 
 
 def _cmd_sweep(args) -> int:
-    from fedsim.sweep import cmd_sweep
+    from fedsim.sweep import INDEX_FILE, run_sweep
 
-    return cmd_sweep(args)
+    remote = None
+    if args.cluster is not None:
+        from fedsim.cluster.sweep import ClusterSweep
+
+        remote = ClusterSweep(args.cluster)
+    result = run_sweep(args.scenario, args.grid, args.seeds, args.overrides, args.out, args.jobs,
+                       args.target_accuracy, progress=not args.quiet, remote=remote)
+    print(f"{result.out}: {result.total} runs: {result.skipped} already done, {result.completed} completed now, "
+          f"{result.failed} failed; index {result.out / INDEX_FILE}")
+    return 0 if result.failed == 0 else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -13,18 +14,17 @@ import simpy
 import torch
 
 from fedsim import __version__
-from fedsim.build import Components, build_components
-from fedsim.async_engine import AsyncServer, serve_async
-from fedsim.engine import run_events, serve_rounds
-from fedsim.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_server, save_checkpoint
-from fedsim.distributed import sharded_grads
+from fedsim.sim.build import Components, build_components
+from fedsim.sim.async_engine import AsyncServer, serve_async
+from fedsim.sim.engine import run_events, serve_rounds
+from fedsim.output.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_server, save_checkpoint
 from fedsim.errors import ScenarioError, TraceError
-from fedsim.rundir import (RunStatus, open_run_dir, prepare_run_dir, read_status, write_atomic, write_marker,
+from fedsim.output.rundir import (RunStatus, open_run_dir, prepare_run_dir, read_status, write_atomic, write_marker,
                            write_status)
-from fedsim.scenario import Scenario, parse_scenario
-from fedsim.server import Server
-from fedsim.strategies.fedasync import is_asynchronous
-from fedsim.trace import SCHEMA_VERSION, TraceWriter
+from fedsim.spec.scenario import Scenario, parse_scenario
+from fedsim.sim.server import Server
+from fedsim.policies.fedasync import is_asynchronous
+from fedsim.output.trace import SCHEMA_VERSION, TraceWriter
 
 __all__ = ["RunSummary", "run_scenario", "resume_run", "trace_metadata"]
 
@@ -59,21 +59,22 @@ ProgressFn = Callable[[int, float, float | None], None]
 
 def run_scenario(scn: Scenario, run_dir: Path, progress: ProgressFn | None = None,
                  components: Components | None = None, checkpoint_every: int | None = None,
-                 base_dir: Path | None = None, cluster=None, force: bool = False) -> RunSummary:
+                 base_dir: Path | None = None, gradients=None, force: bool = False) -> RunSummary:
     """Run `scn` into `run_dir`. Bad input is detected (FedsimError) before the directory is touched.
 
-    `run_dir` must be new, empty, or a fedsim run directory (see fedsim.rundir): a completed or
+    `run_dir` must be new, empty, or a fedsim run directory (see fedsim.output.rundir): a completed or
     interrupted run there is replaced only with `force`, and only fedsim's own files are removed.
     `checkpoint_every` N saves `checkpoint.pt` after every N rounds (synchronous policies), and
     `base_dir` (the scenario file's folder) is recorded so `resume_run` can re-read relative paths.
-    `cluster` (a `--cluster` text or a `distributed.Client`) computes the gradients on a Dask cluster
-    (fedsim.distributed.ShardedGradientEngine); the engine, clock and trace stay in this process.
+    `gradients`, a callable `(scn, components)` returning a context manager that yields a gradient engine,
+    computes the gradients elsewhere (`fedsim.cluster.shards.cluster_gradients`: on a Dask cluster); the engine,
+    clock and trace stay in this process. None: the local engine.
     """
     if checkpoint_every is not None and is_asynchronous(scn.policy):
         raise ScenarioError(scn.source, "policy.name",
                             f"checkpoints are supported for synchronous policies, not {scn.policy.name}")
     comp = components if components is not None else build_components(scn)
-    with sharded_grads(cluster, scn, comp) as grads:     # shards load on the workers before any output
+    with _gradients(gradients, scn, comp) as grads:     # shards load on the workers before any output
         run_dir = Path(run_dir)
         with prepare_run_dir(run_dir, force=force):
             write_marker(run_dir, scn, base_dir)
@@ -84,7 +85,7 @@ def run_scenario(scn: Scenario, run_dir: Path, progress: ProgressFn | None = Non
 
 
 def resume_run(run_dir: Path, progress: ProgressFn | None = None, checkpoint_every: int | None = None,
-               cluster=None) -> RunSummary:
+               gradients=None) -> RunSummary:
     """Continue an interrupted or failed run; the result is identical to an uninterrupted run.
 
     From its last checkpoint if it has one, else from the start (the scenario is in the run directory's
@@ -106,13 +107,17 @@ def resume_run(run_dir: Path, progress: ProgressFn | None = None, checkpoint_eve
         base_dir = None if meta["base_dir"] is None else Path(meta["base_dir"])
         scn = parse_scenario(meta["text"], meta["source"], meta["overrides"], base_dir=base_dir)
         comp = build_components(scn)
-        with sharded_grads(cluster, scn, comp) as grads:
+        with _gradients(gradients, scn, comp) as grads:
             next_round = 0 if state is None else int(state["next_round"])
             write_status(run_dir, RunStatus.RUNNING, rounds_done=next_round, pid=os.getpid(),
                          **({} if state is None else {"checkpoint_round": next_round}))
             keep = {"events": 0, "devices": 0, "rounds": 0} if state is None else state["rows"]
             trace = TraceWriter(run_dir, trace_metadata(scn), keep_rows=keep)
             return _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state, grads=grads)
+
+
+def _gradients(gradients, scn, comp):
+    return contextlib.nullcontext(None) if gradients is None else gradients(scn, comp)
 
 
 def _discard_leftovers(run_dir: Path) -> None:
@@ -124,7 +129,7 @@ def _discard_leftovers(run_dir: Path) -> None:
 def _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state, grads=None) -> RunSummary:
     server = None
     try:
-        asynchronous = is_asynchronous(scn.policy)     # fedasync / fedbuff: no rounds (fedsim/async_engine.py)
+        asynchronous = is_asynchronous(scn.policy)     # fedasync / fedbuff: no rounds (fedsim/sim/async_engine.py)
         parts = (scn, comp.model, comp.profile, comp.fleet, comp.partition, comp.dataset, trace)
         server = AsyncServer(*parts) if asynchronous else Server(*parts, grads=grads)
         if state is not None:

@@ -1,13 +1,13 @@
 """`fedsim sweep`: a scenario run over a cartesian grid of overrides x seeds, one process per core.
 
-With `--cluster` the runs are tasks on a Dask cluster instead (fedsim.distributed, docs/DISTRIBUTED.md):
+With `--cluster` the runs are tasks on a Dask cluster instead (fedsim.cluster.sweep, docs/DISTRIBUTED.md):
 same run ids, run directories and index; the sweep directory must be on a filesystem the workers share.
 
 Layout of a sweep directory:
 
     DIR/sweep.json           the sweep's settings (scenario, grid, seeds, --set, target accuracy)
     DIR/index.parquet        one row per run: run id, grid parameters, seed, status, headline metrics
-    DIR/runs/<run-id>/       an ordinary run directory (see fedsim.trace) plus params.json
+    DIR/runs/<run-id>/       an ordinary run directory (see fedsim.output.trace) plus params.json
 
 Seeds: `--seeds N` runs every grid point with `run.seed = base + i` for i = 0 .. N-1, where `base` is the
 scenario's `run.seed` after `--set`. So `--seeds 1` reproduces `fedsim run` exactly, and
@@ -51,9 +51,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedsim.errors import FedsimError, ScenarioError, TraceError
-from fedsim.overrides import apply_overrides
-from fedsim.rundir import RunStatus, clear_run_files, read_status, write_atomic, write_status
-from fedsim.scenario import load_scenario, parse_scenario
+from fedsim.spec.overrides import apply_overrides
+from fedsim.output.rundir import RunStatus, clear_run_files, read_status, write_atomic, write_status
+from fedsim.spec.scenario import load_scenario, parse_scenario
 
 __all__ = ["SweepRun", "SweepResult", "parse_grid", "plan_sweep", "run_sweep", "run_metrics",
            "read_index", "INDEX_FILE", "SWEEP_FILE", "PARAMS_FILE", "default_jobs"]
@@ -363,17 +363,18 @@ def _check_out_dir(out: Path) -> None:
 
 def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[str] = (), out: Path | None = None,
               jobs: int | None = None, target_accuracy: float | None = None,
-              progress: bool = True, cluster=None) -> SweepResult:
+              progress: bool = True, remote=None) -> SweepResult:
     """Plan, validate, run what is not done yet (in parallel), then write the index.
 
-    `cluster` (a `--cluster` text or a `distributed.Client`) runs each run as a task on a Dask cluster
-    instead of the local process pool (fedsim.distributed); the results are the same.
+    `remote` runs the runs elsewhere instead of the local process pool, with the same results: an object with
+    `open()` (called before anything is written), `execute(scenario, out, todo)` yielding (run, status,
+    error) as each finishes, and `close()`; `fedsim.cluster.sweep.ClusterSweep` runs them on a Dask cluster.
     """
     from tqdm import tqdm
 
     scenario = Path(scenario)
     sets = list(sets)
-    if cluster is not None and jobs is not None:
+    if remote is not None and jobs is not None:
         raise FedsimError("--jobs sizes the local process pool; with --cluster the cluster's workers run the "
                           "runs (local:N for N local workers): give one of them")
     jobs = default_jobs() if jobs is None else jobs
@@ -387,11 +388,8 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
         out = Path("sweeps") / load_scenario(scenario, sets).run.name
     out = Path(out)
     _check_out_dir(out)
-    session = None
-    if cluster is not None:
-        from fedsim.distributed import open_cluster
-
-        session = open_cluster(cluster)         # connect before anything is written: errors leave no output
+    if remote is not None:
+        remote.open()                           # connect before anything is written: errors leave no output
 
     grid_keys = [k for k, _ in grid]
     settings = {"scenario": str(scenario), "grid": dict(grid), "seeds": seeds, "base_seed": plan[0].seed,
@@ -422,12 +420,10 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
     bar = tqdm(total=len(plan), initial=skipped, unit="run", desc=out.name, file=sys.stderr,
                dynamic_ncols=True, disable=not progress)
     try:
-        if session is None:
+        if remote is None:
             execution = _execute(scenario, out, todo, jobs)
         else:
-            from fedsim.distributed import sweep_on_cluster
-
-            execution = sweep_on_cluster(session.client, scenario, out, todo)
+            execution = remote.execute(scenario, out, todo)
         with closing(execution) as results:     # closing: the pool shuts down, queued cluster tasks are cancelled
             for run, status, error in results:
                 rows[run.run_id] = _index_row(out, run, target_accuracy, error)
@@ -444,8 +440,8 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
                 row = _index_row(out, run, target_accuracy)
                 rows[run.run_id] = row if row["status"] != "missing" else row | {"status": "pending"}
         write_index()
-        if session is not None:
-            session.close()
+        if remote is not None:
+            remote.close()
     return SweepResult(out, len(plan), skipped, len(todo) - failed, failed)
 
 
@@ -484,12 +480,3 @@ def _execute(scenario: Path, out: Path, todo: list[SweepRun], jobs: int):
                 yield run, status, error
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def cmd_sweep(args) -> int:
-    """The `fedsim sweep` subcommand (parser in fedsim.cli)."""
-    result = run_sweep(args.scenario, args.grid, args.seeds, args.overrides, args.out, args.jobs,
-                       args.target_accuracy, progress=not args.quiet, cluster=getattr(args, "cluster", None))
-    print(f"{result.out}: {result.total} runs: {result.skipped} already done, {result.completed} completed now, "
-          f"{result.failed} failed; index {result.out / INDEX_FILE}")
-    return 0 if result.failed == 0 else 1

@@ -74,7 +74,7 @@ deadline_s = 0.1
 
 
 def scenario(*overrides: str, text: str = BASE_TOML):
-    from fedsim.scenario import parse_scenario
+    from fedsim.spec.scenario import parse_scenario
 
     return parse_scenario(text, "test.toml", list(overrides))
 

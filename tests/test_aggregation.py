@@ -11,8 +11,8 @@ from conftest import run, scenario, table
 
 
 def _setup(granularity: str, dtype: str):
-    from fedsim.build import build_components
-    from fedsim.grads import GradientEngine
+    from fedsim.sim.build import build_components
+    from fedsim.learn.grads import GradientEngine
 
     comp = build_components(scenario(f'model.granularity="{granularity}"', f'model.dtype="{dtype}"',
                                      "fleet.classes[0].count=6"))
@@ -31,8 +31,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("aggregation", ["mean", "all", "unbiased"])
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
 def test_salf_update_matches_oracle(granularity, aggregation, dtype, tol):
-    from fedsim.strategies import Aggregation, RoundInputs
-    from fedsim.strategies.salf import Salf
+    from fedsim.policies import Aggregation, RoundInputs
+    from fedsim.policies.salf import Salf
 
     comp, batches, engine = _setup(granularity, dtype)
     L = comp.profile.n_layers
@@ -58,8 +58,8 @@ def test_salf_update_matches_oracle(granularity, aggregation, dtype, tol):
 
 
 def test_drop_counts_only_complete_devices():
-    from fedsim.strategies import RoundInputs
-    from fedsim.strategies.drop import Drop
+    from fedsim.policies import RoundInputs
+    from fedsim.policies.drop import Drop
 
     comp, batches, engine = _setup("module", "float64")
     L = comp.profile.n_layers
@@ -73,7 +73,7 @@ def test_drop_counts_only_complete_devices():
 
 
 def test_unbiased_scale_formula():
-    from fedsim.aggregate import miss_probabilities, unbiased_scales
+    from fedsim.learn.aggregate import miss_probabilities, unbiased_scales
 
     # 3 layers; depths seen: 0 once, 1 twice, 3 once -> P(miss layer 2) = 1/4, layer 1 = 3/4, layer 0 = 3/4
     p = miss_probabilities(np.array([1, 2, 0, 1]))
@@ -83,8 +83,8 @@ def test_unbiased_scale_formula():
 
 def test_end_to_end_round_equals_oracle(tmp_path):
     """One simulated round in float64: the model written to model.pt is w - lr * oracle update."""
-    from fedsim.build import build_components
-    from fedsim.server import round_rng
+    from fedsim.sim.build import build_components
+    from fedsim.sim.server import round_rng
 
     overrides = ['model.dtype="float64"', "run.rounds=1", "training.momentum=0.0", "policy.deadline_s=0.05"]
     out = run(tmp_path, *overrides)
@@ -120,7 +120,7 @@ def test_long_deadline_salf_drop_wait_identical(tmp_path):
 
 
 def test_deadline_shorter_than_every_forward_leaves_model_unchanged(tmp_path):
-    from fedsim.build import build_components
+    from fedsim.sim.build import build_components
 
     initial = {k: v.detach().clone() for k, v in build_components(scenario()).model.state_dict().items()}
     for p in ("salf", "drop"):

@@ -129,9 +129,9 @@ def sgd_oracle(comp, updates, lr, momentum):
 
 def manual_run(tmp_path, *overrides, text=TINY, before=None):
     """run_scenario by hand, to look at the server object afterwards; `before(env, server)` hooks in."""
-    from fedsim.async_engine import AsyncServer, serve_async
-    from fedsim.build import build_components
-    from fedsim.trace import TraceWriter
+    from fedsim.sim.async_engine import AsyncServer, serve_async
+    from fedsim.sim.build import build_components
+    from fedsim.output.trace import TraceWriter
 
     scn = scenario(*overrides, text=text)
     comp = build_components(scn)
@@ -156,7 +156,7 @@ def assert_models_close(run_dir, params):
 # -- tests ----------------------------------------------------------------------------------------
 
 def test_fedasync_arrivals_staleness_and_weights_on_the_tiny_fleet(tmp_path):
-    from fedsim.build import build_components
+    from fedsim.sim.build import build_components
 
     out = run(tmp_path, text=TINY)
     rounds = rows_of(out, "rounds")
@@ -220,7 +220,7 @@ def test_energy_and_the_jobs_stopped_by_the_end_of_the_run(tmp_path):
 
 
 def test_history_bound_discards_and_records_stale_updates(tmp_path, monkeypatch):
-    from fedsim.grads import GradientEngine
+    from fedsim.learn.grads import GradientEngine
 
     differentiated = []
     original = GradientEngine.layer_sums
@@ -271,8 +271,8 @@ def test_upload_time_counts_outside_ideal_mode(tmp_path, mode, first_update_at, 
 
 
 def test_fedbuff_k1_a0_is_sequential_sgd_in_arrival_order(tmp_path):
-    from fedsim.async_engine import job_rng
-    from fedsim.build import build_components
+    from fedsim.sim.async_engine import job_rng
+    from fedsim.sim.build import build_components
 
     overrides = ASYNC_BASE + ("policy.buffer_size=1", "policy.staleness_exponent=0", "training.momentum=0",
                               "policy.duration_s=0.15")
@@ -292,8 +292,8 @@ def test_fedbuff_k1_a0_is_sequential_sgd_in_arrival_order(tmp_path):
 
 
 def test_fedbuff_buffer_is_the_staleness_weighted_mean_of_k_updates(tmp_path):
-    from fedsim.async_engine import job_rng
-    from fedsim.build import build_components
+    from fedsim.sim.async_engine import job_rng
+    from fedsim.sim.build import build_components
 
     overrides = ASYNC_BASE + ("policy.buffer_size=3", "policy.staleness_exponent=0.5", "policy.duration_s=0.15")
     out = run(tmp_path, *overrides)
@@ -357,7 +357,7 @@ def test_fleet_participants_is_the_default_concurrency(tmp_path):
 
 
 def test_churn_hooks_availability_and_offline_interrupts(tmp_path):
-    from fedsim.engine import StopCause
+    from fedsim.sim.engine import StopCause
 
     def before(env, server):
         server.is_online = lambda device, at: device != 2 or at >= 50.0   # device 2 joins at 50 s

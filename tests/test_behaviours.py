@@ -32,7 +32,7 @@ def _device_rows(run_dir, round_=0):
 
 def _round_batches(scn, comp, round_=0):
     """Each device's mini-batches of round `round_` when every device takes part (as the server draws them)."""
-    from fedsim.server import round_rng
+    from fedsim.sim.server import round_rng
 
     rng = round_rng(scn.run.seed, round_)
     t = scn.training
@@ -59,8 +59,8 @@ def _mlp(width: float) -> tuple[int, int]:
 
 
 def test_mlp_submodels_have_the_hand_figures():
-    from fedsim.models import build_model
-    from fedsim.profile import Granularity, build_profile
+    from fedsim.learn.models import build_model
+    from fedsim.learn.profile import Granularity, build_profile
 
     widths = (1, 0.5, 0.25, 0.125, 0.0625)
     assert [_mlp(w) for w in widths] == [(10600, 11712), (4808, 5088), (2296, 2352), (1136, 1128), (580, 552)]
@@ -162,7 +162,7 @@ MEASURED_TEXT = BASE_TOML.replace(
 @pytest.mark.parametrize("text", ["wireless", "measured"])
 def test_heterofl_auto_widths_for_classes_without_a_speed_or_rate_distribution(tmp_path, text):
     from fedsim.errors import ScenarioError
-    from fedsim.strategies.heterofl import AUTO_WIDTHS
+    from fedsim.policies.heterofl import AUTO_WIDTHS
 
     if text == "measured" and not TRACES_DIR.is_dir():
         pytest.skip(f"measurement traces not found at {TRACES_DIR}")
@@ -284,9 +284,9 @@ def test_salf_unbiased_scale_is_capped_at_1000():
     were missed by 3001: 1 - (3001/3002)^2 = 6.66e-4 < 1/1000, so their scale is capped at 1000. Layer 2
     (fc3) was missed by 3000: 1 - (3000/3002)^2 = 1.332e-3, scale 750.6, under the cap.
     """
-    from fedsim.build import build_components
-    from fedsim.grads import GradientEngine
-    from fedsim.strategies.base import RoundInputs
+    from fedsim.sim.build import build_components
+    from fedsim.learn.grads import GradientEngine
+    from fedsim.policies.base import RoundInputs
     from oracle import layerwise_update
 
     scn = scenario('policy.name="salf"', "policy.deadline_s=30", 'policy.aggregation="unbiased"', text=TINY)
@@ -398,7 +398,7 @@ def _assert_model(out, expect):
 
 @pytest.mark.parametrize("mode", list(PARTIAL_CASES))
 def test_partial_plans_the_upload_in_non_ideal_modes(tmp_path, mode):
-    from fedsim.build import build_components
+    from fedsim.sim.build import build_components
 
     samples, end_at, events = PARTIAL_CASES[mode]
     overrides = [f'network.upload_mode="{mode}"', "run.rounds=1"]
@@ -486,8 +486,8 @@ HETERO_CASES = {
 
 @pytest.mark.parametrize("mode", list(HETERO_CASES))
 def test_heterofl_under_non_ideal_upload_modes(tmp_path, mode):
-    from fedsim.build import build_components
-    from fedsim.models import build_model
+    from fedsim.sim.build import build_components
+    from fedsim.learn.models import build_model
 
     end_at, depths, members, events = HETERO_CASES[mode]
     overrides = [f'network.upload_mode="{mode}"']
@@ -535,12 +535,12 @@ def _label_shares(comp):
 def test_dirichlet_partition_from_a_scenario_file(tmp_path, mnist_dir, monkeypatch):
     import functools
 
-    import fedsim.build
-    from fedsim.build import build_components
-    from fedsim.data import partition_dirichlet
-    from fedsim.scenario import load_scenario
+    import fedsim.sim.build
+    from fedsim.sim.build import build_components
+    from fedsim.learn.data import partition_dirichlet
+    from fedsim.spec.scenario import load_scenario
 
-    monkeypatch.setattr(fedsim.build, "load_mnist", functools.cache(fedsim.build.load_mnist))   # read MNIST once
+    monkeypatch.setattr(fedsim.sim.build, "load_mnist", functools.cache(fedsim.sim.build.load_mnist))   # read MNIST once
 
     skewed = build_components(load_scenario(_mnist_file(tmp_path, mnist_dir, 'partition = "dirichlet"\ndirichlet_alpha = 0.05')))
     iid = build_components(load_scenario(_mnist_file(tmp_path, mnist_dir, 'partition = "iid"', name="iid.toml")))
@@ -563,7 +563,7 @@ def test_dirichlet_partition_from_a_scenario_file(tmp_path, mnist_dir, monkeypat
                                        ("auto", "_grouped_sums")])
 def test_grad_path_from_a_scenario_file_is_the_path_used(tmp_path, monkeypatch, path, used):
     from fedsim.cli import main
-    from fedsim.grads import GradientEngine
+    from fedsim.learn.grads import GradientEngine
 
     calls = []
     for name in ("_loop_sums", "_vmap_sums", "_grouped_sums"):

@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 import simpy
 
-from fedsim.churn import (
-    AlwaysOnline, ChurnSpec, InitialState, RenewalAvailability, _splitmix64, build_availability, churn,
-    load_availability_trace, read_availability_file, read_churn_spec,
+from fedsim.spec.availability import ChurnSpec, InitialState, read_availability_file, read_churn_spec
+from fedsim.world.churn import (
+    AlwaysOnline, RenewalAvailability, _splitmix64, build_availability, churn, load_availability_trace,
 )
-from fedsim.distributions import Dist, DistKind
+from fedsim.spec.distributions import Dist, DistKind
 from fedsim.errors import DataError, ScenarioError
-from fedsim.fields import Fields
+from fedsim.spec.fields import Fields
 
 TRACE = """device,start_s,end_s
 0,0,10
@@ -178,8 +178,8 @@ def test_server_stops_exactly_the_rounds_of_devices_going_offline():
       device 2 (class 1), round until 10: going online at 0.75 stops nothing; stopped at 2.25;
       device 3 (class 2), round until 10: done at 10;
       device 4 (class 0) is watched but has no round under way: its switches stop nothing."""
-    from fedsim.device_round import StopCause
-    from fedsim.server import ServerBase
+    from fedsim.sim.device_round import StopCause
+    from fedsim.sim.server import ServerBase
 
     specs = [ChurnSpec(fixed(1.5), fixed(1.0), InitialState.ONLINE),
              ChurnSpec(fixed(1.5), fixed(0.75), InitialState.OFFLINE), None]

@@ -1,4 +1,4 @@
-"""Tests of fedsim.data: IDX/MNIST loading and its failure modes, synthetic data, partitions."""
+"""Tests of fedsim.learn.data: IDX/MNIST loading and its failure modes, synthetic data, partitions."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedsim.data import (Dataset, Partition, load_mnist, make_synthetic, partition_dirichlet,
+from fedsim.learn.data import (Dataset, Partition, load_mnist, make_synthetic, partition_dirichlet,
                          partition_iid, read_idx)
 from fedsim.errors import DataError
 

@@ -1,4 +1,4 @@
-"""States of one device's round (fedsim.device_round.DeviceRound) with hand-computed simulated timestamps.
+"""States of one device's round (fedsim.sim.device_round.DeviceRound) with hand-computed simulated timestamps.
 
 The fleet is tests/test_timing.py's TEXT (3 devices, 3 layers, private links, batch 1). Recap of its numbers:
 
@@ -240,9 +240,9 @@ def test_overselect_quorum_stops_a_streaming_device_in_both_lanes(tmp_path):
 @pytest.fixture
 def direct(tmp_path):
     """(env, setup, trace) of round 0 of TEXT (salf, deadline 30, ideal uploads), built by the server."""
-    from fedsim.build import build_components
-    from fedsim.server import Server
-    from fedsim.trace import TraceWriter
+    from fedsim.sim.build import build_components
+    from fedsim.sim.server import Server
+    from fedsim.output.trace import TraceWriter
 
     scn = scenario("run.rounds=1", text=TEXT)
     comp = build_components(scn)
@@ -260,7 +260,7 @@ def _trace_rows(trace):
 
 
 def test_interrupting_an_ended_device_round_raises(direct):
-    from fedsim.engine import DeviceRound, StopCause
+    from fedsim.sim.engine import DeviceRound, StopCause
 
     env, setup, trace = direct
     assert setup.plan.devices.tolist() == [0, 1, 2]
@@ -286,7 +286,7 @@ def test_interrupting_an_ended_device_round_raises(direct):
 
 
 def test_interrupting_twice_raises(direct):
-    from fedsim.engine import DeviceRound, StopCause
+    from fedsim.sim.engine import DeviceRound, StopCause
 
     env, setup, trace = direct
     ended = []
@@ -304,7 +304,7 @@ def test_interrupting_twice_raises(direct):
 
 
 def test_interrupt_before_the_first_event_accounts_nothing(direct):
-    from fedsim.engine import DeviceRound, StopCause
+    from fedsim.sim.engine import DeviceRound, StopCause
 
     env, setup, trace = direct
     ended = []
@@ -334,7 +334,7 @@ def test_interrupt_before_the_first_event_accounts_nothing(direct):
 
 
 def test_interrupt_while_waiting_for_the_shared_deadline_leaves_no_cut(direct):
-    from fedsim.engine import DeviceRound, StopCause
+    from fedsim.sim.engine import DeviceRound, StopCause
 
     env, setup, trace = direct
     ended = []

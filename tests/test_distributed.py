@@ -23,10 +23,11 @@ import torch
 pytest.importorskip("distributed", reason='Dask is not installed (pip install "fedsim[dask]"): --cluster untested')
 
 from conftest import BASE_TOML, scenario                          # noqa: E402
-from fedsim import distributed as fd                              # noqa: E402
-from fedsim.build import build_components                         # noqa: E402
+from fedsim.cluster import session as fc                          # noqa: E402
+from fedsim.cluster import shards as fd                           # noqa: E402
+from fedsim.sim.build import build_components                         # noqa: E402
 from fedsim.cli import main                                       # noqa: E402
-from fedsim.grads import GradientEngine                           # noqa: E402
+from fedsim.learn.grads import GradientEngine                           # noqa: E402
 from fedsim.run import run_scenario                               # noqa: E402
 
 FLOAT64 = ('model.dtype="float64"',)
@@ -36,7 +37,7 @@ MODEL_COLUMNS = ("train_loss", "test_loss", "test_accuracy")      # depend on th
 
 @pytest.fixture(scope="module")
 def client():
-    with fd.connect("local:2") as c:
+    with fc.connect("local:2") as c:
         yield c
 
 
@@ -60,7 +61,7 @@ def assert_same_traces(a_dir, b_dir):
 def local_and_distributed(tmp_path, cluster, *overrides):
     scn = scenario(*FLOAT64, *overrides)
     run_scenario(scn, tmp_path / "local")
-    run_scenario(scn, tmp_path / "dist", cluster=cluster)
+    run_scenario(scn, tmp_path / "dist", gradients=fd.cluster_gradients(cluster))
     return tmp_path / "local", tmp_path / "dist"
 
 
@@ -198,7 +199,7 @@ def test_worker_killed_during_a_run(tmp_path, client):
     scn = scenario(*FLOAT64, "run.rounds=5")
     client.wait_for_workers(2, timeout=60)
     run_scenario(scn, tmp_path / "local")
-    run_scenario(scn, tmp_path / "calm", cluster=client)
+    run_scenario(scn, tmp_path / "calm", gradients=fd.cluster_gradients(client))
     victim = sorted(client.nthreads())[1]               # owner of shard 1 (shards go to workers in order)
     pid = client.run(os.getpid, workers=[victim])[victim]
     first_round, dead = threading.Event(), threading.Event()
@@ -218,7 +219,7 @@ def test_worker_killed_during_a_run(tmp_path, client):
 
     killer = threading.Thread(target=kill, daemon=True)
     killer.start()
-    run_scenario(scn, tmp_path / "killed", cluster=client, progress=progress)
+    run_scenario(scn, tmp_path / "killed", gradients=fd.cluster_gradients(client), progress=progress)
     killer.join(timeout=60)
     assert dead.is_set() and victim not in client.nthreads()
     assert same_model(tmp_path / "calm", tmp_path / "killed", tol=0.0)    # same shards, same order: bit for bit
@@ -235,7 +236,7 @@ def test_worker_dying_inside_a_shard_task_is_recomputed_elsewhere(tmp_path, monk
     def dying_task(spec, weights, rows, sizes, depths):
         import os
 
-        from fedsim.distributed import shard_layer_sums
+        from fedsim.cluster.shards import shard_layer_sums
 
         if spec.shard == 1:
             with open(calls, "a") as fh:
@@ -249,7 +250,7 @@ def test_worker_dying_inside_a_shard_task_is_recomputed_elsewhere(tmp_path, monk
 
     monkeypatch.setattr(fd.ShardedGradientEngine, "task", staticmethod(dying_task))
     client.wait_for_workers(2, timeout=60)
-    run_scenario(scn, tmp_path / "dist", cluster=client)
+    run_scenario(scn, tmp_path / "dist", gradients=fd.cluster_gradients(client))
     assert os.path.exists(marker)
     pids = open(calls).read().split()
     assert len(pids) == 4 and pids[1] != pids[2]        # round 1 ran twice: on the dead worker, then elsewhere
@@ -283,7 +284,7 @@ def test_cluster_without_dask_says_how_to_install_it(tmp_path, capsys, monkeypat
     (["sweep", "--grid", "policy.name=salf,drop", "--cluster", "local:"], ["local:", "positive integer"]),
 ])
 def test_bad_cluster_input_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, args, words):
-    monkeypatch.setattr(fd, "CONNECT_TIMEOUT_S", 1)
+    monkeypatch.setattr(fc, "CONNECT_TIMEOUT_S", 1)
     path = tmp_path / "s.toml"
     path.write_text(BASE_TOML)
     command, *rest = args
@@ -296,8 +297,8 @@ def test_bad_cluster_input_exits_2_and_writes_nothing(tmp_path, capsys, monkeypa
 
 
 def test_cluster_spec_parsing():
-    assert fd.parse_cluster("local:3") == fd.ClusterSpec(local_workers=3)
-    assert fd.parse_cluster("local").local_workers >= 1
-    assert fd.parse_cluster("tcp://10.0.0.5:8786") == fd.ClusterSpec(address="tcp://10.0.0.5:8786")
-    assert fd.parse_cluster("localhost:8786") == fd.ClusterSpec(address="localhost:8786")
+    assert fc.parse_cluster("local:3") == fc.ClusterSpec(local_workers=3)
+    assert fc.parse_cluster("local").local_workers >= 1
+    assert fc.parse_cluster("tcp://10.0.0.5:8786") == fc.ClusterSpec(address="tcp://10.0.0.5:8786")
+    assert fc.parse_cluster("localhost:8786") == fc.ClusterSpec(address="localhost:8786")
     assert json.loads(json.dumps(fd.DISTRIBUTED_POLICIES)) == ["salf", "drop", "wait", "overselect"]

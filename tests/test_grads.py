@@ -31,7 +31,7 @@ class BNNet(nn.Module):
 
 
 def _model(name: str, dtype: torch.dtype):
-    from fedsim.models import build_model
+    from fedsim.learn.models import build_model
 
     if name == "bn":
         with torch.random.fork_rng(devices=[]):
@@ -43,7 +43,7 @@ def _model(name: str, dtype: torch.dtype):
 @functools.lru_cache(maxsize=None)
 def _data(name: str, granularity: str, dtype_name: str, n_devices: int):
     """Profile, data, batches and depths of a case (shared by the tests: treat as read-only)."""
-    from fedsim.profile import Granularity, build_profile
+    from fedsim.learn.profile import Granularity, build_profile
 
     dtype = getattr(torch, dtype_name)
     profile = build_profile(_model(name, dtype), (1, 28, 28), Granularity(granularity))
@@ -108,7 +108,7 @@ def _expected_sums(model, profile, x, y, batches, depths):
 @pytest.mark.parametrize("granularity", ["module", "tensor"])
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_layer_sums_match_oracle(name, granularity, dtype, path):
-    from fedsim.grads import GradientEngine
+    from fedsim.learn.grads import GradientEngine
 
     model, profile, x, y, batches, depths = _setup(name, granularity, dtype)
     engine = GradientEngine(model, profile, x, y, path=path)
@@ -130,7 +130,7 @@ def test_layer_sums_match_oracle(name, granularity, dtype, path):
 @pytest.mark.parametrize("path", ["auto", "vmap", "loop"])
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_per_device_grads_match_oracle(name, path):
-    from fedsim.grads import GradientEngine
+    from fedsim.learn.grads import GradientEngine
 
     model, profile, x, y, batches, depths = _setup(name, "module", "float64")
     engine = GradientEngine(model, profile, x, y, path=path)
@@ -155,7 +155,7 @@ def test_per_device_grads_match_oracle(name, path):
 
 
 def test_auto_policy():
-    from fedsim.grads import GradPath, batch_coupled_modules, resolve_paths
+    from fedsim.learn.grads import GradPath, batch_coupled_modules, resolve_paths
 
     assert resolve_paths(_model("mlp", torch.float32)) == (GradPath.GROUPED, GradPath.VMAP)
     assert resolve_paths(_model("cnn", torch.float32)) == (GradPath.GROUPED, GradPath.VMAP)
@@ -170,7 +170,7 @@ def test_auto_policy():
 
 
 def test_running_stats_module_in_training_mode_is_coupled():
-    from fedsim.grads import batch_coupled_modules
+    from fedsim.learn.grads import batch_coupled_modules
 
     class Tracker(nn.Module):
         def __init__(self):
@@ -189,7 +189,7 @@ def test_running_stats_module_in_training_mode_is_coupled():
 
 @pytest.mark.parametrize("path", ["auto", "loop", "vmap"])
 def test_batchnorm_exact_and_buffers_untouched(path):
-    from fedsim.grads import GradientEngine
+    from fedsim.learn.grads import GradientEngine
 
     model, profile, x, y, batches, depths = _setup("bn", "module", "float64")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -212,7 +212,7 @@ def test_batchnorm_exact_and_buffers_untouched(path):
 
 def test_grouped_refuses_batch_coupled_model():
     from fedsim.errors import FedsimError
-    from fedsim.grads import GradientEngine
+    from fedsim.learn.grads import GradientEngine
 
     model, profile, x, y, _, _ = _setup("bn", "module", "float64")
     with pytest.raises(FedsimError, match="grouped.*bn"):
@@ -221,7 +221,7 @@ def test_grouped_refuses_batch_coupled_model():
 
 def test_grouped_ignores_batchnorm_in_eval_mode():
     """BatchNorm with running statistics in eval mode is per-sample: grouped is exact."""
-    from fedsim.grads import GradientEngine, GradPath
+    from fedsim.learn.grads import GradientEngine, GradPath
 
     model, profile, x, y, batches, depths = _setup("bn", "module", "float64")
     with torch.no_grad():
@@ -240,7 +240,7 @@ def test_grouped_ignores_batchnorm_in_eval_mode():
 @pytest.mark.parametrize("poison", ["input", "weight"])
 def test_non_finite_loss_raises(path, poison):
     from fedsim.errors import NumericalError
-    from fedsim.grads import GradientEngine
+    from fedsim.learn.grads import GradientEngine
 
     model, profile, x, y, batches, depths = _setup("mlp", "module", "float32")
     x = x.clone()
@@ -259,7 +259,7 @@ def test_non_finite_loss_raises(path, poison):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_nobody_delivered(path):
-    from fedsim.grads import GradientEngine
+    from fedsim.learn.grads import GradientEngine
 
     model, profile, x, y, batches, _ = _setup("mlp", "module", "float32")
     engine = GradientEngine(model, profile, x, y, path=path)
@@ -272,7 +272,7 @@ def test_nobody_delivered(path):
 
 def test_chunked_passes_stay_exact(monkeypatch):
     """Big rounds are split into chunks (cache and memory); the sums must not change."""
-    import fedsim.grads as grads
+    import fedsim.learn.grads as grads
 
     model, profile, x, y, batches, depths = _setup("mlp", "tensor", "float64")
     expect, _ = _expected_sums(model, profile, x, y, batches, depths)
@@ -286,7 +286,7 @@ def test_chunked_passes_stay_exact(monkeypatch):
 
 def test_bad_depths_rejected():
     from fedsim.errors import FedsimError
-    from fedsim.grads import GradientEngine
+    from fedsim.learn.grads import GradientEngine
 
     model, profile, x, y, batches, depths = _setup("mlp", "module", "float32")
     engine = GradientEngine(model, profile, x, y)
@@ -302,7 +302,7 @@ def test_bad_depths_rejected():
 
 def test_paths_agree_with_each_other_in_float32():
     """The paths differ only by rounding: a policy's results do not hinge on the path."""
-    from fedsim.grads import GradientEngine
+    from fedsim.learn.grads import GradientEngine
 
     model, profile, x, y, batches, depths = _setup("cnn", "module", "float32", n_devices=12)
     results = {p: GradientEngine(model, profile, x, y, path=p).layer_sums(batches, depths) for p in PATHS}
@@ -313,7 +313,7 @@ def test_paths_agree_with_each_other_in_float32():
 
 def test_works_under_no_grad():
     """A caller inside torch.no_grad (an evaluation loop, say) still gets gradients."""
-    from fedsim.grads import GradientEngine
+    from fedsim.learn.grads import GradientEngine
 
     model, profile, x, y, batches, depths = _setup("mlp", "module", "float64")
     expect, _ = _expected_sums(model, profile, x, y, batches, depths)
@@ -327,7 +327,7 @@ def test_works_under_no_grad():
 def test_cross_entropy_rows_equals_torch():
     import torch.nn.functional as F
 
-    from fedsim.grads import cross_entropy_rows
+    from fedsim.learn.grads import cross_entropy_rows
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(50, 10, generator=gen, dtype=torch.float64) * 30
@@ -346,7 +346,7 @@ def test_cross_entropy_rows_equals_torch():
 
 def test_path_follows_train_eval_switches():
     """A model built in eval mode and switched to training mode must leave the grouped path."""
-    from fedsim.grads import GradientEngine, GradPath
+    from fedsim.learn.grads import GradientEngine, GradPath
 
     model, profile, x, y, batches, depths = _setup("bn", "module", "float64")
     model.eval()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO
 from fedsim.errors import ScenarioError
-from fedsim.scenario import parse_scenario
+from fedsim.spec.scenario import parse_scenario
 
 FUZZ_SCALE = int(os.environ.get("FEDSIM_FUZZ_SCALE", "1"))    # e.g. 25 for a long local fuzzing session
 SHIPPED = sorted((REPO / "scenarios").rglob("*.toml"))

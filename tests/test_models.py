@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fedsim.errors import ScenarioError
-from fedsim.models import MODEL_NAMES, build_model
+from fedsim.learn.models import MODEL_NAMES, build_model
 
 MNIST = (1, 28, 28)
 

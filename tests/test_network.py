@@ -13,8 +13,8 @@ import pytest
 import simpy
 
 from fedsim.errors import FedsimError, ScenarioError
-from fedsim.fields import Fields
-from fedsim.network import (
+from fedsim.spec.fields import Fields
+from fedsim.world.network import (
     AccessKind, Direction, Network, Preset, build_topology, max_min_rates, path_gain, rayleigh_power_gain,
     read_network_spec, shannon_rate_bps, transfer,
 )
@@ -390,12 +390,12 @@ def test_transfer_argument_checks():
 
 def _count_work(env, monkeypatch):
     """Record the delay of every timeout the network schedules and count its max-min computations."""
-    import fedsim.network
+    import fedsim.world.network
 
     delays, shares = [], []
-    timeout, rates = env.timeout, fedsim.network.max_min_rates
+    timeout, rates = env.timeout, fedsim.world.network.max_min_rates
     env.timeout = lambda delay=0, value=None: (delays.append(delay), timeout(delay, value))[1]
-    monkeypatch.setattr(fedsim.network, "max_min_rates",
+    monkeypatch.setattr(fedsim.world.network, "max_min_rates",
                         lambda paths, capacity: (shares.append(len(paths)), rates(paths, capacity))[1])
     return delays, shares
 

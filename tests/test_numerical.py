@@ -13,7 +13,7 @@ from fedsim.errors import NumericalError
 
 
 def _poisoned(*overrides):
-    from fedsim.build import build_components
+    from fedsim.sim.build import build_components
 
     scn = scenario(*overrides)
     comp = build_components(scn)
@@ -58,8 +58,8 @@ def test_diverging_learning_rate_stops_with_the_nan_message(tmp_path, capsys):
 def test_nan_is_located_without_the_gradient_engine_holding_data(tmp_path, monkeypatch):
     """A sharded (Dask) gradient engine keeps no training data in the driver: locating the device must
     not rely on it."""
-    import fedsim.server
-    from fedsim.grads import GradientEngine
+    import fedsim.sim.server
+    from fedsim.learn.grads import GradientEngine
     from fedsim.run import run_scenario
 
     class NoLocalData:
@@ -70,7 +70,7 @@ def test_nan_is_located_without_the_gradient_engine_holding_data(tmp_path, monke
         def layer_sums(self, batches, depths):
             return self._engine.layer_sums(batches, depths)
 
-    monkeypatch.setattr(fedsim.server, "GradientEngine", NoLocalData)
+    monkeypatch.setattr(fedsim.sim.server, "GradientEngine", NoLocalData)
     scn, comp = _poisoned("policy.deadline_s=1000")
     with pytest.raises(NumericalError, match=r"round 0: .*device 3\b"):
         run_scenario(scn, tmp_path / "r", components=comp)

@@ -33,7 +33,7 @@ def _status(run_dir) -> dict:
 
 def _poisoned(*overrides, device: int = 3):
     """The scenario and its components, device `device`'s training data replaced by NaN."""
-    from fedsim.build import build_components
+    from fedsim.sim.build import build_components
 
     scn = scenario(*overrides)
     comp = build_components(scn)
@@ -44,12 +44,12 @@ def _poisoned(*overrides, device: int = 3):
 
 def _serve(tmp_path, scn, comp=None):
     """Run the engine by hand, to look at the server afterwards: (server, the error that ended it or None)."""
-    from fedsim.async_engine import AsyncServer, serve_async
-    from fedsim.build import build_components
-    from fedsim.engine import serve_rounds
-    from fedsim.server import Server
-    from fedsim.strategies.fedasync import is_asynchronous
-    from fedsim.trace import TraceWriter
+    from fedsim.sim.async_engine import AsyncServer, serve_async
+    from fedsim.sim.build import build_components
+    from fedsim.sim.engine import serve_rounds
+    from fedsim.sim.server import Server
+    from fedsim.policies.fedasync import is_asynchronous
+    from fedsim.output.trace import TraceWriter
 
     comp = comp if comp is not None else build_components(scn)
     trace = TraceWriter(tmp_path, {})
@@ -116,7 +116,7 @@ def test_an_asynchronous_update_that_makes_the_weights_non_finite_fails_at_once(
 
 
 def test_the_failing_round_is_in_the_trace(tmp_path):
-    from fedsim.trace import read_journal
+    from fedsim.output.trace import read_journal
 
     with pytest.raises(NumericalError, match=r"^round 0: "):
         run(tmp_path, *LOUD)
@@ -262,7 +262,7 @@ def test_asynchronous_stop_names_the_update_and_the_device(tmp_path, policy):
 
 def test_an_aggregate_that_overflows_stops_even_with_drop(tmp_path, monkeypatch):
     """Every device finite alone, their aggregate not: nobody to drop, the run stops and names them."""
-    import fedsim.strategies.salf as salf
+    import fedsim.policies.salf as salf
 
     real = salf.layerwise_fedsgd
 
@@ -281,7 +281,7 @@ def test_an_aggregate_that_overflows_stops_even_with_drop(tmp_path, monkeypatch)
 
 
 def test_health_state_round_trips():
-    from fedsim.server import NumericalHealth
+    from fedsim.sim.health import NumericalHealth
 
     health = NumericalHealth(10.0, 10)
     health.record(0, 2.0, [])
@@ -297,10 +297,10 @@ def test_health_state_round_trips():
 
 def test_checkpoint_carries_the_divergence_rule_state(tmp_path):
     """A resumed run keeps counting its streak and its dropped updates from where the checkpoint was."""
-    from fedsim.build import build_components
-    from fedsim.checkpoint import load_checkpoint, restore_server, save_checkpoint
-    from fedsim.server import Server
-    from fedsim.trace import TraceWriter
+    from fedsim.sim.build import build_components
+    from fedsim.output.checkpoint import load_checkpoint, restore_server, save_checkpoint
+    from fedsim.sim.server import Server
+    from fedsim.output.trace import TraceWriter
 
     scn = scenario()
     comp = build_components(scn)

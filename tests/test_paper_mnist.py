@@ -9,7 +9,7 @@ from conftest import REPO, table
 
 def test_salf_beats_drop_on_mnist(tmp_path, mnist_dir):
     from fedsim.run import run_scenario
-    from fedsim.scenario import load_scenario
+    from fedsim.spec.scenario import load_scenario
 
     acc: dict[str, list[float]] = {"salf": [], "drop": []}
     for seed in range(3):

@@ -48,8 +48,8 @@ deadline_s = 6.0
 
 
 def _initial_and_batches(text, *overrides):
-    from fedsim.build import build_components
-    from fedsim.server import round_rng
+    from fedsim.sim.build import build_components
+    from fedsim.sim.server import round_rng
 
     scn = scenario(*overrides, text=text)
     comp = build_components(scn)
@@ -136,9 +136,9 @@ def test_heterofl_entrywise_average_of_submodels(tmp_path):
     text = BASE_TOML.replace('[policy]\nname = "salf"', '[policy]\nname = "heterofl"\nwidths = { slow = 0.5 }')
     overrides = ["run.rounds=1", 'model.dtype="float64"', "training.momentum=0.0", "policy.deadline_s=1000"]
     out = run(tmp_path, *overrides, text=text)
-    from fedsim.build import build_components
-    from fedsim.models import build_model
-    from fedsim.server import round_rng
+    from fedsim.sim.build import build_components
+    from fedsim.learn.models import build_model
+    from fedsim.sim.server import round_rng
 
     scn = scenario(*overrides, text=text)
     comp = build_components(scn)

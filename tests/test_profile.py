@@ -4,8 +4,8 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from fedsim.errors import FedsimError
-from fedsim.models import build_model
-from fedsim.profile import Granularity, LayerInfo, ModelProfile, build_profile
+from fedsim.learn.models import build_model
+from fedsim.learn.profile import Granularity, LayerInfo, ModelProfile, build_profile
 
 MNIST = (1, 28, 28)
 MODULE, TENSOR = Granularity.MODULE, Granularity.TENSOR

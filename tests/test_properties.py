@@ -165,7 +165,7 @@ def scenario_text(fleet: list[Device], policy: dict, *, model: str = "mlp", gran
 
 
 def parse(text: str):
-    from fedsim.scenario import parse_scenario
+    from fedsim.spec.scenario import parse_scenario
 
     return parse_scenario(text, "prop.toml", [])
 
@@ -192,7 +192,7 @@ def _short(v: float) -> float:
 def realise(fleet: list[Device], policy: dict, options: dict, scales: dict):
     """The scenario text and its components, with times given relative to the devices' round times:
     `scales` may hold deadline = (fraction, device), churn = (on, off) and span (asynchronous runs)."""
-    from fedsim.build import build_components
+    from fedsim.sim.build import build_components
 
     probe = dict(policy, deadline_s=1.0) if "deadline" in scales else dict(policy)
     if "span" in scales:
@@ -384,13 +384,13 @@ def expected_selection(n: int, rng: np.random.Generator, policy: dict, participa
        path=st.sampled_from(["grouped", "vmap", "loop"]),
        rule=st.sampled_from(["salf:mean", "salf:unbiased", "salf:all", "drop:mean", "drop:all", "wait"]))
 def test_layerwise_aggregation_equals_per_device_definition(data, model_name, granularity, path, rule):
-    from fedsim.grads import GradientEngine
-    from fedsim.models import build_model
-    from fedsim.profile import Granularity, build_profile
-    from fedsim.strategies import Aggregation, RoundInputs
-    from fedsim.strategies.drop import Drop
-    from fedsim.strategies.salf import Salf
-    from fedsim.strategies.wait import Wait
+    from fedsim.learn.grads import GradientEngine
+    from fedsim.learn.models import build_model
+    from fedsim.learn.profile import Granularity, build_profile
+    from fedsim.policies import Aggregation, RoundInputs
+    from fedsim.policies.drop import Drop
+    from fedsim.policies.salf import Salf
+    from fedsim.policies.wait import Wait
 
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="init seed"))
     model = build_model(model_name, (60,), 10, generator=gen, dtype=torch.float64)

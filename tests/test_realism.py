@@ -137,7 +137,7 @@ def phones(mnist_dir):
 
 def test_phones_scenario_runs_with_salf(tmp_path, phones):
     from fedsim.run import run_scenario
-    from fedsim.scenario import load_scenario
+    from fedsim.spec.scenario import load_scenario
 
     scn = load_scenario(REPO / "scenarios" / "phones.toml", phones + ["run.rounds=6"])
     summary = run_scenario(scn, tmp_path / "phones")
@@ -148,10 +148,10 @@ def test_phones_scenario_runs_with_salf(tmp_path, phones):
 
 def test_phones_are_calibrated_to_their_measured_batch_time(phones):
     """One batch of the reference model (the benchmark's LeNet) takes the measured time on each phone."""
-    from fedsim.build import build_components
-    from fedsim.measurements import MNIST_SHAPE, MnnLeNet
-    from fedsim.profile import Granularity, build_profile
-    from fedsim.timing import plan_round
+    from fedsim.sim.build import build_components
+    from fedsim.world.measurements import MNIST_SHAPE, MnnLeNet
+    from fedsim.learn.profile import Granularity, build_profile
+    from fedsim.world.timing import plan_round
 
     comp = build_components(scenario(*phones, text=(REPO / "scenarios" / "phones.toml").read_text()))
     lenet = build_profile(MnnLeNet(), MNIST_SHAPE, Granularity.MODULE)

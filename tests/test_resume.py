@@ -66,7 +66,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
 
 def test_sigkill_leaves_readable_trace_up_to_last_round(tmp_path):
-    from fedsim.trace import read_journal
+    from fedsim.output.trace import read_journal
 
     out = tmp_path / "dead"
     proc = _start(tmp_path, out)

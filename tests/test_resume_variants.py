@@ -20,7 +20,7 @@ TABLES = ("events", "rounds", "devices")
 
 
 def _straight_and_resumed(tmp_path, *overrides, text=BASE_TOML, rounds=6, every=2, stop_after=3):
-    from fedsim.checkpoint import load_checkpoint
+    from fedsim.output.checkpoint import load_checkpoint
     from fedsim.run import resume_run, run_scenario
 
     scn = scenario(f"run.rounds={rounds}", *overrides, text=text)

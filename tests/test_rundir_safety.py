@@ -23,7 +23,7 @@ import torch
 
 from conftest import BASE_TOML, REPO
 from fedsim.cli import main
-from fedsim.rundir import MARKER_FILE, RunLock, read_status, run_state
+from fedsim.output.rundir import MARKER_FILE, RunLock, read_status, run_state
 
 TABLES = ("events", "devices", "rounds")
 
@@ -236,16 +236,16 @@ def test_read_only_parent_is_one_line_exit_3_and_no_directory(tmp_path, scenario
 def test_os_error_while_writing_is_exit_3_status_failed_and_no_temporaries(tmp_path, scenario_file, capsys,
                                                                             monkeypatch):
     """A full disk at the model write: one line naming the file, status `failed`, no `.tmp` left."""
-    import fedsim.rundir
+    import fedsim.output.rundir
 
-    real = fedsim.rundir.os.replace
+    real = fedsim.output.rundir.os.replace
 
     def full_disk(src, dst, *a, **k):
         if str(dst).endswith("model.pt"):
             raise OSError(28, "No space left on device", str(dst))
         return real(src, dst, *a, **k)
 
-    monkeypatch.setattr(fedsim.rundir.os, "replace", full_disk)
+    monkeypatch.setattr(fedsim.output.rundir.os, "replace", full_disk)
     out = tmp_path / "r"
     code, err = cli(capsys, "run", str(scenario_file), "--out", str(out), "--quiet")
     monkeypatch.undo()

@@ -41,8 +41,8 @@ def _overrides(path, request) -> list[str]:
 def _n_layers(scn) -> int:
     import torch
 
-    from fedsim.models import build_model
-    from fedsim.profile import Granularity, build_profile
+    from fedsim.learn.models import build_model
+    from fedsim.learn.profile import Granularity, build_profile
 
     shape = INPUT_SHAPES[scn.data.name]
     model = build_model(scn.model.name, shape, 10, generator=torch.Generator(), source=scn.source)
@@ -52,9 +52,9 @@ def _n_layers(scn) -> int:
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
 def test_shipped_scenario_runs_and_writes_consistent_tables(tmp_path, request, path):
     from fedsim.cli import main
-    from fedsim.scenario import load_scenario
-    from fedsim.strategies.fedasync import is_asynchronous
-    from fedsim.trace import DEVICES_SCHEMA, EVENTS_SCHEMA, ROUNDS_SCHEMA
+    from fedsim.spec.scenario import load_scenario
+    from fedsim.policies.fedasync import is_asynchronous
+    from fedsim.output.trace import DEVICES_SCHEMA, EVENTS_SCHEMA, ROUNDS_SCHEMA
 
     overrides = _overrides(path, request)
     out = tmp_path / "out"

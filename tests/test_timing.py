@@ -57,7 +57,7 @@ def events_of(run_dir, round_):
 
 def test_profile_flops_are_the_hand_values(tmp_path):
     from conftest import scenario
-    from fedsim.build import build_components
+    from fedsim.sim.build import build_components
 
     prof = build_components(scenario(text=TEXT)).profile
     assert [(l.fwd_flops_per_sample, l.bwd_flops_per_sample) for l in prof.layers] == [(480, 480), (32, 64), (80, 160)]

@@ -1,15 +1,9 @@
-"""Beyond one machine on Dask: sweeps whose runs are cluster tasks, and one run whose gradients are sharded.
+"""`fedsim run --cluster`: one run whose gradients are sharded over a Dask cluster.
 
-`--cluster` takes a Dask scheduler address (`tcp://host:8786`) or `local[:N]` (fedsim starts a
-`LocalCluster` of N single-thread worker processes, N = the number of cores by default).
-
-* `fedsim sweep --cluster`: each run of the sweep is one Dask task running the function the local process
-  pool runs (`fedsim.sweep._run_one`), writing into the sweep directory, which every worker must see at
-  the same path (a shared filesystem). Same run ids, traces and index as a local sweep; resumable alike.
-* `fedsim run --cluster`: the simulated clock, the SimPy engine, the policy and the trace stay in this
+The simulated clock, the SimPy engine, the policy and the trace stay in this
   (driver) process; only `layer_sums` (the gradients of what the devices delivered) runs on the cluster,
   through `ShardedGradientEngine`. The devices are cut into fixed shards of consecutive ids; a worker
-  rebuilds the data of its shards itself from the scenario and seed (`fedsim.build.build_components`), once,
+  rebuilds the data of its shards itself from the scenario and seed (`fedsim.sim.build.build_components`), once,
   so no training data ever crosses the network. Per round the driver broadcasts the model once and sends
   each shard the mini-batch rows (as positions in the shard's data) and depths of its participants; each
   shard returns one `LayerSums` (per-parameter sums and per-layer counts), which the driver adds in shard
@@ -17,7 +11,7 @@
   dies is recomputed by another worker, which rebuilds that shard's data first: the result is unchanged.
 
 Only the one-step layer-wise policies use `layer_sums` (salf, drop, wait, overselect with
-`training.local_steps = 1`); the others train per device (`fedsim.local.LocalTrainer`) and are refused.
+`training.local_steps = 1`); the others train per device (`fedsim.learn.local.LocalTrainer`) and are refused.
 
 Dask is optional (`pip install "fedsim[dask]"`): nothing here imports it until a cluster is asked for.
 See docs/DISTRIBUTED.md for clusters on Slurm and the cost model.
@@ -26,12 +20,10 @@ See docs/DISTRIBUTED.md for clusters on Slurm and the cost model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
-import os
-import shutil
 import threading
 import uuid
-import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,18 +32,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from fedsim.cluster.session import ClusterError, connect, single_thread
 from fedsim.errors import DataError, FedsimError
-from fedsim.grads import LayerSums, check_depths
+from fedsim.learn.grads import LayerSums, check_depths
 
-__all__ = ["ClusterError", "ClusterSpec", "ClusterSession", "ShardedGradientEngine", "ShardSpec",
-           "DASK_INSTALL", "DISTRIBUTED_POLICIES", "check_distributable", "connect", "data_digest",
-           "open_cluster", "parse_cluster", "require_dask", "sharded_grads", "shard_layer_sums",
-           "sweep_on_cluster", "sweep_task"]
+__all__ = ["ShardedGradientEngine", "ShardSpec", "DISTRIBUTED_POLICIES", "check_distributable", "cluster_gradients",
+           "data_digest", "sharded_grads", "shard_layer_sums"]
 
-DASK_INSTALL = 'pip install "fedsim[dask]"'
 DISTRIBUTED_POLICIES = ("salf", "drop", "wait", "overselect")
 # Wall-clock limits of talking to the cluster (never the simulated clock, which lives in the engine).
-CONNECT_TIMEOUT_S = 30
 WORKER_WAIT_S = 120
 _SCATTER_ATTEMPTS = 3
 # A long-lived cluster serves run after run: a worker keeps the shards of this many runs at most.
@@ -61,181 +50,6 @@ _MAX_RUNS_PER_WORKER = 2
 # activations (over 1 GB) spill every cache: passes this small measured 2.5x faster per sample here on
 # the CNN, 1.4-2x on the MLP. The split is fixed by the data, so results stay deterministic.
 _PASS_FWD_FLOPS = 1.5e8
-# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's adaptive mmap
-# threshold: every activation buffer over 128 KB is then mapped and unmapped pass after pass, and the page
-# faults (6.8 M, 7.6 s of system time) made a paper-CNN shard 1.9x slower than the same code in a plain
-# process. Workers of local:N start without it (None unsets it); other clusters: docs/DISTRIBUTED.md.
-WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
-
-
-class ClusterError(FedsimError):
-    """--cluster is malformed, Dask is missing, the scheduler cannot be reached, or the cluster lost the work."""
-
-
-def require_dask():
-    """The `distributed` module, or a ClusterError saying how to install it."""
-    try:
-        import distributed
-    except ImportError as exc:
-        raise ClusterError(f"--cluster needs Dask, which is not installed ({exc}); install it with: "
-                           f"{DASK_INSTALL}") from None
-    return distributed
-
-
-# -- connecting -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    address: str | None = None          # a running scheduler, e.g. tcp://10.0.0.5:8786
-    local_workers: int | None = None    # or: start a LocalCluster of this many single-thread processes
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
-def parse_cluster(text: str) -> ClusterSpec:
-    """`local`, `local:N` or a scheduler address."""
-    text = str(text).strip()
-    if not text:
-        raise ClusterError("--cluster: empty; give a Dask scheduler ADDRESS (tcp://host:8786) or local[:N]")
-    name, sep, count = text.partition(":")
-    if name != "local":
-        return ClusterSpec(address=text)
-    if not sep:
-        return ClusterSpec(local_workers=_cores())
-    try:
-        n = int(count)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ClusterError(f"--cluster {text}: N in local:N must be a positive integer, got {count!r}")
-    return ClusterSpec(local_workers=n)
-
-
-def _close_quietly(*things) -> None:
-    for thing in things:
-        if thing is not None:
-            with contextlib.suppress(Exception):
-                thing.close()
-
-
-class ClusterSession:
-    """A Dask client and, if fedsim started it, the LocalCluster behind it; `close()` ends what was opened.
-
-    A finalizer closes them too if the session is dropped without `close()` (an error between connecting
-    and running), so a LocalCluster's worker processes never outlive the command.
-    """
-
-    def __init__(self, client, cluster=None, owned: bool = True):
-        self.client = client
-        self.cluster = cluster
-        self._finalizer = weakref.finalize(self, _close_quietly, client if owned else None, cluster)
-
-    def close(self) -> None:
-        self._finalizer()
-
-
-def open_cluster(cluster) -> ClusterSession:
-    """Connect to `cluster`: a `--cluster` text, a ClusterSpec, or a `distributed.Client` (used as is)."""
-    distributed = require_dask()
-    if isinstance(cluster, distributed.Client):
-        return ClusterSession(cluster, owned=False)
-    spec = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
-    if spec.local_workers is not None:
-        import logging
-
-        import dask
-
-        # Processes with one thread each: two single-thread processes beat one two-thread process for this
-        # work (docs/DISTRIBUTED.md). The scheduler's HTTP server on any free port: the fixed default
-        # (8787) clashes between concurrent commands.
-        with dask.config.set(WORKER_DASK_CONFIG):      # read by each nanny now, kept for its restarts
-            local = distributed.LocalCluster(n_workers=spec.local_workers, threads_per_worker=1, processes=True,
-                                             dashboard_address=":0", silence_logs=logging.ERROR)
-        try:
-            return ClusterSession(distributed.Client(local), local)
-        except BaseException:
-            local.close()
-            raise
-    try:
-        client = distributed.Client(spec.address, timeout=CONNECT_TIMEOUT_S)
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise ClusterError(f"--cluster {spec.address}: cannot reach a Dask scheduler there "
-                           f"({type(exc).__name__}: {exc}); start one (docs/DISTRIBUTED.md) or use "
-                           "--cluster local:N") from None
-    return ClusterSession(client)
-
-
-@contextlib.contextmanager
-def connect(cluster) -> Iterator[Any]:
-    """`with connect("local:2") as client:` a Dask client, closed (with its LocalCluster) on exit."""
-    session = open_cluster(cluster)
-    try:
-        yield session.client
-    finally:
-        session.close()
-
-
-def _single_thread() -> None:
-    """Worker side: one torch thread per task (the worker runs as many tasks at once as it has threads)."""
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
-
-
-# -- sweeps -----------------------------------------------------------------------------------------
-
-def sweep_task(scenario: str, overrides: tuple[str, ...], run_dir: str, params: dict, text: str,
-               base_dir: str) -> tuple[str, str | None]:
-    """Worker side of a sweep on a cluster: one run, through the local pool's own `_run_one`."""
-    from fedsim.sweep import _run_one
-
-    _single_thread()
-    # The sweep removed every directory it submitted; one that exists now was left by an earlier attempt of
-    # this very task, whose worker died (Dask re-runs the task elsewhere): start it afresh.
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return _run_one(scenario, overrides, run_dir, params, text=text, base_dir=base_dir)
-
-
-def sweep_on_cluster(client, scenario: Path, out: Path, todo: list) -> Iterator[tuple[Any, str, str | None]]:
-    """Submit every run of `todo` to the cluster; yield (run, status, error) as each finishes.
-
-    Runs are submitted at once and the scheduler balances them over the workers; on an interrupt the
-    ones not started are cancelled (a run already running on a remote worker finishes there, and the
-    next sweep takes it as done if it completed). The scenario travels as text, under the name the
-    driver uses, so traces record exactly what a local sweep records.
-    """
-    from distributed import as_completed
-
-    from fedsim.rundir import RunStatus
-    from fedsim.sweep import RUNS_DIR
-
-    if not todo:
-        return
-    scenario = Path(scenario)
-    text = scenario.read_text(encoding="utf-8")
-    base_dir = str(scenario.resolve().parent)
-    tag = uuid.uuid4().hex[:8]
-    futures = {}
-    for run in todo:
-        run_dir = (Path(out) / RUNS_DIR / run.run_id).resolve()      # workers need not share our cwd
-        future = client.submit(sweep_task, str(scenario), tuple(run.overrides), str(run_dir),
-                               run.params_json(scenario), text, base_dir, key=f"fedsim-run-{tag}-{run.run_id}")
-        futures[future] = run
-    try:
-        for future in as_completed(list(futures)):
-            run = futures[future]
-            try:
-                status, error = future.result()
-            except Exception as exc:        # the task was lost: its workers kept dying (KilledWorker), ...
-                status, error = RunStatus.FAILED.value, f"{type(exc).__name__}: {exc}"
-            yield run, status, error
-    finally:
-        client.cancel(list(futures))
-
 
 # -- one run, sharded gradients ---------------------------------------------------------------------
 
@@ -280,7 +94,7 @@ class ShardSpec:
     shard: int
     first_device: int    # the shard's devices are first_device .. end_device - 1
     end_device: int
-    scenario: Any        # fedsim.scenario.Scenario, paths absolute
+    scenario: Any        # fedsim.spec.scenario.Scenario, paths absolute
     digest: str          # data_digest of the driver's data
 
 
@@ -295,8 +109,8 @@ class _Shard:
     """Worker side: one shard's training rows (sorted dataset indices), a model and a GradientEngine."""
 
     def __init__(self, spec: ShardSpec):
-        from fedsim.build import build_components
-        from fedsim.grads import GradientEngine
+        from fedsim.sim.build import build_components
+        from fedsim.learn.grads import GradientEngine
 
         comp = build_components(spec.scenario)
         if data_digest(comp.dataset, comp.partition) != spec.digest:
@@ -343,7 +157,7 @@ def _loaded(spec: ShardSpec) -> Iterator[_Shard]:
 
 def load_shard(spec: ShardSpec) -> int:
     """Worker task: build the shard's data now (before round 0); returns its number of training rows."""
-    _single_thread()
+    single_thread()
     with _loaded(spec) as shard:
         return int(len(shard.rows))
 
@@ -358,7 +172,7 @@ def shard_layer_sums(spec: ShardSpec, weights: _Weights, rows: np.ndarray, sizes
                      depths: np.ndarray) -> LayerSums:
     """Worker task: the LayerSums of one shard's participants (rows: their mini-batches, concatenated,
     as positions in the shard's data; sizes: each mini-batch's length)."""
-    _single_thread()
+    single_thread()
     with _loaded(spec) as shard:
         shard.load(weights)
         batches = np.split(rows.astype(np.int64), np.cumsum(sizes)[:-1])
@@ -393,7 +207,7 @@ def _counts(depths: np.ndarray, n_layers: int) -> np.ndarray:
 class ShardedGradientEngine:
     """`GradientEngine.layer_sums` with the work split over the workers of a Dask cluster by device shard.
 
-    Same API as `fedsim.grads.GradientEngine` for what policies use (`layer_sums`, `layer_of_param`),
+    Same API as `fedsim.learn.grads.GradientEngine` for what policies use (`layer_sums`, `layer_of_param`),
     plus `begin_round(devices)`, through which the server says whose mini-batches a round's positions are.
     The shard count is fixed for the run (default: the cluster's worker threads at the start); the sums
     are added in shard order, so a run's result depends on the shard count (to rounding) but never on
@@ -489,7 +303,7 @@ class ShardedGradientEngine:
     def _check(self, batches: list[np.ndarray], depths: np.ndarray) -> np.ndarray:
         if self._devices is None or len(self._devices) != len(batches):
             raise ValueError("ShardedGradientEngine: call begin_round(devices) with the round's participants, "
-                             "one per mini-batch, before layer_sums (fedsim.server.Server does)")
+                             "one per mini-batch, before layer_sums (fedsim.sim.server.Server does)")
         return check_depths(batches, depths, self.profile.n_layers)
 
     def _positions(self, shard: int, idx: np.ndarray) -> np.ndarray:
@@ -571,3 +385,8 @@ def sharded_grads(cluster, scn, comp, shards: int | None = None) -> Iterator[Sha
             yield engine
         finally:
             engine.close()
+
+
+def cluster_gradients(cluster):
+    """What `fedsim.run.run_scenario` takes as `gradients` for a run on `cluster`."""
+    return functools.partial(sharded_grads, cluster)

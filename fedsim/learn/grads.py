@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedsim.errors import FedsimError, NumericalError
-from fedsim.profile import ModelProfile
+from fedsim.learn.profile import ModelProfile
 
 __all__ = ["GradientEngine", "LayerSums", "DeviceGrads", "GradPath", "batch_coupled_modules", "check_depths", "cross_entropy_rows",
            "resolve_paths"]

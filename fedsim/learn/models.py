@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.errors import ScenarioError
-from fedsim.fields import printable
+from fedsim.spec.fields import printable
 
 __all__ = ["MODEL_NAMES", "MLP", "CNN", "build_model", "check_model_io", "scaled_width"]
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from fedsim.errors import TraceError
-from fedsim.rundir import write_atomic
+from fedsim.learn.evaluate import Evaluation
+from fedsim.output.rundir import write_atomic
 
 __all__ = ["CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint", "restore_server"]
 
@@ -61,7 +62,6 @@ def load_checkpoint(run_dir: Path) -> dict:
 
 
 def restore_server(server, state: dict) -> None:
-    from fedsim.server import Evaluation
 
     server.model.load_state_dict(state["model"])
     server.optimizer.load_state_dict(state["optimizer"])

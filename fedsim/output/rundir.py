@@ -95,7 +95,7 @@ def read_status(run_dir: Path) -> dict:
 # -- the marker ----------------------------------------------------------------------------------
 
 def _effective_tree(text: str, overrides) -> dict:
-    from fedsim.overrides import apply_overrides
+    from fedsim.spec.overrides import apply_overrides
 
     return apply_overrides(tomllib.loads(text), list(overrides), "<scenario>")
 

@@ -3,7 +3,7 @@
 A policy is a frozen config read from the scenario's `[policy]` table. The engine asks it for the round's
 deadline and how much work each participant attempts; at the end of the round it hands the policy what
 each device delivered plus a gradient engine, and the policy returns the update for the global model.
-A new policy is one module with one class; register it in `fedsim/strategies/__init__.py`.
+A new policy is one module with one class; register it in `fedsim/policies/__init__.py`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from fedsim.fields import Fields
+from fedsim.spec.fields import Fields
 
 if TYPE_CHECKING:
-    from fedsim.grads import GradientEngine
-    from fedsim.scenario import TrainingSpec
+    from fedsim.learn.grads import GradientEngine
+    from fedsim.spec.scenario import TrainingSpec
 
 __all__ = ["Aggregation", "Policy", "RoundContext", "RoundInputs", "RoundUpdate"]
 
@@ -44,7 +44,7 @@ class RoundInputs:
     samples: np.ndarray | None = None     # samples per step each participant processed
     steps: np.ndarray | None = None       # local steps each participant ran
     done_order: np.ndarray | None = None  # participants (positions) in the order they finished
-    trainer: Any = None                   # fedsim.local.LocalTrainer, for policies with local training
+    trainer: Any = None                   # fedsim.learn.local.LocalTrainer, for policies with local training
     quorum: int | None = None             # the round's quorum, if the policy set one
     submodel: Any = None                  # width -> (nn.Module, ModelProfile), see RoundContext
 
@@ -60,20 +60,20 @@ class RoundUpdate:
 @dataclass(frozen=True)
 class RoundContext:
     """What a policy may use to plan the work of a round's participants."""
-    profile: Any                 # fedsim.profile.ModelProfile of the global model
-    fleet: Any                   # fedsim.fleet.Fleet
+    profile: Any                 # fedsim.learn.profile.ModelProfile of the global model
+    fleet: Any                   # fedsim.world.fleet.Fleet
     devices: np.ndarray          # participant ids
     slowdown: np.ndarray
     samples: np.ndarray          # samples per step each participant would process (its batch)
     steps: np.ndarray            # local steps each participant would run
     deadline_s: float | None
-    upload_mode: Any             # fedsim.scenario.UploadMode
+    upload_mode: Any             # fedsim.spec.scenario.UploadMode
     submodel: Any = None         # width -> (nn.Module, ModelProfile) of the narrower model (HeteroFL)
     batch_size: int = 0
 
     def plan(self, rows: np.ndarray | None = None, profile=None, samples=None, steps=None):
-        """`fedsim.timing.plan_round` for participants `rows` (all by default)."""
-        from fedsim.timing import plan_round
+        """`fedsim.world.timing.plan_round` for participants `rows` (all by default)."""
+        from fedsim.world.timing import plan_round
 
         rows = np.arange(len(self.devices)) if rows is None else rows
         d = self.devices[rows]

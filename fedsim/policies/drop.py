@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedsim.fields import Fields
-from fedsim.strategies.base import Aggregation, Policy, RoundInputs, RoundUpdate
-from fedsim.strategies.layerwise import full_model_update
+from fedsim.spec.fields import Fields
+from fedsim.policies.base import Aggregation, Policy, RoundInputs, RoundUpdate
+from fedsim.policies.layerwise import full_model_update
 
 __all__ = ["Drop"]
 

@@ -14,7 +14,7 @@ towards the stale model w_v. For a fresh update (V = v) the two are identical; f
 simulator uses the gradient form (the form FedBuff and most later systems use, and the one that lets
 momentum and `fedbuff` share one server optimizer). FedAsync is FedBuff with a buffer of one update.
 
-`AsyncPolicy` is the base of both asynchronous policies; `fedsim.async_engine` runs them.
+`AsyncPolicy` is the base of both asynchronous policies; `fedsim.sim.async_engine` runs them.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fedsim.errors import ScenarioError
-from fedsim.fields import Fields
-from fedsim.strategies.base import Policy, RoundInputs, RoundUpdate
+from fedsim.spec.fields import Fields
+from fedsim.policies.base import Policy, RoundInputs, RoundUpdate
 
 __all__ = ["AsyncPolicy", "FedAsync", "is_asynchronous", "MAX_EVALUATIONS", "MAX_STALENESS"]
 
@@ -35,7 +35,7 @@ MAX_STALENESS = 10_000
 
 
 def is_asynchronous(policy: Any) -> bool:
-    """True for policies run by `fedsim.async_engine` instead of synchronous rounds."""
+    """True for policies run by `fedsim.sim.async_engine` instead of synchronous rounds."""
     return isinstance(policy, AsyncPolicy)
 
 
@@ -58,7 +58,7 @@ class AsyncPolicy(Policy):
 
     def aggregate(self, inputs: RoundInputs, grads) -> RoundUpdate:
         raise TypeError(f"{self.name} is asynchronous: it has no rounds to aggregate; "
-                        "fedsim.run dispatches it to fedsim.async_engine.serve_async")
+                        "fedsim.run dispatches it to fedsim.sim.async_engine.serve_async")
 
     def check(self, scenario) -> None:
         n = scenario.fleet.n_devices

@@ -1,6 +1,6 @@
 """Full-model averaging of local updates (FedAvg): shared by wait, drop, partial, heterofl, overselect.
 
-Each contributing device runs its local steps (`fedsim.local.LocalTrainer`); the server forms the
+Each contributing device runs its local steps (`fedsim.learn.local.LocalTrainer`); the server forms the
 weighted mean of their parameter changes and hands `mean_delta / lr` to its optimizer as a
 pseudo-gradient, so with plain SGD the new model is the weighted mean of the local models, and with one
 local step this is exactly FedSGD.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedsim.aggregate import weighted_mean_of_slices
-from fedsim.strategies.base import RoundInputs, RoundUpdate
+from fedsim.learn.aggregate import weighted_mean_of_slices
+from fedsim.policies.base import RoundInputs, RoundUpdate
 
 __all__ = ["fedavg"]
 

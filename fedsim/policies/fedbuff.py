@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedsim.fields import Fields
-from fedsim.strategies.fedasync import AsyncPolicy
+from fedsim.spec.fields import Fields
+from fedsim.policies.fedasync import AsyncPolicy
 
 __all__ = ["FedBuff", "MAX_BUFFER"]
 

@@ -16,11 +16,11 @@ from typing import ClassVar
 import numpy as np
 
 from fedsim.errors import ScenarioError
-from fedsim.fields import Fields
-from fedsim.scenario import UploadMode
-from fedsim.strategies.base import Policy, RoundContext, RoundInputs, RoundUpdate
-from fedsim.strategies.fedavg import fedavg
-from fedsim.timing import merge_plans
+from fedsim.spec.fields import Fields
+from fedsim.spec.scenario import UploadMode
+from fedsim.policies.base import Policy, RoundContext, RoundInputs, RoundUpdate
+from fedsim.policies.fedavg import fedavg
+from fedsim.world.timing import merge_plans
 
 __all__ = ["HeteroFL", "AUTO_WIDTHS"]
 

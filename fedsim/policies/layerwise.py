@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedsim.aggregate import layer_update, miss_probabilities, unbiased_scales
-from fedsim.strategies.base import Aggregation, RoundInputs, RoundUpdate
+from fedsim.learn.aggregate import layer_update, miss_probabilities, unbiased_scales
+from fedsim.policies.base import Aggregation, RoundInputs, RoundUpdate
 
 __all__ = ["layerwise_fedsgd", "full_model_update"]
 
@@ -27,7 +27,7 @@ def layerwise_fedsgd(inputs: RoundInputs, grads, counted_depths: np.ndarray, agg
 
 def full_model_update(inputs: RoundInputs, grads, members: np.ndarray, aggregation: Aggregation = Aggregation.MEAN) -> RoundUpdate:
     """Whole-model updates of `members` (positions): FedSGD with one local step, FedAvg with several."""
-    from fedsim.strategies.fedavg import fedavg
+    from fedsim.policies.fedavg import fedavg
 
     if inputs.steps is not None and len(members) and int(inputs.steps[members].max()) > 1:
         update = fedavg(inputs, members)

@@ -12,9 +12,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedsim.fields import Fields
-from fedsim.strategies.base import Policy, RoundInputs, RoundUpdate
-from fedsim.strategies.layerwise import full_model_update
+from fedsim.spec.fields import Fields
+from fedsim.policies.base import Policy, RoundInputs, RoundUpdate
+from fedsim.policies.layerwise import full_model_update
 
 __all__ = ["Overselect"]
 

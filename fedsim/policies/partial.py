@@ -14,10 +14,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedsim.fields import Fields
-from fedsim.scenario import UploadMode
-from fedsim.strategies.base import Policy, RoundContext, RoundInputs, RoundUpdate
-from fedsim.strategies.fedavg import fedavg
+from fedsim.spec.fields import Fields
+from fedsim.spec.scenario import UploadMode
+from fedsim.policies.base import Policy, RoundContext, RoundInputs, RoundUpdate
+from fedsim.policies.fedavg import fedavg
 
 __all__ = ["Partial", "work_that_fits"]
 

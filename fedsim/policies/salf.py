@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedsim.fields import Fields
-from fedsim.strategies.base import Aggregation, Policy, RoundInputs, RoundUpdate
-from fedsim.strategies.layerwise import layerwise_fedsgd
+from fedsim.spec.fields import Fields
+from fedsim.policies.base import Aggregation, Policy, RoundInputs, RoundUpdate
+from fedsim.policies.layerwise import layerwise_fedsgd
 
 __all__ = ["Salf"]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedsim.fields import Fields
-from fedsim.strategies.base import Policy, RoundInputs, RoundUpdate
+from fedsim.spec.fields import Fields
+from fedsim.policies.base import Policy, RoundInputs, RoundUpdate
 import numpy as np
 
-from fedsim.strategies.layerwise import full_model_update
+from fedsim.policies.layerwise import full_model_update
 
 __all__ = ["Wait"]
 

@@ -1,8 +1,8 @@
 """The SimPy processes of an asynchronous run (`fedasync`, `fedbuff`): no rounds, no deadline.
 
 Jobs. A job is one device's cycle: download the global model (version v), one full local step, upload.
-It runs the synchronous engine's own device round (`fedsim.device_round.DeviceRound` with no deadline,
-for a one-device `RoundPlan` from `fedsim.timing.plan_round`), so durations, per-layer events, upload
+It runs the synchronous engine's own device round (`fedsim.sim.device_round.DeviceRound` with no deadline,
+for a one-device `RoundPlan` from `fedsim.world.timing.plan_round`), so durations, per-layer events, upload
 modes and energy are exactly those of a synchronous round; in `ideal` upload mode the update arrives when
 the backward pass ends, otherwise when its last layer has been uploaded. `serve_async` starts
 min(max_concurrency, devices) jobs at t = 0; whenever a job ends, `AsyncServer.job_ended` (a plain call
@@ -54,18 +54,20 @@ import numpy as np
 import simpy
 import torch
 
-from fedsim.device_round import DeviceOutcome, DeviceRound, StopCause
-from fedsim.engine import RoundSetup
+from fedsim.sim.device_round import DeviceOutcome, DeviceRound, StopCause
+from fedsim.sim.round_setup import RoundSetup
 from fedsim.errors import NumericalError
-from fedsim.fleet import Fleet
-from fedsim.grads import GradientEngine
-from fedsim.profile import ModelProfile
-from fedsim.scenario import Scenario
-from fedsim.churn import AlwaysOnline, churn
-from fedsim.server import Evaluation, ServerBase, devices_text, evaluate
-from fedsim.strategies.fedasync import AsyncPolicy
-from fedsim.timing import plan_round
-from fedsim.trace import SERVER, DeviceStatus, EventKind, TraceWriter
+from fedsim.world.fleet import Fleet
+from fedsim.learn.grads import GradientEngine
+from fedsim.learn.profile import ModelProfile
+from fedsim.spec.scenario import Scenario
+from fedsim.world.churn import AlwaysOnline, churn
+from fedsim.learn.evaluate import Evaluation, evaluate
+from fedsim.sim.health import devices_text
+from fedsim.sim.server import ServerBase
+from fedsim.policies.fedasync import AsyncPolicy
+from fedsim.world.timing import plan_round
+from fedsim.output.trace import SERVER, DeviceStatus, EventKind, TraceWriter
 
 __all__ = ["AsyncServer", "JOB_STREAM", "SELECT_STREAM", "job_rng", "select_rng",
            "serve_async"]

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedsim.data import Dataset, Partition, load_mnist, make_synthetic, partition_dirichlet, partition_iid
+from fedsim.learn.data import Dataset, Partition, load_mnist, make_synthetic, partition_dirichlet, partition_iid
 from fedsim.errors import DataError, FedsimError, ScenarioError, ScenarioFileError
-from fedsim.fields import printable
-from fedsim.fleet import Fleet, build_fleet
-from fedsim.grads import resolve_paths
-from fedsim.models import build_model, check_model_io
-from fedsim.profile import Granularity, ModelProfile, build_profile
-from fedsim.scenario import Scenario
+from fedsim.spec.fields import printable
+from fedsim.world.fleet import Fleet, build_fleet
+from fedsim.learn.grads import resolve_paths
+from fedsim.learn.models import build_model, check_model_io
+from fedsim.learn.profile import Granularity, ModelProfile, build_profile
+from fedsim.spec.scenario import Scenario
 
 __all__ = ["Components", "build_components", "STREAMS"]
 

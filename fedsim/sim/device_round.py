@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Callable
 import simpy
 from simpy.events import Timeout
 
-from fedsim.network import Transfer, TransferResult
-from fedsim.network_spec import Direction
-from fedsim.scenario import UploadMode
-from fedsim.trace import DeviceStatus, EventKind, TraceWriter
+from fedsim.world.network import Transfer, TransferResult
+from fedsim.spec.network import Direction
+from fedsim.spec.scenario import UploadMode
+from fedsim.output.trace import DeviceStatus, EventKind, TraceWriter
 
 if TYPE_CHECKING:
-    from fedsim.engine import RoundSetup
+    from fedsim.sim.round_setup import RoundSetup
 
 __all__ = ["DeviceOutcome", "DeviceRound", "StopCause"]
 

@@ -1,7 +1,7 @@
 """The synchronous engine: the server's rounds, each dispatching its participants' `DeviceRound`s.
 
 `env.now` is the only clock. `run_round` builds the round (`RoundSetup`, from the server), starts every
-participant's `fedsim.device_round.DeviceRound` (a chain of event callbacks: download, forward, one event
+participant's `fedsim.sim.device_round.DeviceRound` (a chain of event callbacks: download, forward, one event
 per layer's backward completion, uploads) and waits until all have ended, or until the quorum of
 delivering devices is reached (overselect), when it stops the others where they are. The deadline is one
 SimPy timeout per round that the devices it cuts wait on. Real gradients are computed only after the
@@ -11,53 +11,20 @@ round's events are over, by the server callback (`finish_round`), for exactly wh
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Callable, Protocol
 
 import simpy
 
-from fedsim.device_round import DeviceOutcome, DeviceRound, StopCause
-from fedsim.network import Network
-from fedsim.scenario import DeviceClassSpec, UploadMode
-from fedsim.timing import RoundPlan
-from fedsim.trace import SERVER, EventKind, TraceWriter
+from fedsim.sim.device_round import DeviceOutcome, DeviceRound, StopCause
+from fedsim.sim.round_setup import RoundSetup
+from fedsim.output.trace import SERVER, EventKind, TraceWriter
 
 __all__ = ["DeviceOutcome", "DeviceRound", "RoundSetup", "RoundServer", "StopCause", "run_events", "run_round",
            "serve_rounds"]
 
 
-@dataclass(frozen=True)
-class _PlanColumns:
-    """The plan's per-device numbers as Python lists: reading numpy scalars one by one costs ~10x more."""
-    devices: list
-    download_s: list
-    forward_s: list
-    backward_s: list       # list of per-device lists, in backward order
-    target_depth: list
-    download_bytes: list
-
-
-@dataclass(frozen=True)
-class RoundSetup:
-    """Everything the device rounds of one round need; built by the server before the round starts."""
-    round: int
-    plan: RoundPlan
-    deadline_s: float | None
-    upload_mode: UploadMode
-    powers: list[DeviceClassSpec]     # the class spec (power figures) of each participant
-    quorum: int | None = None         # end the round once this many participants are done
-    network: Network | None = None    # shared-link transfers; None: private links (plan durations)
-
-    @cached_property
-    def columns(self) -> _PlanColumns:
-        p = self.plan
-        return _PlanColumns(p.devices.tolist(), p.download_s.tolist(), p.forward_s.tolist(), p.backward_s.tolist(),
-                            p.target_depth.tolist(), p.download_bytes.tolist())
-
-
 class RoundServer(Protocol):
-    """The callbacks `serve_rounds` needs; `fedsim.server.Server` implements them."""
+    """The callbacks `serve_rounds` needs; `fedsim.sim.server.Server` implements them."""
 
     current_round: int
     trace: TraceWriter

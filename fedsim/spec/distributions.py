@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.fields import Fields
+from fedsim.spec.fields import Fields
 
 __all__ = ["Dist", "DistKind", "read_dist"]
 

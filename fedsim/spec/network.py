@@ -1,6 +1,6 @@
 """The `[network]` table: nodes, links, presets and per-class access (wired or wireless), validated.
 
-Reading only; `fedsim.network` builds the topology and simulates transfers on it.
+Reading only; `fedsim.world.network` builds the topology and simulates transfers on it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Iterable, Sequence
 
 import networkx as nx
 
-from fedsim.distributions import Dist, read_dist
-from fedsim.fields import Fields
+from fedsim.spec.distributions import Dist, read_dist
+from fedsim.spec.fields import Fields
 
 __all__ = [
     "Direction", "Preset", "RouteMetric", "NodeKind", "AccessKind", "Fading", "NodeSpec", "LinkSpec",

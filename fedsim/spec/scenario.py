@@ -2,7 +2,7 @@
 
 `load_scenario(path, overrides)` is the only entry point. Every problem raises `ScenarioError` naming the
 file, the dotted field path and the bad value. The `[policy]` table is read by the policy's own module
-(see `fedsim.strategies`), so a new policy adds its fields without touching this file.
+(see `fedsim.policies`), so a new policy adds its fields without touching this file.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsim.calibration import DvfsSpec, MeasuredSpec, read_dvfs, read_measured, resolve_traces_dir
-from fedsim.churn import ChurnSpec, check_availability_file, read_availability_file, read_churn_spec
-from fedsim.distributions import Dist, DistKind, read_dist
+from fedsim.spec.calibration import DvfsSpec, MeasuredSpec, read_dvfs, read_measured, resolve_traces_dir
+from fedsim.spec.availability import ChurnSpec, check_availability_file, read_availability_file, read_churn_spec
+from fedsim.spec.distributions import Dist, DistKind, read_dist
 from fedsim.errors import ScenarioError
-from fedsim.fields import Fields, printable, show_key
-from fedsim.network_spec import AccessKind, TopologySpec, read_network_spec
-from fedsim.overrides import apply_overrides
+from fedsim.spec.fields import Fields, printable, show_key
+from fedsim.spec.network import AccessKind, TopologySpec, read_network_spec
+from fedsim.spec.overrides import apply_overrides
+from fedsim.spec.policy import read_policy
 
 __all__ = [
     "Scenario", "RunSpec", "ModelSpec", "DataSpec", "TrainingSpec", "DeviceClassSpec", "FleetSpec",
@@ -74,7 +75,7 @@ class TrainingSpec:
     lr: float
     momentum: float
     local_steps: int
-    grad_path: str           # "auto", "grouped", "vmap" or "loop" (see fedsim/grads.py)
+    grad_path: str           # "auto", "grouped", "vmap" or "loop" (see fedsim/learn/grads.py)
     on_nonfinite: str = "stop"   # NaN/Inf in a loss or gradient: "stop" the run, or "drop" that device's update
     divergence_factor: float = 10.0   # the run fails when the training loss stays this many times its start
 
@@ -127,7 +128,7 @@ class Scenario:
     training: TrainingSpec
     fleet: FleetSpec
     network: NetworkSpec
-    policy: Any              # a frozen policy config from fedsim.strategies
+    policy: Any              # a frozen policy config from fedsim.policies
 
 
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
@@ -225,7 +226,6 @@ def _read_scenario(raw: dict, text: str, source: str, overrides, base_dir: Path 
     training = _read_training(root.sub("training"))
     fleet = _read_fleet(root.sub("fleet"), base_dir)
     network = _read_network(root.sub("network", default_empty=True), fleet)
-    from fedsim.strategies import read_policy   # late import: strategies import scenario types
 
     policy = read_policy(root.sub("policy"), training)
     root.finish()

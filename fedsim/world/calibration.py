@@ -1,7 +1,7 @@
 """Device classes calibrated from real measurements, and the DVFS energy form.
 
 * `measured` compute: a phone's measured training time of one batch of a reference model (the MNN
-  benchmark's LeNet, `fedsim.measurements.MnnLeNet`) gives its effective FLOP/s; the simulated model's
+  benchmark's LeNet, `fedsim.world.measurements.MnnLeNet`) gives its effective FLOP/s; the simulated model's
   durations then follow from its own FLOPs (a compute-bound scaling by the FLOP ratio). Optionally each
   device is a phone model drawn from the AI-Benchmark list, its speed scaled by its CPU score relative
   to the measured reference phone.
@@ -13,89 +13,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedsim.fields import Fields
+from fedsim.errors import DataError, FedsimError, ScenarioError, ScenarioFileError
+from fedsim.spec.calibration import FLASH_FILE, MeasuredSpec
+from fedsim.spec.fields import printable
+from fedsim.world.measurements import (flash_bandwidth_bps, load_ai_benchmark, load_flash_bandwidth,
+                                       measured_speed_flops, sample_phone_speeds_flops)
 
-__all__ = ["MeasuredSpec", "DvfsSpec", "read_measured", "read_dvfs", "resolve_traces_dir",
-           "measured_speeds_flops", "flash_rates_bps", "FLASH_FILE", "AI_BENCHMARK_FILE"]
-
-FLASH_FILE = "flash/speed_distri.json"
-AI_BENCHMARK_FILE = "flash/raw_ai_benchmark_list.json"
-
-
-@dataclass(frozen=True)
-class MeasuredSpec:
-    time_table: Path             # an `ondevice_training/DEVICE/time_table_MODEL.csv` file
-    batch_size: int              # the row of the table used (the reference batch)
-    spread: str                  # "none" or "ai_benchmark"
-    benchmark_file: Path | None
-    reference_phone: str         # the AI-Benchmark entry of the measured phone
-
-
-@dataclass(frozen=True)
-class DvfsSpec:
-    kappa: float                 # effective switched capacitance (J / (cycle * Hz^2))
-    freq_hz: float
-    cycles_per_flop: float
-
-    @property
-    def power_w(self) -> float:
-        return self.kappa * self.freq_hz**3
-
-    @property
-    def speed_flops(self) -> float:
-        return self.freq_hz / self.cycles_per_flop
-
-
-def resolve_traces_dir(fields: Fields, key: str, base_dir: Path | None) -> Path | None:
-    return fields.existing_path(key, base_dir, kind="dir", what="traces directory", default=None)
-
-
-def _file(fields: Fields, key: str, traces_dir: Path | None, default: str | None = None) -> Path:
-    if traces_dir is None:
-        raise fields.error(key, "needs fleet.traces_dir (the folder of the measurement files)")
-    path = traces_dir / fields.string(key, default) if default is not None else traces_dir / fields.string(key)
-    if not path.is_file():
-        raise fields.error(key, f"no such file under fleet.traces_dir, got {str(path)!r}")
-    return path
-
-
-def read_measured(fields: Fields, key: str, traces_dir: Path | None) -> MeasuredSpec | None:
-    """`measured = { time_table = "ondevice_training/XIAOMI/time_table_Lenet.csv", batch_size = 16,
-    spread = "none" | "ai_benchmark", reference_phone = "Xiaomi Mi 9" }`."""
-    if fields.raw(key, None) is None:
-        return None
-    sub = fields.sub(key)
-    table = _file(sub, "time_table", traces_dir)
-    batch = sub.integer("batch_size", 16, low=1)
-    spread = sub.choice("spread", ["none", "ai_benchmark"], "none")
-    bench = _file(sub, "benchmark_file", traces_dir, AI_BENCHMARK_FILE) if spread == "ai_benchmark" else None
-    phone = sub.string("reference_phone", "Xiaomi Mi 9")
-    sub.finish()
-    return MeasuredSpec(table, batch, spread, bench, phone)
-
-
-def read_dvfs(fields: Fields, key: str) -> DvfsSpec | None:
-    if fields.raw(key, None) is None:
-        return None
-    sub = fields.sub(key)
-    spec = DvfsSpec(sub.number("kappa", low=0.0, low_open=True),
-                    sub.number("freq_hz", low=0.0, low_open=True),
-                    sub.number("cycles_per_flop", 1.0, low=0.0, low_open=True))
-    sub.finish()
-    return spec
+__all__ = ["measured_speeds_flops", "flash_rates_bps"]
 
 
 def measured_speeds_flops(spec: MeasuredSpec, n: int, rng: np.random.Generator, source: str, field: str) -> np.ndarray:
     """Effective FLOP/s of `n` devices calibrated from `spec` (see the module docstring)."""
-    from fedsim.errors import DataError, FedsimError, ScenarioError, ScenarioFileError
-    from fedsim.fields import printable
-    from fedsim.measurements import load_ai_benchmark, measured_speed_flops, sample_phone_speeds_flops
-
     try:
         ref_speed = measured_speed_flops(spec.time_table, spec.batch_size)
     except DataError as exc:
@@ -117,8 +49,6 @@ def measured_speeds_flops(spec: MeasuredSpec, n: int, rng: np.random.Generator, 
 
 def flash_rates_bps(traces_dir: Path, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(downlink, uplink) bit/s of `n` devices, each mapped to a FLASH user drawn uniformly."""
-    from fedsim.measurements import flash_bandwidth_bps, load_flash_bandwidth
-
     flash = load_flash_bandwidth(traces_dir / FLASH_FILE)
     users = rng.integers(0, len(flash.user_ids), n)
     return flash_bandwidth_bps(flash, users, rng)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.calibration import flash_rates_bps, measured_speeds_flops
-from fedsim.scenario import DeviceClassSpec, FleetSpec
+from fedsim.world.calibration import flash_rates_bps, measured_speeds_flops
+from fedsim.spec.scenario import DeviceClassSpec, FleetSpec
 
 __all__ = ["Fleet", "build_fleet"]
 

@@ -3,7 +3,7 @@
 Compute model `measured`: a device's effective speed is fixed so that the simulator's time for one training
 batch of a *reference* model equals the time measured on a real phone, `speed = FLOPs(batch) / time`.
 A simulated model then costs `its FLOPs / speed`: the measured time scaled by the ratio of training FLOPs.
-FLOPs are those `fedsim.profile` counts (matmuls and convolutions, forward + backward), so everything the
+FLOPs are those `fedsim.learn.profile` counts (matmuls and convolutions, forward + backward), so everything the
 counter does not see (pooling, activations, the loss, the SGD update, framework overhead) is folded into
 the effective speed, as for any simulated model.
 
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsim.distributions import Dist, DistKind
+from fedsim.spec.distributions import Dist, DistKind
 from fedsim.errors import DataError, FedsimError
-from fedsim.profile import Granularity, build_profile
+from fedsim.learn.profile import Granularity, build_profile
 
 __all__ = [
     "load_time_table", "find_time_tables", "PhoneScore", "AiBenchmark", "load_ai_benchmark", "FlashBandwidth",
@@ -241,7 +241,7 @@ class MnnLeNet(nn.Module):
 
 
 def train_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """Forward + backward FLOPs of one sample, as `fedsim.profile` counts them for any simulated model."""
+    """Forward + backward FLOPs of one sample, as `fedsim.learn.profile` counts them for any simulated model."""
     profile = build_profile(model, input_shape, Granularity.MODULE)
     return profile.fwd_flops_per_sample + profile.bwd_flops_per_sample
 

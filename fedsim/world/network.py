@@ -34,7 +34,7 @@ import numpy as np
 import simpy
 
 from fedsim.errors import FedsimError
-from fedsim.network_spec import (AccessKind, ClassNetSpec, Direction, Fading, LinkSpec, NodeKind, NodeSpec, routes,
+from fedsim.spec.network import (AccessKind, ClassNetSpec, Direction, Fading, LinkSpec, NodeKind, NodeSpec, routes,
                                  Preset, RouteMetric, TopologySpec, WirelessSpec, read_network_spec)
 
 __all__ = [

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.profile import ModelProfile
+from fedsim.learn.profile import ModelProfile
 
 __all__ = ["RoundPlan", "plan_round", "max_depth_fitting", "merge_plans"]
 

@@ -1,0 +1,1 @@
+"""The learning: models, data and partitions, model profiles, gradients, local training, aggregation."""

@@ -1,0 +1,1 @@
+"""What a run writes: the trace, the run directory and its status, checkpoints."""

@@ -1,0 +1,1 @@
+"""Reading a scenario: fields with located errors, overrides, distributions, and the spec of each section."""
