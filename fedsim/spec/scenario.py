@@ -8,7 +8,6 @@ file, the dotted field path and the bad value. The `[policy]` table is read by t
 from __future__ import annotations
 
 import enum
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,11 @@ from fedsim.spec.calibration import DvfsSpec, MeasuredSpec, read_dvfs, read_meas
 from fedsim.spec.availability import ChurnSpec, check_availability_file, read_availability_file, read_churn_spec
 from fedsim.spec.distributions import Dist, DistKind, read_dist
 from fedsim.errors import ScenarioError
-from fedsim.spec.fields import Fields, printable, show_key
+from fedsim.spec.fields import Fields, printable
 from fedsim.spec.network import AccessKind, TopologySpec, read_network_spec
 from fedsim.spec.overrides import apply_overrides
 from fedsim.spec.policy import read_policy
+from fedsim.spec.toml_text import MAX_DEPTH, MAX_SCENARIO_BYTES, parse_toml, too_deep
 
 __all__ = [
     "Scenario", "RunSpec", "ModelSpec", "DataSpec", "TrainingSpec", "DeviceClassSpec", "FleetSpec",
@@ -30,8 +30,6 @@ __all__ = [
 MAX_DEVICES = 10_000_000   # beyond this the per-device index arrays alone would not fit in memory
 MAX_ROUNDS = 100_000_000
 MAX_CLASSES = 10_000       # the server loops over classes for every round's draws
-MAX_SCENARIO_BYTES = 4 * 2**20   # tomllib reads about 0.6 MiB/s of the worst text; a scenario is a few kB
-MAX_DEPTH = 32             # tables and lists nested in one another (a scenario needs about 5)
 MAX_RUN_NAME_BYTES = 200   # a directory name: most filesystems allow 255 bytes
 MAX_SYNTHETIC_VARIANCE = 1e6   # data.synthetic_alpha and _beta: beyond, the generated inputs are not usable numbers
 
@@ -158,46 +156,9 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     return parse_scenario(text, source, overrides, base_dir=path.parent)
 
 
-def _too_deep(raw: Any) -> str | None:
-    """The path of a table or list nested deeper than MAX_DEPTH levels, else None (no recursion)."""
-    stack = [(raw, 0, "")]
-    while stack:
-        node, depth, where = stack.pop()
-        if depth > MAX_DEPTH:
-            return where
-        if isinstance(node, dict):
-            items = ((f"{where}.{show_key(str(k))}" if where else show_key(str(k)), v) for k, v in node.items())
-        elif isinstance(node, list):
-            items = ((f"{where}[{i}]", v) for i, v in enumerate(node))
-        else:
-            continue
-        # past a few levels the path says nothing more: keep the prefix
-        stack.extend((v, depth + 1, w if depth < 4 else where) for w, v in items if isinstance(v, (dict, list)))
-    return None
-
-
-def _parse_toml(text: str, source: str) -> dict:
-    if len(text) > MAX_SCENARIO_BYTES:
-        raise ScenarioError(source, "", f"larger than {MAX_SCENARIO_BYTES // 2**20} MiB; a scenario is a small "
-                                        "TOML file")
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(source, "", f"malformed TOML: {exc}") from None
-    except ValueError as exc:     # an integer of more than 4300 digits
-        raise ScenarioError(source, "", f"malformed TOML: a number too long to read "
-                                        f"({printable(str(exc).split(';')[0])})") from None
-    except RecursionError:
-        raise ScenarioError(source, "", f"tables or lists nested deeper than {MAX_DEPTH} levels") from None
-    where = _too_deep(raw)
-    if where is not None:
-        raise ScenarioError(source, where, f"tables or lists nested deeper than {MAX_DEPTH} levels")
-    return raw
-
-
 def parse_scenario(text: str, source: str = "<scenario>", overrides=(), base_dir: Path | None = None) -> Scenario:
     source = printable(source)
-    raw = _parse_toml(text, source)
+    raw = parse_toml(text, source)
     try:
         if overrides:
             try:
@@ -207,7 +168,7 @@ def parse_scenario(text: str, source: str = "<scenario>", overrides=(), base_dir
             except ValueError as exc:    # an integer of more than 4300 digits
                 raise ScenarioError(source, "--set", f"a number too long to read "
                                                      f"({printable(str(exc).split(';')[0])})") from None
-            where = _too_deep(raw)
+            where = too_deep(raw)
             if where is not None:
                 raise ScenarioError(source, where, f"--set: tables or lists nested deeper than {MAX_DEPTH} levels")
         return _read_scenario(raw, text, source, overrides, base_dir)
