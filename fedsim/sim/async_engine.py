@@ -39,7 +39,8 @@ devices switching at each instant (after everything else due then: a job whose u
 device leaves delivers it): the jobs of the devices that left end with status `offline`, then the free
 slots are filled once, from every online idle device, those that came back included.
 
-Trace. See `AsyncServer` for what the rows of rounds.parquet and devices.parquet mean in an async run.
+Trace. See fedsim.sim.async_trace for what the rows of rounds.parquet and devices.parquet mean in an async
+run.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from __future__ import annotations
 import collections
 import copy
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -62,12 +62,12 @@ from fedsim.learn.grads import GradientEngine
 from fedsim.learn.profile import ModelProfile
 from fedsim.spec.scenario import Scenario
 from fedsim.world.churn import AlwaysOnline, churn
-from fedsim.learn.evaluate import Evaluation, evaluate
 from fedsim.sim.health import devices_text
+from fedsim.sim.async_trace import AsyncTrace, Job
 from fedsim.sim.server import ServerBase
 from fedsim.policies.fedasync import AsyncPolicy
 from fedsim.world.timing import plan_round
-from fedsim.output.trace import SERVER, DeviceStatus, EventKind, TraceWriter
+from fedsim.output.trace import SERVER, EventKind, TraceWriter
 
 __all__ = ["AsyncServer", "JOB_STREAM", "SELECT_STREAM", "job_rng", "select_rng",
            "serve_async"]
@@ -86,43 +86,10 @@ def select_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(SELECT_STREAM, step)))
 
 
-@dataclass
-class _Job:
-    id: int
-    device: int
-    version: int                 # global model version the device downloaded
-    batch: np.ndarray            # training-sample indices of its mini-batch
-    slowdown: float
-    setup: RoundSetup
-    outcome: DeviceOutcome | None = None
-
-
-class AsyncServer(ServerBase):
+class AsyncServer(AsyncTrace, ServerBase):
     """The server of an asynchronous run: global model, version history, buffer, the fleet's jobs.
 
-    Trace rows (same Parquet schema as synchronous runs):
-
-    * rounds.parquet, an *update row* per server step: `round` = update index u (0-based; it produces
-      model version u + 1), `start_s`/`end_s` = times of the previous step (0 for the first) and of this
-      one, `participants` = `completed` = updates applied (K), `delivered_any` = updates that arrived since
-      the previous step (applied + discarded), `contributors` = K for every layer, `train_loss` = mean
-      mini-batch loss of the applied updates (each at its own version), test columns null, `energy_j` =
-      energy of the device rows with this `round`.
-      An *evaluation row* at each evaluation instant t: `round` = model version evaluated (= updates
-      applied so far, so it sorts just before the update row with the same number), `start_s` = `end_s` = t,
-      `duration_s` = 0, `participants` = `completed` = 0, contributors 0, `train_loss` null, test columns
-      filled, `energy_j` = 0. The last row (at the stop) is an evaluation row that also carries the jobs
-      the run ended with: `delivered_any` = updates that arrived after the last step, `energy_j` = energy
-      of the device rows with its `round`. So sum(rounds.energy_j) == sum(devices.energy_j).
-    * devices.parquet, one row per job: `round` = the update index it was applied in (or, if it was not
-      applied, the update index pending when it ended), `depth` = all layers if applied else 0, `status`
-      complete / nothing (discarded, stopped by the end, or left in the buffer) / offline (churn);
-      timing and energy columns as in a synchronous round; `idle_s` = 0 (a job has nothing to wait for;
-      like a device not selected for a round, a device waiting for a slot is not charged).
-    * events.parquet: a job's device events carry `round` = the version it downloaded, so an update's
-      staleness is its devices-row `round` minus its events' `round`. Server events: `update_applied`
-      (device -1, `round` = update index) and `update_discarded` (`device` = the device whose update was
-      too stale, `round` = the pending update index, as in its device row).
+    Its trace rows: fedsim.sim.async_trace.
     """
 
     step_unit = "update"      # messages name server updates by their index
@@ -145,7 +112,7 @@ class AsyncServer(ServerBase):
         self.peak_snapshots = 0
         self._holders: collections.Counter[int] = collections.Counter()   # version -> jobs holding it
         self._scratch_version = -1
-        self._buffer: list[_Job] = []
+        self._buffer: list[Job] = []
         self._busy = np.zeros(n, dtype=bool)
         self._next_job = 0
         self._select_step = 0
@@ -208,7 +175,7 @@ class AsyncServer(ServerBase):
                           f.downlink_bps[devices], f.uplink_bps[devices], f.latency_s[devices])
         setup = RoundSetup(self.current_round, plan, None, self.scenario.network.upload_mode,
                            [f.class_spec(device)])
-        job = _Job(j, device, self.current_round, batch, float(slowdown[0]), setup)
+        job = Job(j, device, self.current_round, batch, float(slowdown[0]), setup)
         self._busy[device] = True
         self._holders[job.version] += 1
         job_round = DeviceRound(env, setup, 0, self.trace, lambda ended: self.job_ended(env, job, ended.out))
@@ -224,7 +191,7 @@ class AsyncServer(ServerBase):
             self._holding = False
         self.dispatch(env)
 
-    def job_ended(self, env: simpy.Environment, job: _Job, out: DeviceOutcome) -> None:
+    def job_ended(self, env: simpy.Environment, job: Job, out: DeviceOutcome) -> None:
         """A job is over: its update arrived, or it was stopped. Called from the job's last event."""
         del self.active[job.device]
         self._busy[job.device] = False
@@ -250,7 +217,7 @@ class AsyncServer(ServerBase):
     def _server_step(self, env: simpy.Environment) -> None:
         jobs, self._buffer = self._buffer, []
         u = self.current_round
-        dropped: list[_Job] = []
+        dropped: list[Job] = []
         try:
             total, loss_sum = self._buffer_gradient(jobs, u)
         except NumericalError as exc:
@@ -287,7 +254,7 @@ class AsyncServer(ServerBase):
             self._closing = True          # run.rounds is an upper bound on server steps
             self._main.interrupt()
 
-    def _buffer_gradient(self, jobs: list[_Job], u: int) -> tuple[dict[str, torch.Tensor], float]:
+    def _buffer_gradient(self, jobs: list[Job], u: int) -> tuple[dict[str, torch.Tensor], float]:
         """The staleness-weighted mean gradient of `jobs` at update `u`, and the sum of their losses."""
         k = len(jobs)
         total: dict[str, torch.Tensor] = {}
@@ -305,7 +272,7 @@ class AsyncServer(ServerBase):
                 raise NumericalError(f"non-finite aggregated gradient of {name}")
         return total, loss_sum
 
-    def _drop_nonfinite(self, jobs: list[_Job], u: int, cause: str):
+    def _drop_nonfinite(self, jobs: list[Job], u: int, cause: str):
         """NaN/Inf in update `u`'s buffer: find the jobs whose own update is not finite; stop the run naming
         them (training.on_nonfinite = "stop"), or drop them and aggregate the others. Returns (gradient,
         loss sum, jobs kept, jobs dropped); the gradient is None when every job was dropped."""
@@ -341,7 +308,7 @@ class AsyncServer(ServerBase):
             return None, 0.0, [], bad
         return total, loss_sum, kept, bad
 
-    def _nonfinite_jobs(self, jobs: list[_Job]) -> tuple[list[_Job], dict[int, float]]:
+    def _nonfinite_jobs(self, jobs: list[Job]) -> tuple[list[Job], dict[int, float]]:
         """The jobs whose own gradient or loss is not finite (each at its version), and the others' losses."""
         bad, losses = [], {}
         for job in jobs:
@@ -405,67 +372,6 @@ class AsyncServer(ServerBase):
         self.clock_at = env.now
         self._write_eval(env.now, final=True)
         self.health.finish(max(self.current_round - 1, 0), self.last_eval)
-
-    def _evaluate_until(self, now_at: float) -> None:
-        """Evaluation rows for the instants strictly before now (the model has not changed since)."""
-        every = self.policy.eval_every_s
-        while True:
-            at = self._next_eval * every       # a product, not a running sum: no drift over a long run
-            if at >= now_at or at > self.policy.duration_s:
-                return
-            self._write_eval(at)
-            self._next_eval += 1
-
-    def _write_eval(self, at: float, final: bool = False) -> None:
-        self.last_eval = evaluate(self.model, self.x_test, self.y_test)
-        self._write_row(self.current_round, at, at, participants=0, train_loss=None, evaluation=self.last_eval,
-                        carry=final)
-        self.trace.end_round()          # flush at each evaluation: a crash loses one interval at most
-
-    # -- rows -------------------------------------------------------------------------------------
-    def _write_row(self, round_: int, start_at: float, end_at: float, participants: int,
-                   train_loss: float | None, evaluation: Evaluation | None = None, carry: bool = True) -> None:
-        """One rounds.parquet row; `carry` moves the pending device energy and arrivals into it."""
-        energy_j, delivered = (self._pending_energy_j, self._arrived) if carry else (0.0, 0)
-        if carry:
-            self._pending_energy_j, self._arrived = 0.0, 0
-        row = {
-            "round": round_, "policy": self.policy.describe(), "start_s": start_at, "end_s": end_at,
-            "duration_s": end_at - start_at, "participants": participants, "delivered_any": delivered,
-            "completed": participants, "contributors": [participants] * self._n_layers,
-            "train_loss": train_loss,
-            "test_loss": None if evaluation is None else evaluation.loss,
-            "test_accuracy": None if evaluation is None else evaluation.accuracy,
-            "energy_j": energy_j,
-        }
-        self.trace.rounds.append({name: row.get(name) for name in self.trace.rounds.columns})
-
-    def _record(self, job: _Job, applied: bool, round_: int, nonfinite: bool = False) -> None:
-        """The job's devices.parquet row, with the energy formulas of a synchronous round (idle 0)."""
-        o = job.outcome
-        spec = job.setup.powers[0]
-        e_down = spec.power_rx_w * o.download_s
-        e_comp = spec.power_compute_w * o.compute_s
-        e_up = spec.power_tx_w * o.upload_s
-        energy = e_down + e_comp + e_up
-        self._pending_energy_j += energy
-        if applied:
-            status = DeviceStatus.COMPLETE
-        elif nonfinite:
-            status = DeviceStatus.NONFINITE      # its update had NaN/Inf and was dropped
-        elif o.stopped is StopCause.OFFLINE:
-            status = DeviceStatus.OFFLINE
-        else:
-            status = DeviceStatus.NOTHING
-        row = {
-            "round": round_, "device": job.device, "class": spec.name, "status": status.value,
-            "depth": self._n_layers if applied else 0, "layers_computed": o.layers_computed,
-            "samples": len(job.batch), "speed_flops": float(self.fleet.speed_flops[job.device] / job.slowdown),
-            "download_s": o.download_s, "compute_s": o.compute_s, "upload_s": o.upload_s, "idle_s": 0.0,
-            "energy_download_j": e_down, "energy_compute_j": e_comp, "energy_upload_j": e_up,
-            "energy_idle_j": 0.0, "energy_j": energy,
-        }
-        self.trace.devices.append({name: row.get(name) for name in self.trace.devices.columns})
 
 
 def serve_async(env: simpy.Environment, server: AsyncServer, on_update: Callable[[int], None] | None = None):

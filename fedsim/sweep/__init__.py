@@ -34,62 +34,23 @@ delivered at least one layer / every layer), `time_to_target_s`, `energy_to_targ
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import multiprocessing
 import os
-import re
 import sys
-import tomllib
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from fedsim.errors import FedsimError, ScenarioError, TraceError
-from fedsim.spec.overrides import apply_overrides
-from fedsim.output.rundir import RunStatus, clear_run_files, read_status, write_atomic, write_status
+from fedsim.errors import FedsimError
+from fedsim.output.rundir import RunStatus, clear_run_files, write_atomic, write_status
 from fedsim.spec.scenario import load_scenario, parse_scenario
+from fedsim.sweep.index import (INDEX_FILE, PARAMS_FILE, RUNS_DIR, SWEEP_FILE, _index_row, _index_table, _up_to_date,
+                                 _write_index, read_index, run_metrics)
+from fedsim.sweep.plan import SweepRun, parse_grid, plan_sweep
 
 __all__ = ["SweepRun", "SweepResult", "parse_grid", "plan_sweep", "run_sweep", "run_metrics",
-           "read_index", "INDEX_FILE", "SWEEP_FILE", "PARAMS_FILE", "default_jobs"]
-
-INDEX_FILE = "index.parquet"
-SWEEP_FILE = "sweep.json"
-PARAMS_FILE = "params.json"
-RUNS_DIR = "runs"
-_SAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
-_MAX_ID = 120
-
-METRIC_COLUMNS = [
-    ("policy", pa.string()),
-    ("rounds", pa.int64()),
-    ("final_accuracy", pa.float64()),
-    ("best_accuracy", pa.float64()),
-    ("sim_time_s", pa.float64()),
-    ("energy_j", pa.float64()),
-    ("mean_delivered", pa.float64()),
-    ("mean_completed", pa.float64()),
-    ("time_to_target_s", pa.float64()),
-    ("energy_to_target_j", pa.float64()),
-    ("rounds_to_target", pa.int64()),
-]
-
-
-@dataclass(frozen=True)
-class SweepRun:
-    run_id: str
-    params: tuple[tuple[str, str], ...]     # grid key -> value text, in command-line order
-    seed: int
-    overrides: tuple[str, ...]              # --set, then the grid point, then run.seed
-
-    def params_json(self, scenario: Path) -> dict:
-        return {"run_id": self.run_id, "params": dict(self.params), "seed": self.seed,
-                "scenario": str(scenario), "overrides": list(self.overrides)}
+           "read_index", "INDEX_FILE", "SWEEP_FILE", "PARAMS_FILE", "RUNS_DIR", "default_jobs"]
 
 
 @dataclass(frozen=True)
@@ -102,186 +63,6 @@ class SweepResult:
 
 
 # -- planning ------------------------------------------------------------------------------------
-
-def _split_values(text: str) -> list[str]:
-    """Split on commas that are not inside brackets, braces or quotes (values are TOML values)."""
-    parts, depth, quote, start = [], 0, "", 0
-    for i, ch in enumerate(text):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    parts.append(text[start:].strip())
-    return parts
-
-
-def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
-    """`["policy.name=salf,drop", ...]` -> `[("policy.name", ["salf", "drop"]), ...]`."""
-    grid: list[tuple[str, list[str]]] = []
-    for item in items:
-        key, sep, values_text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise FedsimError(f"--grid {item!r}: expected KEY=VALUE1,VALUE2,...")
-        if key == "run.seed":
-            raise FedsimError("--grid run.seed: use --seeds N (and --set run.seed=BASE) for seeds")
-        if key in (k for k, _ in grid):
-            raise FedsimError(f"--grid {key}: given twice; list all its values in one --grid")
-        values = _split_values(values_text)
-        if any(v == "" for v in values):
-            raise FedsimError(f"--grid {key}: empty value in {values_text!r}")
-        if len(set(values)) != len(values):
-            raise FedsimError(f"--grid {key}: repeated value in {values_text!r}")
-        grid.append((key, values))
-    return grid
-
-
-def _run_id(params: tuple[tuple[str, str], ...], seed: int) -> str:
-    raw = ",".join([f"{k}={v}" for k, v in params] + [f"seed={seed}"])
-    safe = _SAFE.sub("_", raw)
-    if safe != raw or len(safe) > _MAX_ID:
-        digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
-        safe = f"{safe[:_MAX_ID]}-{digest}"
-    return safe
-
-
-def _grid_points(grid: list[tuple[str, list[str]]]) -> list[tuple[tuple[str, str], ...]]:
-    points: list[tuple[tuple[str, str], ...]] = [()]
-    for key, values in grid:
-        points = [p + ((key, v),) for p in points for v in values]
-    return points
-
-
-def _blame(scenario: Path, sets: list[str], point, exc: ScenarioError) -> FedsimError:
-    """Name the grid key whose value is bad: the first one that fails on its own, else the whole point."""
-    for key, value in point:
-        try:
-            load_scenario(scenario, [*sets, f"{key}={value}"])
-        except ScenarioError as single:
-            return FedsimError(f"--grid {key}={value}: {single}")
-    shown = ",".join(f"{k}={v}" for k, v in point)
-    return FedsimError(f"--grid point {shown}: {exc}")
-
-
-def plan_sweep(scenario: Path, grid: list[tuple[str, list[str]]], seeds: int,
-               sets: list[str]) -> list[SweepRun]:
-    """Every run of the sweep, each scenario validated; raises FedsimError before anything is written."""
-    if seeds < 1:
-        raise FedsimError(f"--seeds must be at least 1, got {seeds}")
-    set_keys = {s.partition("=")[0].strip() for s in sets}
-    for key, _ in grid:
-        if key in set_keys:
-            raise FedsimError(f"--grid {key}: also given with --set; keep one")
-    base_seed = load_scenario(scenario, sets).run.seed       # errors here name the --set key
-    runs: list[SweepRun] = []
-    for point in _grid_points(grid):
-        grid_overrides = [f"{k}={v}" for k, v in point]
-        for i in range(seeds):
-            seed = base_seed + i
-            overrides = (*sets, *grid_overrides, f"run.seed={seed}")
-            try:
-                load_scenario(scenario, list(overrides))
-            except ScenarioError as exc:
-                raise _blame(scenario, sets, point, exc) from None
-            runs.append(SweepRun(_run_id(point, seed), point, seed, overrides))
-    ids = [r.run_id for r in runs]
-    if len(set(ids)) != len(ids):
-        raise FedsimError("two grid points map to the same run id; give distinct values")
-    return runs
-
-
-# -- resuming ------------------------------------------------------------------------------------
-
-def _effective_tree(text: str, overrides) -> dict:
-    return apply_overrides(tomllib.loads(text), list(overrides), "<trace>")
-
-
-def _up_to_date(run_dir: Path, run: SweepRun, scenario_text: str) -> bool:
-    """Completed, and its trace records the same scenario (as parsed TOML) and overrides as planned."""
-    try:
-        if read_status(run_dir)["status"] != RunStatus.COMPLETED.value:
-            return False
-        meta = pq.read_schema(run_dir / "rounds.parquet").metadata or {}
-        text = meta[b"scenario.text"].decode()
-        overrides = json.loads(meta[b"scenario.overrides"].decode())
-        return _effective_tree(text, overrides) == _effective_tree(scenario_text, run.overrides)
-    except (TraceError, OSError, KeyError, ValueError, pa.ArrowException, FedsimError, tomllib.TOMLDecodeError):
-        return False
-
-
-# -- metrics -------------------------------------------------------------------------------------
-
-def run_metrics(run_dir: Path, target_accuracy: float | None = None) -> dict:
-    """Headline metrics of one completed run, from its rounds.parquet."""
-    t = pq.read_table(Path(run_dir) / "rounds.parquet").sort_by("round")
-    col = {name: t.column(name).to_numpy(zero_copy_only=False)
-           for name in ("end_s", "energy_j", "delivered_any", "completed")}
-    acc = np.array([np.nan if a is None else a for a in t.column("test_accuracy").to_pylist()], dtype=float)
-    evaluated = np.flatnonzero(~np.isnan(acc))
-    out = {
-        "policy": t.column("policy")[0].as_py() if t.num_rows else None,
-        "rounds": t.num_rows,
-        "final_accuracy": float(acc[evaluated[-1]]) if len(evaluated) else None,
-        "best_accuracy": float(acc[evaluated].max()) if len(evaluated) else None,
-        "sim_time_s": float(col["end_s"][-1]) if t.num_rows else 0.0,
-        "energy_j": float(np.sum(col["energy_j"])),
-        "mean_delivered": float(np.mean(col["delivered_any"])) if t.num_rows else None,
-        "mean_completed": float(np.mean(col["completed"])) if t.num_rows else None,
-        "time_to_target_s": None, "energy_to_target_j": None, "rounds_to_target": None,
-    }
-    if target_accuracy is not None:
-        hits = evaluated[acc[evaluated] >= target_accuracy]
-        if len(hits):
-            r = int(hits[0])
-            out["time_to_target_s"] = float(col["end_s"][r])
-            out["energy_to_target_j"] = float(np.sum(col["energy_j"][: r + 1]))
-            out["rounds_to_target"] = r + 1
-    return out
-
-
-def _index_row(out: Path, run: SweepRun, target_accuracy: float | None, error: str | None = None) -> dict:
-    """The index row of one run, from its status.json and rounds.parquet."""
-    run_dir = out / RUNS_DIR / run.run_id
-    try:
-        status = read_status(run_dir)
-    except TraceError:
-        status = {"status": "missing"}
-    metrics = {name: None for name, _ in METRIC_COLUMNS}
-    if status["status"] == RunStatus.COMPLETED.value:
-        metrics = run_metrics(run_dir, target_accuracy)
-    return {"run_id": run.run_id, **dict(run.params), "seed": run.seed, "status": status["status"], **metrics,
-            "error": status.get("error", error), "run_dir": f"{RUNS_DIR}/{run.run_id}"}
-
-
-def _index_table(rows: list[dict], grid_keys: list[str], settings: dict) -> pa.Table:
-    fields = ([("run_id", pa.string())] + [(k, pa.string()) for k in grid_keys]
-              + [("seed", pa.int64()), ("status", pa.string())] + METRIC_COLUMNS
-              + [("error", pa.string()), ("run_dir", pa.string())])
-    meta = {"fedsim.sweep.params": json.dumps(grid_keys),
-            "fedsim.sweep.target_accuracy": json.dumps(settings["target_accuracy"]),
-            "fedsim.sweep.settings": json.dumps(settings, sort_keys=True)}
-    return pa.Table.from_pylist(rows, schema=pa.schema(fields, metadata=meta))
-
-
-def _write_index(out: Path, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    write_atomic(out / INDEX_FILE, buf.getvalue())
-
-
-def read_index(out: Path) -> pa.Table:
-    return pq.read_table(Path(out) / INDEX_FILE)
-
-
-# -- running -------------------------------------------------------------------------------------
 
 def default_jobs() -> int:
     try:
