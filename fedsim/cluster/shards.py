@@ -1,14 +1,14 @@
 """`fedsim run --cluster`: one run whose gradients are sharded over a Dask cluster.
 
-The simulated clock, the SimPy engine, the policy and the trace stay in this
-  (driver) process; only `layer_sums` (the gradients of what the devices delivered) runs on the cluster,
-  through `ShardedGradientEngine`. The devices are cut into fixed shards of consecutive ids; a worker
-  rebuilds the data of its shards itself from the scenario and seed (`fedsim.sim.build.build_components`), once,
-  so no training data ever crosses the network. Per round the driver broadcasts the model once and sends
-  each shard the mini-batch rows (as positions in the shard's data) and depths of its participants; each
-  shard returns one `LayerSums` (per-parameter sums and per-layer counts), which the driver adds in shard
-  order (0, 1, ...), so the result does not depend on which worker ran what, or when. A shard whose worker
-  dies is recomputed by another worker, which rebuilds that shard's data first: the result is unchanged.
+The simulated clock, the SimPy engine, the policy and the trace stay in this (driver) process; only
+`layer_sums` (the gradients of what the devices delivered) runs on the cluster, through
+`ShardedGradientEngine`. The devices are cut into fixed shards of consecutive ids; a worker rebuilds the data
+of its shards itself from the scenario and seed (`fedsim.sim.build.build_components`), once, so no training
+data ever crosses the network. Per round the driver broadcasts the model once and sends each shard the
+mini-batch rows (as positions in the shard's data) and depths of its participants; each shard returns one
+`LayerSums` (per-parameter sums and per-layer counts), which the driver adds in shard order (0, 1, ...), so
+the result does not depend on which worker ran what, or when. A shard whose worker dies is recomputed by
+another worker, which rebuilds that shard's data first: the result is unchanged.
 
 Only the one-step layer-wise policies use `layer_sums` (salf, drop, wait, overselect with
 `training.local_steps = 1`); the others train per device (`fedsim.learn.local.LocalTrainer`) and are refused.
