@@ -8,34 +8,43 @@
   the same path (a shared filesystem). Same run ids, traces and index as a local sweep; resumable alike.
 * `fedsim run --cluster`: the simulated clock, the SimPy engine, the policy and the trace stay in this
   (driver) process; only `layer_sums` (the gradients of what the devices delivered) runs on the cluster,
-  through `ShardedGradientEngine`. The devices are cut into fixed shards of consecutive ids; a worker
-  rebuilds the data of its shards itself from the scenario and seed (`fedsim.build.build_components`), once,
-  so no training data ever crosses the network. Per round the driver broadcasts the model once and sends
-  each shard the mini-batch rows (as positions in the shard's data) and depths of its participants; each
-  shard returns one `LayerSums` (per-parameter sums and per-layer counts), which the driver adds in shard
-  order (0, 1, ...), so the result does not depend on which worker ran what, or when. A shard whose worker
-  dies is recomputed by another worker, which rebuilds that shard's data first: the result is unchanged.
+  through `ShardedGradientEngine`. A worker rebuilds the run's training data itself from the scenario and
+  seed (`fedsim.build.build_components`), once, so no training data ever crosses the network. Each round,
+  the contributing devices, in the policy's order, are cut into shards of `DEVICES_PER_SHARD`, a size
+  fixed by the code, never by the cluster; each shard is one task returning one `LayerSums`, and the driver
+  adds them in shard order (0, 1, ...). The result is therefore the same, bit for bit, on any number of
+  workers, whichever worker ran what and whatever died on the way.
+
+Faults: every call to the cluster is bounded in time (the `*_TIMEOUT_S` constants below). A worker that
+dies loses nothing that cannot be redone: the round's model and the run's description are Dask tasks
+holding their data, which the scheduler re-runs elsewhere, and the shard tasks they feed are re-run
+with them (a shard task found cancelled is submitted again, `_RESUBMITS` times). A round in which no task
+finishes for `stall_timeout_s` fails the run with a `ClusterError` naming the cluster and the round.
 
 Only the one-step layer-wise policies use `layer_sums` (salf, drop, wait, overselect with
 `training.local_steps = 1`); the others train per device (`fedsim.local.LocalTrainer`) and are refused.
 
 Dask is optional (`pip install "fedsim[dask]"`): nothing here imports it until a cluster is asked for.
-See docs/DISTRIBUTED.md for clusters on Slurm and the cost model.
+See docs/DISTRIBUTED.md for clusters on Slurm, the fault behaviour and the cost model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import logging
 import os
+import queue
 import shutil
 import threading
+import time
 import uuid
 import weakref
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -43,18 +52,29 @@ import torch
 from fedsim.errors import DataError, FedsimError
 from fedsim.grads import LayerSums, check_depths
 
-__all__ = ["ClusterError", "ClusterSpec", "ClusterSession", "ShardedGradientEngine", "ShardSpec",
-           "DASK_INSTALL", "DISTRIBUTED_POLICIES", "check_distributable", "connect", "data_digest",
-           "open_cluster", "parse_cluster", "require_dask", "sharded_grads", "shard_layer_sums",
+__all__ = ["ClusterError", "ClusterSpec", "ClusterSession", "ShardedGradientEngine", "RunSpec",
+           "DASK_INSTALL", "DEVICES_PER_SHARD", "DISTRIBUTED_POLICIES", "check_distributable", "connect",
+           "data_digest", "open_cluster", "parse_cluster", "require_dask", "sharded_grads", "shard_layer_sums",
            "sweep_on_cluster", "sweep_task"]
 
 DASK_INSTALL = 'pip install "fedsim[dask]"'
 DISTRIBUTED_POLICIES = ("salf", "drop", "wait", "overselect")
+# Participants per gradient shard: a constant, so how a round's sum is split and added up (and hence the
+# model, to the last bit) never depends on the cluster. 64 CNN devices at batch 16 are ~1 GFLOP, a task of
+# ~0.1 s on one thread: enough tasks to balance a large round over many workers, few enough that Dask's
+# ~1 ms per task stays small.
+DEVICES_PER_SHARD = 64
 # Wall-clock limits of talking to the cluster (never the simulated clock, which lives in the engine).
-CONNECT_TIMEOUT_S = 30
-WORKER_WAIT_S = 120
-_SCATTER_ATTEMPTS = 3
-# A long-lived cluster serves run after run: a worker keeps the shards of this many runs at most.
+CONNECT_TIMEOUT_S = 30       # reach a scheduler (--cluster ADDRESS), or the one fedsim started
+START_TIMEOUT_S = 120        # local:N: the workers start (each imports torch); at least one must be up
+WORKER_WAIT_S = 120          # a cluster without workers: wait this long for one
+CALL_TIMEOUT_S = 30          # one request to the scheduler (the workers' list)
+CLOSE_TIMEOUT_S = 5          # each of: freeing a run's data on the workers, closing the client, a LocalCluster
+LOAD_TIMEOUT_S = 300         # every worker builds the run's data before round 0
+TASK_TIMEOUT_S = 30          # a round fails if none of its tasks finishes for this long (plus the data build
+_TASK_MIN_FLOPS = 1e9        # time measured before round 0, plus its largest task at this many FLOP/s)
+_RESUBMITS = 2               # a shard task found cancelled (its inputs were lost) is submitted again this often
+# A long-lived cluster serves run after run: a worker keeps the data of this many runs at most.
 _MAX_RUNS_PER_WORKER = 2
 # A shard task runs its devices in passes of at most this many forward FLOPs (~500 rows of the paper CNN,
 # ~2,900 of the MLP). GradientEngine's own bound (2e10) lets one CNN pass span ~67,000 rows, whose
@@ -80,6 +100,12 @@ def require_dask():
         raise ClusterError(f"--cluster needs Dask, which is not installed ({exc}); install it with: "
                            f"{DASK_INSTALL}") from None
     return distributed
+
+
+def _one_line(exc: BaseException) -> str:
+    """`Type: message` on one line (Dask's messages can span several)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # -- connecting -------------------------------------------------------------------------------------
@@ -117,26 +143,35 @@ def parse_cluster(text: str) -> ClusterSpec:
 
 
 def _close_quietly(*things) -> None:
+    """Close clients and clusters, each within CLOSE_TIMEOUT_S, ignoring their errors."""
     for thing in things:
         if thing is not None:
             with contextlib.suppress(Exception):
-                thing.close()
+                thing.close(timeout=CLOSE_TIMEOUT_S)
 
 
 class ClusterSession:
     """A Dask client and, if fedsim started it, the LocalCluster behind it; `close()` ends what was opened.
 
-    A finalizer closes them too if the session is dropped without `close()` (an error between connecting
-    and running), so a LocalCluster's worker processes never outlive the command.
+    `label` names the cluster in messages: the `--cluster` text and the scheduler's address. A finalizer
+    closes them too if the session is dropped without `close()` (an error between connecting and running),
+    so a LocalCluster's worker processes never outlive the command.
     """
 
-    def __init__(self, client, cluster=None, owned: bool = True):
+    def __init__(self, client, cluster=None, owned: bool = True, label: str | None = None):
         self.client = client
         self.cluster = cluster
+        self.label = label if label is not None else _address(client)
         self._finalizer = weakref.finalize(self, _close_quietly, client if owned else None, cluster)
 
     def close(self) -> None:
         self._finalizer()
+
+
+def _address(client) -> str:
+    with contextlib.suppress(Exception):
+        return str(client.scheduler.address)
+    return "the Dask scheduler"
 
 
 def open_cluster(cluster) -> ClusterSession:
@@ -146,28 +181,65 @@ def open_cluster(cluster) -> ClusterSession:
         return ClusterSession(cluster, owned=False)
     spec = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
     if spec.local_workers is not None:
-        import logging
-
-        import dask
-
-        # Processes with one thread each: two single-thread processes beat one two-thread process for this
-        # work (docs/DISTRIBUTED.md). The scheduler's HTTP server on any free port: the fixed default
-        # (8787) clashes between concurrent commands.
-        with dask.config.set(WORKER_DASK_CONFIG):      # read by each nanny now, kept for its restarts
-            local = distributed.LocalCluster(n_workers=spec.local_workers, threads_per_worker=1, processes=True,
-                                             dashboard_address=":0", silence_logs=logging.ERROR)
-        try:
-            return ClusterSession(distributed.Client(local), local)
-        except BaseException:
-            local.close()
-            raise
+        return _start_local(distributed, spec.local_workers)
     try:
         client = distributed.Client(spec.address, timeout=CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError, ValueError) as exc:
         raise ClusterError(f"--cluster {spec.address}: cannot reach a Dask scheduler there "
-                           f"({type(exc).__name__}: {exc}); start one (docs/DISTRIBUTED.md) or use "
+                           f"({_one_line(exc)}); start one (docs/DISTRIBUTED.md) or use "
                            "--cluster local:N") from None
-    return ClusterSession(client)
+    return ClusterSession(client, label=spec.address)
+
+
+def _start_local(distributed, n: int) -> ClusterSession:
+    """A LocalCluster of n single-thread worker processes, started within START_TIMEOUT_S.
+
+    Processes with one thread each: two single-thread processes beat one two-thread process for this
+    work (docs/DISTRIBUTED.md). The scheduler's HTTP server on any free port: the fixed default (8787)
+    clashes between concurrent commands. Dask's own logs are silenced: a fault ends in one line of fedsim's.
+    The workers are started in the background and waited for here, so a worker that never comes up
+    (killed while starting, say) costs a bounded wait, not a hang; the run goes on with the others.
+    """
+    import dask
+
+    local = client = None
+    try:
+        with dask.config.set(WORKER_DASK_CONFIG):      # read by each nanny when created, kept for its restarts
+            local = distributed.LocalCluster(n_workers=0, threads_per_worker=1, processes=True,
+                                             dashboard_address=":0", silence_logs=logging.CRITICAL)
+            label = f"local:{n} ({local.scheduler_address})"
+            client = distributed.Client(local, timeout=CONNECT_TIMEOUT_S)
+            local.scale(n)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while True:
+                up = len(_nthreads(client, label))
+                settled = len(local.workers) >= n           # every start attempt ended, well or not
+                if up >= n or (settled and up >= 1):
+                    break
+                if time.monotonic() > deadline or (settled and not _starting(local)):
+                    raise ClusterError(f"--cluster {label}: {up} of {n} Dask workers started within "
+                                       f"{START_TIMEOUT_S} s; check the machine's memory and load, or ask for fewer")
+                time.sleep(0.1)
+    except BaseException:
+        _close_quietly(client, local)
+        raise
+    return ClusterSession(client, local, label=label)
+
+
+def _starting(local) -> bool:
+    """Whether a worker of this LocalCluster is still starting (or restarting)."""
+    from distributed.core import Status
+
+    return any(getattr(w, "status", None) in (Status.init, Status.starting) for w in local.workers.values())
+
+
+def _nthreads(client, label: str) -> dict[str, int]:
+    """The live workers and their threads, asked of the scheduler within CALL_TIMEOUT_S."""
+    try:
+        return client.nthreads(callback_timeout=CALL_TIMEOUT_S)
+    except Exception as exc:
+        raise ClusterError(f"--cluster {label}: the Dask scheduler did not answer within {CALL_TIMEOUT_S} s "
+                           f"({_one_line(exc)})") from None
 
 
 @contextlib.contextmanager
@@ -274,102 +346,118 @@ def _portable(scn):
 
 
 @dataclass(frozen=True)
-class ShardSpec:
-    """Everything a worker needs to rebuild one shard's data on its own; small, so it goes with every task."""
+class RunSpec:
+    """Everything a worker needs to rebuild the run's training data on its own (held by one Dask task)."""
     run_key: str         # one per engine: a worker's cache entry, freed by `close()`
-    shard: int
-    first_device: int    # the shard's devices are first_device .. end_device - 1
-    end_device: int
     scenario: Any        # fedsim.scenario.Scenario, paths absolute
     digest: str          # data_digest of the driver's data
 
 
 @dataclass(frozen=True)
 class _Weights:
-    """The global model's state of one round (parameters and buffers), broadcast once per round."""
+    """The global model's state of one round (parameters and buffers), sent once per round."""
     tensors: dict[str, torch.Tensor]
     training: bool
 
 
-class _Shard:
-    """Worker side: one shard's training rows (sorted dataset indices), a model and a GradientEngine."""
+class _RunData:
+    """Worker side: the run's training set (in the model's dtype) and gradient engines on it, one per
+    task running at once (each has its own copy of the model, loaded with the round's weights)."""
 
-    def __init__(self, spec: ShardSpec):
+    def __init__(self, spec: RunSpec):
         from fedsim.build import build_components
-        from fedsim.grads import GradientEngine
 
         comp = build_components(spec.scenario)
         if data_digest(comp.dataset, comp.partition) != spec.digest:
             raise DataError(f"{spec.scenario.source}: a Dask worker rebuilt other training data than the driver "
                             f"has (data.dir {spec.scenario.data.dir}); every worker must see the same files at "
                             "the same path and run the same fedsim and numpy versions")
-        p = comp.partition
-        self.rows = np.unique(p.indices[p.offsets[spec.first_device]:p.offsets[spec.end_device]])
-        index = torch.from_numpy(self.rows)
-        self.model = comp.model
-        self.engine = GradientEngine(comp.model, comp.profile, comp.dataset.x_train[index],
-                                     comp.dataset.y_train[index], path=spec.scenario.training.grad_path)
+        self.model, self.profile = comp.model, comp.profile
+        self.x = comp.dataset.x_train.to(next(comp.model.parameters()).dtype)
+        self.y = comp.dataset.y_train
+        self.grad_path = spec.scenario.training.grad_path
+        self._idle: list = []
+        self._made = 0
+        self._lock = threading.Lock()
 
-    def load(self, weights: _Weights) -> None:
-        self.model.load_state_dict(weights.tensors)
-        self.model.train(weights.training)
+    @contextlib.contextmanager
+    def engine(self):
+        from fedsim.grads import GradientEngine
+
+        with self._lock:
+            engine = self._idle.pop() if self._idle else None
+            fresh = engine is None
+            first = fresh and self._made == 0
+            self._made += fresh
+        if fresh:
+            engine = GradientEngine(self.model if first else copy.deepcopy(self.model), self.profile, self.x,
+                                    self.y, path=self.grad_path)
+        try:
+            yield engine
+        finally:
+            with self._lock:
+                self._idle.append(engine)
 
 
-class _Slot:
+class _RunSlot:
     def __init__(self):
-        self.lock = threading.Lock()     # one task at a time per shard: the shard's model is its state
-        self.shard: _Shard | None = None
+        self.lock = threading.Lock()     # one build of the run's data per worker
+        self.data: _RunData | None = None
 
 
-# Worker-process state: run key -> shard -> slot. Built lazily by the first task that needs it, so any
-# worker can take over any shard (a task Dask re-runs after its worker died rebuilds the data first).
-_SHARDS: OrderedDict[str, dict[int, _Slot]] = OrderedDict()
-_SHARDS_LOCK = threading.Lock()
+# Worker-process state: run key -> the run's data. Built by the first task that needs it, so any worker
+# can compute any shard (a worker that joins, or takes over a dead one's tasks, builds the data first).
+_RUNS: OrderedDict[str, _RunSlot] = OrderedDict()
+_RUNS_LOCK = threading.Lock()
 
 
-@contextlib.contextmanager
-def _loaded(spec: ShardSpec) -> Iterator[_Shard]:
-    with _SHARDS_LOCK:
-        slots = _SHARDS.setdefault(spec.run_key, {})
-        _SHARDS.move_to_end(spec.run_key)
-        while len(_SHARDS) > _MAX_RUNS_PER_WORKER:
-            _SHARDS.popitem(last=False)
-        slot = slots.setdefault(spec.shard, _Slot())
+def _run_data(spec: RunSpec) -> _RunData:
+    with _RUNS_LOCK:
+        slot = _RUNS.setdefault(spec.run_key, _RunSlot())
+        _RUNS.move_to_end(spec.run_key)
+        while len(_RUNS) > _MAX_RUNS_PER_WORKER:
+            _RUNS.popitem(last=False)
     with slot.lock:
-        if slot.shard is None:
-            slot.shard = _Shard(spec)
-        yield slot.shard
+        if slot.data is None:
+            slot.data = _RunData(spec)
+        return slot.data
 
 
-def load_shard(spec: ShardSpec) -> int:
-    """Worker task: build the shard's data now (before round 0); returns its number of training rows."""
+def hold(value):
+    """Worker task: hold `value` (the run's RunSpec, a round's model) for the tasks that need it. Its input
+    stays with the scheduler, so Dask re-runs it elsewhere if its worker dies: the value is sent again."""
+    return value
+
+
+def load_run(spec: RunSpec) -> int:
+    """Worker task: build the run's data now (before round 0); returns its number of training rows."""
     _single_thread()
-    with _loaded(spec) as shard:
-        return int(len(shard.rows))
+    return int(len(_run_data(spec).y))
 
 
 def forget_run(run_key: str) -> None:
-    """Worker side of `ShardedGradientEngine.close()`: drop the run's shards."""
-    with _SHARDS_LOCK:
-        _SHARDS.pop(run_key, None)
+    """Worker side of `ShardedGradientEngine.close()`: drop the run's data."""
+    with _RUNS_LOCK:
+        _RUNS.pop(run_key, None)
 
 
-def shard_layer_sums(spec: ShardSpec, weights: _Weights, rows: np.ndarray, sizes: np.ndarray,
+def shard_layer_sums(spec: RunSpec, shard: int, weights: _Weights, rows: np.ndarray, sizes: np.ndarray,
                      depths: np.ndarray) -> LayerSums:
-    """Worker task: the LayerSums of one shard's participants (rows: their mini-batches, concatenated,
-    as positions in the shard's data; sizes: each mini-batch's length)."""
+    """Worker task: the LayerSums of one shard's devices (rows: their mini-batches, concatenated, as
+    training-set indices; sizes: each mini-batch's length; depths: what each delivered, all > 0)."""
     _single_thread()
-    with _loaded(spec) as shard:
-        shard.load(weights)
+    with _run_data(spec).engine() as engine:
+        engine.model.load_state_dict(weights.tensors)
+        engine.model.train(weights.training)
         batches = np.split(rows.astype(np.int64), np.cumsum(sizes)[:-1])
         # deepest first, as the engine groups them, so a pass mostly holds devices of one depth
         order = np.argsort(-np.asarray(depths), kind="stable")
-        rows_per_pass = max(1, int(_PASS_FWD_FLOPS // max(shard.engine.profile.fwd_flops_per_sample, 1.0)))
+        rows_per_pass = max(1, int(_PASS_FWD_FLOPS // max(engine.profile.fwd_flops_per_sample, 1.0)))
         first_row = np.cumsum(sizes[order]) - sizes[order]
         passes = np.split(order, np.flatnonzero(np.diff(first_row // rows_per_pass)) + 1)
         total = None
         for members in passes:
-            total = _add(total, shard.engine.layer_sums([batches[i] for i in members], depths[members]))
+            total = _add(total, engine.layer_sums([batches[i] for i in members], depths[members]))
         return total
 
 
@@ -391,78 +479,88 @@ def _counts(depths: np.ndarray, n_layers: int) -> np.ndarray:
 
 
 class ShardedGradientEngine:
-    """`GradientEngine.layer_sums` with the work split over the workers of a Dask cluster by device shard.
+    """`GradientEngine.layer_sums` with the work split over the workers of a Dask cluster.
 
     Same API as `fedsim.grads.GradientEngine` for what policies use (`layer_sums`, `layer_of_param`),
-    plus `begin_round(devices)`, through which the server says whose mini-batches a round's positions are.
-    The shard count is fixed for the run (default: the cluster's worker threads at the start); the sums
-    are added in shard order, so a run's result depends on the shard count (to rounding) but never on
-    which worker computed what, on worker deaths or on timing.
+    plus `begin_round(devices, round_)`, through which the server says which round is computed (named in
+    errors). A round's contributing devices (in the order the policy gives them) are cut into shards of
+    `devices_per_shard`; the shards' sums are added in shard order, so the result depends on the shard
+    size only, never on the number of workers, on which worker computed what, on worker deaths or on timing.
     """
 
-    # What each shard's task runs; tests replace it to inject worker deaths.
+    # What the workers run; tests replace them to inject worker deaths at chosen points.
     task = staticmethod(shard_layer_sums)
+    load = staticmethod(load_run)
+    receive = staticmethod(hold)
 
     def __init__(self, client, scenario, model: torch.nn.Module, profile, partition, dataset,
-                 shards: int | None = None):
+                 devices_per_shard: int | None = None, label: str | None = None):
         self.client = client
+        self.label = label if label is not None else _address(client)
         self.model = model
         self.profile = profile
         self.layer_of_param = profile.layer_of_param()
         self._dataset = dataset
         self._x: torch.Tensor | None = None
-        n_devices = partition.n_devices
-        slots = self._slots()
-        if shards is not None and (not isinstance(shards, int) or shards < 1):
-            raise ClusterError(f"shards must be a positive integer, got {shards!r}")
-        self.n_shards = min(n_devices, len(slots) if shards is None else shards)
-        bounds = [k * n_devices // self.n_shards for k in range(self.n_shards + 1)]
-        self._shard_of_device = np.repeat(np.arange(self.n_shards), np.diff(bounds))
-        offsets, indices = partition.offsets, partition.indices
-        # the sorted dataset rows of each shard: what its worker holds, and how a batch becomes positions
-        self._rows = [np.unique(indices[offsets[lo]:offsets[hi]]) for lo, hi in zip(bounds, bounds[1:])]
+        size = DEVICES_PER_SHARD if devices_per_shard is None else devices_per_shard
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ClusterError(f"devices_per_shard must be a positive integer, got {size!r}")
+        self.devices_per_shard = size
         self._run_key = uuid.uuid4().hex
-        portable, digest = _portable(scenario), data_digest(dataset, partition)
-        self._specs = [ShardSpec(self._run_key, k, lo, hi, portable, digest)
-                       for k, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
-        self._owner = {k: slots[k % len(slots)] for k in range(self.n_shards)}
-        self._devices: np.ndarray | None = None
+        self._tag = self._run_key[:8]
+        self._round: int | None = None
+        self._rounds_begun = 0
         self._calls = 0
+        self._load_s = 0.0
         self._closed = False
+        self._sent = 0
+        self._spec_value = RunSpec(self._run_key, _portable(scenario), data_digest(dataset, partition))
+        self._spec = None
         try:
             self._warm_up()
         except BaseException:
-            self.close()                    # shards that did load must not stay on a long-lived cluster
+            self.close()                    # data that did load must not stay on a long-lived cluster
             raise
 
     # -- the GradientEngine API ---------------------------------------------------------------------
-    def begin_round(self, devices: np.ndarray) -> None:
-        """The round's participants: position i of every later `layer_sums` call is device `devices[i]`."""
-        self._devices = np.asarray(devices, dtype=np.int64).copy()
+    def begin_round(self, devices: np.ndarray | None = None, round_: int | None = None) -> None:
+        """A round starts (`Server.setup_round` says so): errors name `round_`, or if not given the number of
+        rounds begun before this one by this engine (in a resumed run, counted from the resumed round)."""
+        self._round = round_ if round_ is not None else self._rounds_begun
+        self._rounds_begun += 1
 
     def layer_sums(self, batches: list[np.ndarray], depths: np.ndarray) -> LayerSums:
         """Sum of the gradients of device i's mini-batch mean loss over its last `depths[i]` layers."""
-        depths = self._check(batches, depths)
+        depths = check_depths(batches, depths, self.profile.n_layers)
         counts = _counts(depths, self.profile.n_layers)
         live = np.flatnonzero(depths)
         if live.size == 0:
             return LayerSums({}, counts, 0.0, 0)
         self._calls += 1
-        self._place()
-        weights = self._broadcast()
-        shard_of = self._shard_of_device[self._devices[live]]
-        futures = []
-        for k in np.unique(shard_of):                              # ascending: the order of the sum
-            k = int(k)
-            members = live[shard_of == k]
+        shards = [live[i:i + self.devices_per_shard] for i in range(0, len(live), self.devices_per_shard)]
+        work = []
+        for members in shards:
             sizes = np.fromiter((len(batches[i]) for i in members), dtype=np.int64, count=len(members))
-            rows = self._positions(k, np.concatenate([batches[i] for i in members]))
-            futures.append(self.client.submit(
-                self.task, self._specs[k], weights, rows, sizes, depths[members],
-                key=f"fedsim-grads-{self._run_key[:8]}-{self._calls}-{k}", workers=[self._owner[k]],
-                allow_other_workers=True))                          # a lost worker's shard goes elsewhere
+            rows = np.concatenate([batches[i] for i in members])
+            work.append((rows.astype(np.int32 if len(self._dataset.y_train) < 2**31 else np.int64), sizes,
+                         depths[members]))
+        largest = max(int(w[1].sum()) for w in work) * 3 * max(self.profile.fwd_flops_per_sample, 1.0)
+        weights = _Weights({n: t.detach().clone() for n, t in self.model.state_dict().items()}, self.model.training)
+        call = f"{self._tag}-{self._calls}"
+        model = [self._send(weights, "model")]
+
+        def submit(k: int, attempt: int):
+            model[0] = self._send(weights, "model", model[0])
+            rows, sizes, shard_depths = work[k]
+            return self.client.submit(self.task, self._run_spec(), k, model[0], rows, sizes, shard_depths,
+                                      key=f"fedsim-grads-{call}-{k}-{attempt}", pure=False)
+
+        try:
+            parts = self._collect(submit, len(work), self.stall_timeout_s(largest), "gradient shard")
+        finally:
+            model[0].release()
         total = None
-        for part in self._gather(futures):                         # shard order, whatever finished first
+        for part in parts:                                        # shard order, whatever finished first
             total = _add(total, part)
         return LayerSums(total.sums, counts, total.loss_sum, total.n_devices)
 
@@ -477,97 +575,148 @@ class ShardedGradientEngine:
     def y(self) -> torch.Tensor:
         return self._dataset.y_train
 
+    def stall_timeout_s(self, task_flops: float = 0.0) -> float:
+        """How long a round may go without any of its tasks finishing: TASK_TIMEOUT_S, plus the time the
+        data took to build before round 0 (a worker taking over rebuilds it), plus the largest task's
+        FLOPs at _TASK_MIN_FLOPS per second."""
+        return TASK_TIMEOUT_S + self._load_s + task_flops / _TASK_MIN_FLOPS
+
     def close(self) -> None:
-        """Free the shards' data on the workers (a long-lived cluster serves other runs)."""
+        """Free the run's data on the workers (a long-lived cluster serves other runs), within CLOSE_TIMEOUT_S;
+        a worker that does not answer keeps it until two newer runs have pushed it out."""
         if self._closed:
             return
         self._closed = True
+        if self._spec is not None:
+            self._spec.release()
         with contextlib.suppress(Exception):
-            self.client.run(forget_run, self._run_key)
+            self.client.run(forget_run, self._run_key, on_error="ignore", callback_timeout=CLOSE_TIMEOUT_S)
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _check(self, batches: list[np.ndarray], depths: np.ndarray) -> np.ndarray:
-        if self._devices is None or len(self._devices) != len(batches):
-            raise ValueError("ShardedGradientEngine: call begin_round(devices) with the round's participants, "
-                             "one per mini-batch, before layer_sums (fedsim.server.Server does)")
-        return check_depths(batches, depths, self.profile.n_layers)
+    def _send(self, value, name: str, future=None):
+        """A task holding `value` on a worker (`future` if it still does or will): the tasks that need the
+        value depend on it. The scheduler keeps `value` as its input: a holder whose worker dies is re-run
+        elsewhere, and one Dask cancelled is sent again here."""
+        if future is not None and future.status not in ("cancelled", "error"):
+            return future
+        self._sent += 1
+        return self.client.submit(self.receive, value, key=f"fedsim-{name}-{self._tag}-{self._sent}", pure=False)
 
-    def _positions(self, shard: int, idx: np.ndarray) -> np.ndarray:
-        """Dataset indices -> positions in the shard's rows (what its worker holds)."""
-        rows = self._rows[shard]
-        pos = np.searchsorted(rows, idx)
-        if not np.array_equal(rows[np.minimum(pos, len(rows) - 1)], idx):
-            raise FedsimError(f"a mini-batch of shard {shard} holds samples its devices do not own")
-        return pos.astype(np.int32 if len(rows) < 2**31 else np.int64)
+    def _run_spec(self):
+        self._spec = self._send(self._spec_value, "run", self._spec)
+        return self._spec
 
-    def _slots(self) -> list[str]:
-        """One entry per worker thread of the live workers (sorted): where shards are placed."""
-        threads = self._live()
-        return [addr for addr in sorted(threads) for _ in range(max(1, threads[addr]))]
+    def _error(self, what: str) -> ClusterError:
+        if self._round is not None:
+            where = f"round {self._round}"
+        else:                               # no begin_round: name the gradient call instead
+            where = "before round 0" if self._calls == 0 else f"gradient call {self._calls}"
+        return ClusterError(f"--cluster {self.label}: {where}: {what}")
 
-    def _live(self) -> dict[str, int]:
-        threads = self.client.nthreads()
+    def _workers(self) -> dict[str, int]:
+        threads = _nthreads(self.client, self.label)
         if not threads:
             try:
                 self.client.wait_for_workers(1, timeout=WORKER_WAIT_S)
-            except (TimeoutError, OSError) as exc:
-                raise ClusterError(f"the Dask cluster has no worker after {WORKER_WAIT_S} s ({exc}); "
-                                   "start workers (docs/DISTRIBUTED.md)") from None
-            threads = self.client.nthreads()
+            except Exception as exc:
+                raise self._error(f"no Dask worker after {WORKER_WAIT_S} s ({_one_line(exc)}); start workers "
+                                  "(docs/DISTRIBUTED.md)") from None
+            threads = _nthreads(self.client, self.label)
         return threads
 
-    def _place(self) -> None:
-        """Keep each shard on its worker (its data is loaded there); a shard whose worker left moves to
-        the live worker with the fewest shards per thread, which rebuilds that shard's data on first use."""
-        live = self._live()
-        load = Counter(owner for owner in self._owner.values() if owner in live)
-        for k in range(self.n_shards):
-            if self._owner[k] not in live:
-                best = min(sorted(live), key=lambda a: load[a] / max(1, live[a]))
-                self._owner[k] = best
-                load[best] += 1
-
     def _warm_up(self) -> None:
-        """Load every shard on its worker now: data errors surface before the run writes anything, and
-        round 0 is not charged with the loading."""
-        futures = [self.client.submit(load_shard, self._specs[k], key=f"fedsim-load-{self._run_key[:8]}-{k}",
-                                      workers=[self._owner[k]], allow_other_workers=True)
-                   for k in range(self.n_shards)]
-        self._gather(futures)
+        """Build the run's data on every worker now: data errors surface before the run writes anything,
+        and round 0 is not charged with the building. Its duration enters `stall_timeout_s`."""
+        workers = sorted(self._workers())
+        start = time.monotonic()
 
-    def _broadcast(self):
-        """The model of this round on every worker: one copy each, shared by all its shards' tasks."""
-        weights = _Weights({n: t.detach().clone() for n, t in self.model.state_dict().items()}, self.model.training)
-        for attempt in range(_SCATTER_ATTEMPTS):
-            try:
-                [future] = self.client.scatter([weights], broadcast=True, hash=False)
-                return future
-            except (OSError, TimeoutError) as exc:     # a worker died while receiving: try the live ones again
-                if attempt + 1 == _SCATTER_ATTEMPTS:
-                    raise ClusterError(f"cannot send the model to the Dask workers ({type(exc).__name__}: {exc})") from None
-                self._live()
+        def submit(k: int, attempt: int):
+            return self.client.submit(self.load, self._run_spec(), key=f"fedsim-load-{self._tag}-{k}-{attempt}",
+                                      workers=[workers[k]], allow_other_workers=True, pure=False)
 
-    def _gather(self, futures: list) -> list:
+        self._collect(submit, len(workers), LOAD_TIMEOUT_S, "worker's data build")
+        self._load_s = time.monotonic() - start
+
+    def _collect(self, submit: Callable[[int, int], Any], n: int, timeout_s: float, what: str) -> list:
+        """Submit tasks 0..n-1 (`submit(k, attempt)`), return their results in order.
+
+        Waits at most `timeout_s` for each next task to finish. A task that errs with a FedsimError (bad
+        data on a worker, a non-finite loss) raises it; a task cancelled because its inputs were lost is
+        submitted again (_RESUBMITS times); anything else, or no progress, raises a ClusterError.
+        """
+        from distributed import KilledWorker
+
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        futures: dict[int, Any] = {}
+        attempts = [0] * n
+        results: dict[int, Any] = {}
+
+        def launch(k: int) -> None:
+            future = submit(k, attempts[k])
+            futures[k] = future
+            future.add_done_callback(lambda f, k=k: done.put((k, f)))
+
         try:
-            return self.client.gather(futures)
-        except FedsimError:
-            raise                               # the worker's own message (bad data, non-finite loss, ...)
-        except Exception as exc:
-            raise ClusterError(f"a gradient shard task failed on the Dask cluster ({type(exc).__name__}: {exc}); "
-                               "Dask retries tasks of lost workers, so this one kept failing") from exc
+            for k in range(n):
+                launch(k)
+            deadline = time.monotonic() + timeout_s
+            while len(results) < n:
+                try:
+                    k, future = done.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise self._stalled(what, n - len(results), n, timeout_s) from None
+                if future is not futures[k] or k in results:
+                    continue                                # an earlier attempt's late news
+                try:
+                    results[k] = future.result(timeout=timeout_s)     # a lost result is recomputed
+                    deadline = time.monotonic() + timeout_s
+                    continue
+                except FedsimError:
+                    raise                                   # the worker's own message (bad data, NaN, ...)
+                except KilledWorker:
+                    raise self._error(f"the workers running a {what} task kept dying (Dask gave up after "
+                                      "distributed.scheduler.allowed-failures); out of memory? "
+                                      "(docs/DISTRIBUTED.md, Faults)") from None
+                except TimeoutError:
+                    raise self._stalled(what, n - len(results), n, timeout_s) from None
+                except Exception as exc:
+                    if future.status != "cancelled" and not isinstance(exc, (OSError, ConnectionError)):
+                        raise self._error(f"a {what} task failed on the cluster ({_one_line(exc)})") from exc
+                    cause = exc
+                attempts[k] += 1
+                if attempts[k] > _RESUBMITS:
+                    raise self._error(f"a {what} task was lost {attempts[k]} times, last: {_one_line(cause)}")
+                launch(k)
+        finally:
+            for future in futures.values():
+                future.release()
+        return [results[k] for k in range(n)]
+
+    def _stalled(self, what: str, pending: int, n: int, timeout_s: float) -> ClusterError:
+        with contextlib.suppress(Exception):
+            workers = len(self.client.nthreads(callback_timeout=CLOSE_TIMEOUT_S))
+            return self._error(f"no {what} task finished in {timeout_s:.0f} s ({pending} of {n} pending, "
+                               f"{workers} worker(s) up); the cluster lost its workers or is stuck "
+                               "(docs/DISTRIBUTED.md, Faults)")
+        return self._error(f"no {what} task finished in {timeout_s:.0f} s ({pending} of {n} pending) and the "
+                           "scheduler does not answer (docs/DISTRIBUTED.md, Faults)")
 
 
 @contextlib.contextmanager
-def sharded_grads(cluster, scn, comp, shards: int | None = None) -> Iterator[ShardedGradientEngine | None]:
+def sharded_grads(cluster, scn, comp, devices_per_shard: int | None = None
+                  ) -> Iterator[ShardedGradientEngine | None]:
     """The run's gradient engine on `cluster` (None: yield None and use the local engine)."""
     if cluster is None:
         yield None
         return
     check_distributable(scn)
-    with connect(cluster) as client:
-        engine = ShardedGradientEngine(client, scn, comp.model, comp.profile, comp.partition, comp.dataset,
-                                       shards=shards)
+    session = open_cluster(cluster)
+    try:
+        engine = ShardedGradientEngine(session.client, scn, comp.model, comp.profile, comp.partition,
+                                       comp.dataset, devices_per_shard=devices_per_shard, label=session.label)
         try:
             yield engine
         finally:
             engine.close()
+    finally:
+        session.close()
