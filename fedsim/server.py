@@ -354,7 +354,7 @@ class Server(ServerBase):
                            self.submodel, t.batch_size)
         plan = self.policy.plan(ctx)
         if mode is UploadMode.AFTER_COMPUTE and self.policy.deadline_s is not None:
-            fits = max_depth_fitting(plan, self.policy.deadline_s)
+            fits = max_depth_fitting(plan, self.policy.deadline_s, env.now)
             plan = replace(plan, target_depth=np.minimum(plan.target_depth, fits))
         powers = [self.fleet.classes[c] for c in self.fleet.class_of[devices]]
         if self.topology is not None:
