@@ -276,7 +276,7 @@ def sweep_on_cluster(client, scenario: Path, out: Path, todo: list) -> Iterator[
     """Submit every run of `todo` to the cluster; yield (run, status, error) as each finishes.
 
     Runs are submitted at once and the scheduler balances them over the workers; on an interrupt the
-    ones not started are cancelled (a run already running on a remote worker finishes there, and the
+    ones not started are dropped (a run already running on a remote worker finishes there, and the
     next sweep takes it as done if it completed). The scenario travels as text, under the name the
     driver uses, so traces record exactly what a local sweep records.
     """
@@ -306,7 +306,8 @@ def sweep_on_cluster(client, scenario: Path, out: Path, todo: list) -> Iterator[
                 status, error = RunStatus.FAILED.value, f"{type(exc).__name__}: {exc}"
             yield run, status, error
     finally:
-        client.cancel(list(futures))
+        for future in futures:      # the scheduler drops tasks no client holds: runs not started never start
+            future.release()        # (a local call: unlike client.cancel, it cannot wait on a lost scheduler)
 
 
 # -- one run, sharded gradients ---------------------------------------------------------------------
