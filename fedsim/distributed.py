@@ -153,19 +153,37 @@ def _close_quietly(*things) -> None:
 class ClusterSession:
     """A Dask client and, if fedsim started it, the LocalCluster behind it; `close()` ends what was opened.
 
-    `label` names the cluster in messages: the `--cluster` text and the scheduler's address. A finalizer
-    closes them too if the session is dropped without `close()` (an error between connecting and running),
-    so a LocalCluster's worker processes never outlive the command.
+    `label` names the cluster in messages: the `--cluster` text and the scheduler's address. `quiet`, if
+    given, is closed last (it holds Dask's logging at CRITICAL while fedsim's client lives: a fault ends
+    in one line of fedsim's, not in Dask's reconnection reports). A finalizer closes them too if the
+    session is dropped without `close()` (an error between connecting and running), so a LocalCluster's
+    worker processes never outlive the command.
     """
 
-    def __init__(self, client, cluster=None, owned: bool = True, label: str | None = None):
+    def __init__(self, client, cluster=None, owned: bool = True, label: str | None = None,
+                 quiet: contextlib.ExitStack | None = None):
         self.client = client
         self.cluster = cluster
         self.label = label if label is not None else _address(client)
-        self._finalizer = weakref.finalize(self, _close_quietly, client if owned else None, cluster)
+        self._finalizer = weakref.finalize(self, _end_session, client if owned else None, cluster, quiet)
 
     def close(self) -> None:
         self._finalizer()
+
+
+def _end_session(client, cluster, quiet) -> None:
+    _close_quietly(client, cluster)
+    if quiet is not None:
+        quiet.close()
+
+
+def _quiet_dask() -> contextlib.ExitStack:
+    """Dask's log handler at CRITICAL until the returned stack is closed."""
+    from distributed.utils import silence_logging_cmgr
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(silence_logging_cmgr(logging.CRITICAL))
+    return stack
 
 
 def _address(client) -> str:
@@ -182,13 +200,18 @@ def open_cluster(cluster) -> ClusterSession:
     spec = cluster if isinstance(cluster, ClusterSpec) else parse_cluster(cluster)
     if spec.local_workers is not None:
         return _start_local(distributed, spec.local_workers)
+    quiet = _quiet_dask()
     try:
         client = distributed.Client(spec.address, timeout=CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError, ValueError) as exc:
+        quiet.close()
         raise ClusterError(f"--cluster {spec.address}: cannot reach a Dask scheduler there "
                            f"({_one_line(exc)}); start one (docs/DISTRIBUTED.md) or use "
                            "--cluster local:N") from None
-    return ClusterSession(client, label=spec.address)
+    except BaseException:
+        quiet.close()
+        raise
+    return ClusterSession(client, label=spec.address, quiet=quiet)
 
 
 def _start_local(distributed, n: int) -> ClusterSession:
