@@ -36,7 +36,6 @@ import hashlib
 import logging
 import os
 import queue
-import shutil
 import threading
 import time
 import uuid
@@ -286,12 +285,14 @@ def _single_thread() -> None:
 def sweep_task(scenario: str, overrides: tuple[str, ...], run_dir: str, params: dict, text: str,
                base_dir: str) -> tuple[str, str | None]:
     """Worker side of a sweep on a cluster: one run, through the local pool's own `_run_one`."""
+    from fedsim.rundir import clear_run_files
     from fedsim.sweep import _run_one
 
     _single_thread()
-    # The sweep removed every directory it submitted; one that exists now was left by an earlier attempt of
-    # this very task, whose worker died (Dask re-runs the task elsewhere): start it afresh.
-    shutil.rmtree(run_dir, ignore_errors=True)
+    # The sweep cleared every directory it submitted; files there now were left by an earlier attempt of
+    # this very task, whose worker died (Dask re-runs the task elsewhere): start it afresh (fedsim's files only).
+    if Path(run_dir).is_dir():
+        clear_run_files(Path(run_dir))
     return _run_one(scenario, overrides, run_dir, params, text=text, base_dir=base_dir)
 
 

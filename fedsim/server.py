@@ -341,7 +341,7 @@ class Server(ServerBase):
         devices = self.policy.select(self.candidates(env.now), self.scenario.fleet.participants, rng)
         devices = np.asarray(devices, dtype=np.int64)
         if hasattr(self.grads, "begin_round"):      # a sharded engine sends each device's work where its data is
-            self.grads.begin_round(devices)
+            self.grads.begin_round(devices, round_=round_)
         t = self.scenario.training
         self._step_batches = [[self.partition.sample_batch(int(d), t.batch_size, rng) for _ in range(t.local_steps)]
                               for d in devices]
