@@ -600,8 +600,8 @@ def test_deadline_nobody_misses_equals_wait(fleet, model, granularity, rounds, m
     wait = simulate(scenario_text(fleet, {"name": "wait"}, **options))
     longest = max(wait.rounds["duration_s"])
     # a deadline exactly at the slowest finish counts as met; only the first round starts at 0 exactly
-    # (later, start + (end - start) may round below end), and after_compute plans fail at the exact
-    # instant (test_after_compute_plan_meets_a_deadline_it_ends_on_exactly)
+    # (later, start + (end - start) may round below end); after_compute plans at the exact instant are
+    # test_after_compute_plan_meets_a_deadline_it_ends_on_exactly
     if slack == 1.0 and (rounds > 1 or upload == "after_compute"):
         slack = 1.0 + 1e-9
     name, _, how = other.partition(":")
@@ -617,10 +617,6 @@ def test_deadline_nobody_misses_equals_wait(fleet, model, granularity, rounds, m
     assert a == b
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after_compute: timing.max_depth_fitting adds a device's phase durations in another order than the "
-    "engine advances its clock, so a device whose last upload would end exactly at the deadline can be "
-    "planned 1 ulp late and stops one layer early (a phase ending at the deadline should count)"))
 @props(10)
 @example(fleet=[Device(1e5, 353300.0, 1.028e7, 0.0, 1.0)], seed=0)
 @given(fleet=fleets, seed=st.integers(0, 1000))

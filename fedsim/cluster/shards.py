@@ -1,57 +1,56 @@
-"""`fedsim run --cluster`: one run whose gradients are sharded over a Dask cluster.
+"""`fedsim run --cluster`: one run whose gradients are sharded over a Dask cluster (the driver side).
 
 The simulated clock, the SimPy engine, the policy and the trace stay in this (driver) process; only
 `layer_sums` (the gradients of what the devices delivered) runs on the cluster, through
-`ShardedGradientEngine`. The devices are cut into fixed shards of consecutive ids; a worker rebuilds the data
-of its shards itself from the scenario and seed (`fedsim.sim.build.build_components`), once, so no training
-data ever crosses the network. Per round the driver broadcasts the model once and sends each shard the
-mini-batch rows (as positions in the shard's data) and depths of its participants; each shard returns one
-`LayerSums` (per-parameter sums and per-layer counts), which the driver adds in shard order (0, 1, ...), so
-the result does not depend on which worker ran what, or when. A shard whose worker dies is recomputed by
-another worker, which rebuilds that shard's data first: the result is unchanged.
+`ShardedGradientEngine`. A worker rebuilds the run's training data itself from the scenario and seed
+(`fedsim.cluster.worker`), once, so no training data ever crosses the network. Each round, the contributing
+devices, in the policy's order, are cut into shards of `DEVICES_PER_SHARD`, a size fixed by the code, never
+by the cluster; each shard is one task returning one `LayerSums`, and the driver adds them in shard order
+(0, 1, ...). The result is therefore the same, bit for bit, on any number of workers, whichever worker ran
+what and whatever died on the way.
+
+Faults: every call to the cluster is bounded in time (`fedsim.cluster.limits`). A worker that dies loses
+nothing that cannot be redone: the round's model and the run's description are Dask tasks holding their
+data, which the scheduler re-runs elsewhere, and the shard tasks they feed are re-run with them (a shard
+task found cancelled is submitted again, `limits.RESUBMITS` times). A round in which no task finishes for
+`stall_timeout_s` fails the run with a `ClusterError` naming the cluster and the round.
 
 Only the one-step layer-wise policies use `layer_sums` (salf, drop, wait, overselect with
 `training.local_steps = 1`); the others train per device (`fedsim.learn.local.LocalTrainer`) and are refused.
 
 Dask is optional (`pip install "fedsim[dask]"`): nothing here imports it until a cluster is asked for.
-See docs/DISTRIBUTED.md for clusters on Slurm and the cost model.
+See docs/DISTRIBUTED.md for clusters on Slurm, the fault behaviour and the cost model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import threading
+import queue
+import time
 import uuid
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from fedsim.cluster.session import ClusterError, connect, single_thread
-from fedsim.errors import DataError, FedsimError
+from fedsim.cluster import limits
+from fedsim.cluster.session import ClusterError, address_of, nthreads, one_line, open_cluster
+from fedsim.cluster.worker import (RunSpec, Weights, add_sums, data_digest, forget_run, hold, load_run, portable,
+                                   shard_layer_sums)
+from fedsim.errors import FedsimError
 from fedsim.learn.grads import LayerSums, check_depths
 
-__all__ = ["ShardedGradientEngine", "ShardSpec", "DISTRIBUTED_POLICIES", "check_distributable", "cluster_gradients",
-           "data_digest", "sharded_grads", "shard_layer_sums"]
+__all__ = ["ShardedGradientEngine", "DEVICES_PER_SHARD", "DISTRIBUTED_POLICIES", "check_distributable",
+           "cluster_gradients", "sharded_grads"]
 
 DISTRIBUTED_POLICIES = ("salf", "drop", "wait", "overselect")
-# Wall-clock limits of talking to the cluster (never the simulated clock, which lives in the engine).
-WORKER_WAIT_S = 120
-_SCATTER_ATTEMPTS = 3
-# A long-lived cluster serves run after run: a worker keeps the shards of this many runs at most.
-_MAX_RUNS_PER_WORKER = 2
-# A shard task runs its devices in passes of at most this many forward FLOPs (~500 rows of the paper CNN,
-# ~2,900 of the MLP). GradientEngine's own bound (2e10) lets one CNN pass span ~67,000 rows, whose
-# activations (over 1 GB) spill every cache: passes this small measured 2.5x faster per sample here on
-# the CNN, 1.4-2x on the MLP. The split is fixed by the data, so results stay deterministic.
-_PASS_FWD_FLOPS = 1.5e8
+# Participants per gradient shard: a constant, so how a round's sum is split and added up (and hence the
+# model, to the last bit) never depends on the cluster. 64 CNN devices at batch 16 are ~1 GFLOP, a task of
+# ~0.1 s on one thread: enough tasks to balance a large round over many workers, few enough that Dask's
+# ~1 ms per task stays small.
+DEVICES_PER_SHARD = 64
 
-# -- one run, sharded gradients ---------------------------------------------------------------------
 
 def check_distributable(scn) -> None:
     """Refuse scenarios whose updates do not go through `layer_sums` (they would not use the cluster)."""
@@ -66,138 +65,6 @@ def check_distributable(scn) -> None:
                            "or run without --cluster")
 
 
-def data_digest(dataset, partition) -> str:
-    """A fingerprint of the training data and partition: a worker checks it rebuilt what the driver has."""
-    h = hashlib.blake2b(digest_size=16)
-    for a in (dataset.x_train, dataset.y_train, partition.offsets, partition.indices):
-        arr = np.ascontiguousarray(a.numpy() if isinstance(a, torch.Tensor) else a)
-        h.update(f"{arr.dtype}{arr.shape}".encode())
-        h.update(arr.reshape(-1).view(np.uint8))
-    return h.hexdigest()
-
-
-def _absolute(path: Path | None) -> Path | None:
-    return None if path is None else Path(path).resolve()
-
-
-def _portable(scn):
-    """The scenario with its file paths made absolute: workers need not share the driver's cwd."""
-    return replace(scn, data=replace(scn.data, dir=_absolute(scn.data.dir)),
-                   fleet=replace(scn.fleet, traces_dir=_absolute(scn.fleet.traces_dir),
-                                 availability_file=_absolute(scn.fleet.availability_file)))
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """Everything a worker needs to rebuild one shard's data on its own; small, so it goes with every task."""
-    run_key: str         # one per engine: a worker's cache entry, freed by `close()`
-    shard: int
-    first_device: int    # the shard's devices are first_device .. end_device - 1
-    end_device: int
-    scenario: Any        # fedsim.spec.scenario.Scenario, paths absolute
-    digest: str          # data_digest of the driver's data
-
-
-@dataclass(frozen=True)
-class _Weights:
-    """The global model's state of one round (parameters and buffers), broadcast once per round."""
-    tensors: dict[str, torch.Tensor]
-    training: bool
-
-
-class _Shard:
-    """Worker side: one shard's training rows (sorted dataset indices), a model and a GradientEngine."""
-
-    def __init__(self, spec: ShardSpec):
-        from fedsim.sim.build import build_components
-        from fedsim.learn.grads import GradientEngine
-
-        comp = build_components(spec.scenario)
-        if data_digest(comp.dataset, comp.partition) != spec.digest:
-            raise DataError(f"{spec.scenario.source}: a Dask worker rebuilt other training data than the driver "
-                            f"has (data.dir {spec.scenario.data.dir}); every worker must see the same files at "
-                            "the same path and run the same fedsim and numpy versions")
-        p = comp.partition
-        self.rows = np.unique(p.indices[p.offsets[spec.first_device]:p.offsets[spec.end_device]])
-        index = torch.from_numpy(self.rows)
-        self.model = comp.model
-        self.engine = GradientEngine(comp.model, comp.profile, comp.dataset.x_train[index],
-                                     comp.dataset.y_train[index], path=spec.scenario.training.grad_path)
-
-    def load(self, weights: _Weights) -> None:
-        self.model.load_state_dict(weights.tensors)
-        self.model.train(weights.training)
-
-
-class _Slot:
-    def __init__(self):
-        self.lock = threading.Lock()     # one task at a time per shard: the shard's model is its state
-        self.shard: _Shard | None = None
-
-
-# Worker-process state: run key -> shard -> slot. Built lazily by the first task that needs it, so any
-# worker can take over any shard (a task Dask re-runs after its worker died rebuilds the data first).
-_SHARDS: OrderedDict[str, dict[int, _Slot]] = OrderedDict()
-_SHARDS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _loaded(spec: ShardSpec) -> Iterator[_Shard]:
-    with _SHARDS_LOCK:
-        slots = _SHARDS.setdefault(spec.run_key, {})
-        _SHARDS.move_to_end(spec.run_key)
-        while len(_SHARDS) > _MAX_RUNS_PER_WORKER:
-            _SHARDS.popitem(last=False)
-        slot = slots.setdefault(spec.shard, _Slot())
-    with slot.lock:
-        if slot.shard is None:
-            slot.shard = _Shard(spec)
-        yield slot.shard
-
-
-def load_shard(spec: ShardSpec) -> int:
-    """Worker task: build the shard's data now (before round 0); returns its number of training rows."""
-    single_thread()
-    with _loaded(spec) as shard:
-        return int(len(shard.rows))
-
-
-def forget_run(run_key: str) -> None:
-    """Worker side of `ShardedGradientEngine.close()`: drop the run's shards."""
-    with _SHARDS_LOCK:
-        _SHARDS.pop(run_key, None)
-
-
-def shard_layer_sums(spec: ShardSpec, weights: _Weights, rows: np.ndarray, sizes: np.ndarray,
-                     depths: np.ndarray) -> LayerSums:
-    """Worker task: the LayerSums of one shard's participants (rows: their mini-batches, concatenated,
-    as positions in the shard's data; sizes: each mini-batch's length)."""
-    single_thread()
-    with _loaded(spec) as shard:
-        shard.load(weights)
-        batches = np.split(rows.astype(np.int64), np.cumsum(sizes)[:-1])
-        # deepest first, as the engine groups them, so a pass mostly holds devices of one depth
-        order = np.argsort(-np.asarray(depths), kind="stable")
-        rows_per_pass = max(1, int(_PASS_FWD_FLOPS // max(shard.engine.profile.fwd_flops_per_sample, 1.0)))
-        first_row = np.cumsum(sizes[order]) - sizes[order]
-        passes = np.split(order, np.flatnonzero(np.diff(first_row // rows_per_pass)) + 1)
-        total = None
-        for members in passes:
-            total = _add(total, shard.engine.layer_sums([batches[i] for i in members], depths[members]))
-        return total
-
-
-def _add(total: LayerSums | None, part: LayerSums) -> LayerSums:
-    """total + part, out of place (the engine may hand out the same tensor twice)."""
-    if total is None:
-        return part
-    sums = dict(total.sums)
-    for name, g in part.sums.items():
-        sums[name] = sums[name] + g if name in sums else g
-    return LayerSums(sums, total.counts + part.counts, total.loss_sum + part.loss_sum,
-                     total.n_devices + part.n_devices)
-
-
 def _counts(depths: np.ndarray, n_layers: int) -> np.ndarray:
     """Per layer (forward order): devices that reached it, i.e. of depth >= n_layers - layer."""
     at_least = np.cumsum(np.bincount(depths, minlength=n_layers + 1)[::-1])[::-1]
@@ -205,79 +72,90 @@ def _counts(depths: np.ndarray, n_layers: int) -> np.ndarray:
 
 
 class ShardedGradientEngine:
-    """`GradientEngine.layer_sums` with the work split over the workers of a Dask cluster by device shard.
+    """`GradientEngine.layer_sums` with the work split over the workers of a Dask cluster.
 
     Same API as `fedsim.learn.grads.GradientEngine` for what policies use (`layer_sums`, `layer_of_param`),
-    plus `begin_round(devices)`, through which the server says whose mini-batches a round's positions are.
-    The shard count is fixed for the run (default: the cluster's worker threads at the start); the sums
-    are added in shard order, so a run's result depends on the shard count (to rounding) but never on
-    which worker computed what, on worker deaths or on timing.
+    plus `begin_round(devices, round_)`, through which the server says which round is computed (named in
+    errors). A round's contributing devices (in the order the policy gives them) are cut into shards of
+    `devices_per_shard`; the shards' sums are added in shard order, so the result depends on the shard
+    size only, never on the number of workers, on which worker computed what, on worker deaths or on timing.
     """
 
-    # What each shard's task runs; tests replace it to inject worker deaths.
+    # What the workers run; tests replace them to inject worker deaths at chosen points.
     task = staticmethod(shard_layer_sums)
+    load = staticmethod(load_run)
+    receive = staticmethod(hold)
 
     def __init__(self, client, scenario, model: torch.nn.Module, profile, partition, dataset,
-                 shards: int | None = None):
+                 devices_per_shard: int | None = None, label: str | None = None):
         self.client = client
+        self.label = label if label is not None else address_of(client)
         self.model = model
         self.profile = profile
         self.layer_of_param = profile.layer_of_param()
         self._dataset = dataset
         self._x: torch.Tensor | None = None
-        n_devices = partition.n_devices
-        slots = self._slots()
-        if shards is not None and (not isinstance(shards, int) or shards < 1):
-            raise ClusterError(f"shards must be a positive integer, got {shards!r}")
-        self.n_shards = min(n_devices, len(slots) if shards is None else shards)
-        bounds = [k * n_devices // self.n_shards for k in range(self.n_shards + 1)]
-        self._shard_of_device = np.repeat(np.arange(self.n_shards), np.diff(bounds))
-        offsets, indices = partition.offsets, partition.indices
-        # the sorted dataset rows of each shard: what its worker holds, and how a batch becomes positions
-        self._rows = [np.unique(indices[offsets[lo]:offsets[hi]]) for lo, hi in zip(bounds, bounds[1:])]
+        size = DEVICES_PER_SHARD if devices_per_shard is None else devices_per_shard
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ClusterError(f"devices_per_shard must be a positive integer, got {size!r}")
+        self.devices_per_shard = size
         self._run_key = uuid.uuid4().hex
-        portable, digest = _portable(scenario), data_digest(dataset, partition)
-        self._specs = [ShardSpec(self._run_key, k, lo, hi, portable, digest)
-                       for k, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
-        self._owner = {k: slots[k % len(slots)] for k in range(self.n_shards)}
-        self._devices: np.ndarray | None = None
+        self._tag = self._run_key[:8]
+        self._round: int | None = None
+        self._rounds_begun = 0
         self._calls = 0
+        self._load_s = 0.0
         self._closed = False
+        self._sent = 0
+        self._spec_value = RunSpec(self._run_key, portable(scenario), data_digest(dataset, partition))
+        self._spec = None
         try:
             self._warm_up()
         except BaseException:
-            self.close()                    # shards that did load must not stay on a long-lived cluster
+            self.close()                    # data that did load must not stay on a long-lived cluster
             raise
 
     # -- the GradientEngine API ---------------------------------------------------------------------
-    def begin_round(self, devices: np.ndarray) -> None:
-        """The round's participants: position i of every later `layer_sums` call is device `devices[i]`."""
-        self._devices = np.asarray(devices, dtype=np.int64).copy()
+    def begin_round(self, devices: np.ndarray | None = None, round_: int | None = None) -> None:
+        """A round starts (`fedsim.sim.server.Server.setup_round` says so): errors name `round_`, or if not
+        given the number of rounds begun before this one by this engine (in a resumed run, counted from the
+        resumed round)."""
+        self._round = round_ if round_ is not None else self._rounds_begun
+        self._rounds_begun += 1
 
     def layer_sums(self, batches: list[np.ndarray], depths: np.ndarray) -> LayerSums:
         """Sum of the gradients of device i's mini-batch mean loss over its last `depths[i]` layers."""
-        depths = self._check(batches, depths)
+        depths = check_depths(batches, depths, self.profile.n_layers)
         counts = _counts(depths, self.profile.n_layers)
         live = np.flatnonzero(depths)
         if live.size == 0:
             return LayerSums({}, counts, 0.0, 0)
         self._calls += 1
-        self._place()
-        weights = self._broadcast()
-        shard_of = self._shard_of_device[self._devices[live]]
-        futures = []
-        for k in np.unique(shard_of):                              # ascending: the order of the sum
-            k = int(k)
-            members = live[shard_of == k]
+        shards = [live[i:i + self.devices_per_shard] for i in range(0, len(live), self.devices_per_shard)]
+        work = []
+        for members in shards:
             sizes = np.fromiter((len(batches[i]) for i in members), dtype=np.int64, count=len(members))
-            rows = self._positions(k, np.concatenate([batches[i] for i in members]))
-            futures.append(self.client.submit(
-                self.task, self._specs[k], weights, rows, sizes, depths[members],
-                key=f"fedsim-grads-{self._run_key[:8]}-{self._calls}-{k}", workers=[self._owner[k]],
-                allow_other_workers=True))                          # a lost worker's shard goes elsewhere
+            rows = np.concatenate([batches[i] for i in members])
+            work.append((rows.astype(np.int32 if len(self._dataset.y_train) < 2**31 else np.int64), sizes,
+                         depths[members]))
+        largest = max(int(w[1].sum()) for w in work) * 3 * max(self.profile.fwd_flops_per_sample, 1.0)
+        weights = Weights({n: t.detach().clone() for n, t in self.model.state_dict().items()}, self.model.training)
+        call = f"{self._tag}-{self._calls}"
+        model = [self._send(weights, "model")]
+
+        def submit(k: int, attempt: int):
+            model[0] = self._send(weights, "model", model[0])
+            rows, sizes, shard_depths = work[k]
+            return self.client.submit(self.task, self._run_spec(), k, model[0], rows, sizes, shard_depths,
+                                      key=f"fedsim-grads-{call}-{k}-{attempt}", pure=False)
+
+        try:
+            parts = self._collect(submit, len(work), self.stall_timeout_s(largest), "gradient shard")
+        finally:
+            model[0].release()
         total = None
-        for part in self._gather(futures):                         # shard order, whatever finished first
-            total = _add(total, part)
+        for part in parts:                                        # shard order, whatever finished first
+            total = add_sums(total, part)
         return LayerSums(total.sums, counts, total.loss_sum, total.n_devices)
 
     # The server's diagnosis of a non-finite round recomputes per-device losses locally on these.
@@ -291,100 +169,151 @@ class ShardedGradientEngine:
     def y(self) -> torch.Tensor:
         return self._dataset.y_train
 
+    def stall_timeout_s(self, task_flops: float = 0.0) -> float:
+        """How long a round may go without any of its tasks finishing: limits.TASK_TIMEOUT_S, plus the time the
+        data took to build before round 0 (a worker taking over rebuilds it), plus the largest task's
+        FLOPs at limits.TASK_MIN_FLOPS per second."""
+        return limits.TASK_TIMEOUT_S + self._load_s + task_flops / limits.TASK_MIN_FLOPS
+
     def close(self) -> None:
-        """Free the shards' data on the workers (a long-lived cluster serves other runs)."""
+        """Free the run's data on the workers (a long-lived cluster serves other runs), within
+        limits.CLOSE_TIMEOUT_S; a worker that does not answer keeps it until two newer runs have pushed it out."""
         if self._closed:
             return
         self._closed = True
+        if self._spec is not None:
+            self._spec.release()
         with contextlib.suppress(Exception):
-            self.client.run(forget_run, self._run_key)
+            self.client.run(forget_run, self._run_key, on_error="ignore", callback_timeout=limits.CLOSE_TIMEOUT_S)
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _check(self, batches: list[np.ndarray], depths: np.ndarray) -> np.ndarray:
-        if self._devices is None or len(self._devices) != len(batches):
-            raise ValueError("ShardedGradientEngine: call begin_round(devices) with the round's participants, "
-                             "one per mini-batch, before layer_sums (fedsim.sim.server.Server does)")
-        return check_depths(batches, depths, self.profile.n_layers)
+    def _send(self, value, name: str, future=None):
+        """A task holding `value` on a worker (`future` if it still does or will): the tasks that need the
+        value depend on it. The scheduler keeps `value` as its input: a holder whose worker dies is re-run
+        elsewhere, and one Dask cancelled is sent again here."""
+        if future is not None and future.status not in ("cancelled", "error"):
+            return future
+        self._sent += 1
+        return self.client.submit(self.receive, value, key=f"fedsim-{name}-{self._tag}-{self._sent}", pure=False)
 
-    def _positions(self, shard: int, idx: np.ndarray) -> np.ndarray:
-        """Dataset indices -> positions in the shard's rows (what its worker holds)."""
-        rows = self._rows[shard]
-        pos = np.searchsorted(rows, idx)
-        if not np.array_equal(rows[np.minimum(pos, len(rows) - 1)], idx):
-            raise FedsimError(f"a mini-batch of shard {shard} holds samples its devices do not own")
-        return pos.astype(np.int32 if len(rows) < 2**31 else np.int64)
+    def _run_spec(self):
+        self._spec = self._send(self._spec_value, "run", self._spec)
+        return self._spec
 
-    def _slots(self) -> list[str]:
-        """One entry per worker thread of the live workers (sorted): where shards are placed."""
-        threads = self._live()
-        return [addr for addr in sorted(threads) for _ in range(max(1, threads[addr]))]
+    def _error(self, what: str) -> ClusterError:
+        if self._round is not None:
+            where = f"round {self._round}"
+        else:                               # no begin_round: name the gradient call instead
+            where = "before round 0" if self._calls == 0 else f"gradient call {self._calls}"
+        return ClusterError(f"--cluster {self.label}: {where}: {what}")
 
-    def _live(self) -> dict[str, int]:
-        threads = self.client.nthreads()
+    def _workers(self) -> dict[str, int]:
+        threads = nthreads(self.client, self.label)
         if not threads:
             try:
-                self.client.wait_for_workers(1, timeout=WORKER_WAIT_S)
-            except (TimeoutError, OSError) as exc:
-                raise ClusterError(f"the Dask cluster has no worker after {WORKER_WAIT_S} s ({exc}); "
-                                   "start workers (docs/DISTRIBUTED.md)") from None
-            threads = self.client.nthreads()
+                self.client.wait_for_workers(1, timeout=limits.WORKER_WAIT_S)
+            except Exception as exc:
+                raise self._error(f"no Dask worker after {limits.WORKER_WAIT_S} s ({one_line(exc)}); start workers "
+                                  "(docs/DISTRIBUTED.md)") from None
+            threads = nthreads(self.client, self.label)
         return threads
 
-    def _place(self) -> None:
-        """Keep each shard on its worker (its data is loaded there); a shard whose worker left moves to
-        the live worker with the fewest shards per thread, which rebuilds that shard's data on first use."""
-        live = self._live()
-        load = Counter(owner for owner in self._owner.values() if owner in live)
-        for k in range(self.n_shards):
-            if self._owner[k] not in live:
-                best = min(sorted(live), key=lambda a: load[a] / max(1, live[a]))
-                self._owner[k] = best
-                load[best] += 1
-
     def _warm_up(self) -> None:
-        """Load every shard on its worker now: data errors surface before the run writes anything, and
-        round 0 is not charged with the loading."""
-        futures = [self.client.submit(load_shard, self._specs[k], key=f"fedsim-load-{self._run_key[:8]}-{k}",
-                                      workers=[self._owner[k]], allow_other_workers=True)
-                   for k in range(self.n_shards)]
-        self._gather(futures)
+        """Build the run's data on every worker now: data errors surface before the run writes anything,
+        and round 0 is not charged with the building. Its duration enters `stall_timeout_s`."""
+        workers = sorted(self._workers())
+        start = time.monotonic()
 
-    def _broadcast(self):
-        """The model of this round on every worker: one copy each, shared by all its shards' tasks."""
-        weights = _Weights({n: t.detach().clone() for n, t in self.model.state_dict().items()}, self.model.training)
-        for attempt in range(_SCATTER_ATTEMPTS):
-            try:
-                [future] = self.client.scatter([weights], broadcast=True, hash=False)
-                return future
-            except (OSError, TimeoutError) as exc:     # a worker died while receiving: try the live ones again
-                if attempt + 1 == _SCATTER_ATTEMPTS:
-                    raise ClusterError(f"cannot send the model to the Dask workers ({type(exc).__name__}: {exc})") from None
-                self._live()
+        def submit(k: int, attempt: int):
+            return self.client.submit(self.load, self._run_spec(), key=f"fedsim-load-{self._tag}-{k}-{attempt}",
+                                      workers=[workers[k]], allow_other_workers=True, pure=False)
 
-    def _gather(self, futures: list) -> list:
+        self._collect(submit, len(workers), limits.LOAD_TIMEOUT_S, "worker's data build")
+        self._load_s = time.monotonic() - start
+
+    def _collect(self, submit: Callable[[int, int], Any], n: int, timeout_s: float, what: str) -> list:
+        """Submit tasks 0..n-1 (`submit(k, attempt)`), return their results in order.
+
+        Waits at most `timeout_s` for each next task to finish. A task that errs with a FedsimError (bad
+        data on a worker, a non-finite loss) raises it; a task cancelled because its inputs were lost is
+        submitted again (limits.RESUBMITS times); anything else, or no progress, raises a ClusterError.
+        """
+        from distributed import KilledWorker
+
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        futures: dict[int, Any] = {}
+        attempts = [0] * n
+        results: dict[int, Any] = {}
+
+        def launch(k: int) -> None:
+            future = submit(k, attempts[k])
+            futures[k] = future
+            future.add_done_callback(lambda f, k=k: done.put((k, f)))
+
         try:
-            return self.client.gather(futures)
-        except FedsimError:
-            raise                               # the worker's own message (bad data, non-finite loss, ...)
-        except Exception as exc:
-            raise ClusterError(f"a gradient shard task failed on the Dask cluster ({type(exc).__name__}: {exc}); "
-                               "Dask retries tasks of lost workers, so this one kept failing") from exc
+            for k in range(n):
+                launch(k)
+            deadline = time.monotonic() + timeout_s
+            while len(results) < n:
+                try:
+                    k, future = done.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise self._stalled(what, n - len(results), n, timeout_s) from None
+                if future is not futures[k] or k in results:
+                    continue                                # an earlier attempt's late news
+                try:
+                    results[k] = future.result(timeout=timeout_s)     # a lost result is recomputed
+                    deadline = time.monotonic() + timeout_s
+                    continue
+                except FedsimError:
+                    raise                                   # the worker's own message (bad data, NaN, ...)
+                except KilledWorker:
+                    raise self._error(f"the workers running a {what} task kept dying (Dask gave up after "
+                                      "distributed.scheduler.allowed-failures); out of memory? "
+                                      "(docs/DISTRIBUTED.md, Faults)") from None
+                except TimeoutError:
+                    raise self._stalled(what, n - len(results), n, timeout_s) from None
+                except Exception as exc:
+                    if future.status != "cancelled" and not isinstance(exc, (OSError, ConnectionError)):
+                        raise self._error(f"a {what} task failed on the cluster ({one_line(exc)})") from exc
+                    cause = exc
+                attempts[k] += 1
+                if attempts[k] > limits.RESUBMITS:
+                    raise self._error(f"a {what} task was lost {attempts[k]} times, last: {one_line(cause)}")
+                launch(k)
+        finally:
+            for future in futures.values():
+                future.release()
+        return [results[k] for k in range(n)]
+
+    def _stalled(self, what: str, pending: int, n: int, timeout_s: float) -> ClusterError:
+        with contextlib.suppress(Exception):
+            workers = len(self.client.nthreads(callback_timeout=limits.CLOSE_TIMEOUT_S))
+            return self._error(f"no {what} task finished in {timeout_s:.0f} s ({pending} of {n} pending, "
+                               f"{workers} worker(s) up); the cluster lost its workers or is stuck "
+                               "(docs/DISTRIBUTED.md, Faults)")
+        return self._error(f"no {what} task finished in {timeout_s:.0f} s ({pending} of {n} pending) and the "
+                           "scheduler does not answer (docs/DISTRIBUTED.md, Faults)")
 
 
 @contextlib.contextmanager
-def sharded_grads(cluster, scn, comp, shards: int | None = None) -> Iterator[ShardedGradientEngine | None]:
+def sharded_grads(cluster, scn, comp, devices_per_shard: int | None = None
+                  ) -> Iterator[ShardedGradientEngine | None]:
     """The run's gradient engine on `cluster` (None: yield None and use the local engine)."""
     if cluster is None:
         yield None
         return
     check_distributable(scn)
-    with connect(cluster) as client:
-        engine = ShardedGradientEngine(client, scn, comp.model, comp.profile, comp.partition, comp.dataset,
-                                       shards=shards)
+    session = open_cluster(cluster)
+    try:
+        engine = ShardedGradientEngine(session.client, scn, comp.model, comp.profile, comp.partition,
+                                       comp.dataset, devices_per_shard=devices_per_shard, label=session.label)
         try:
             yield engine
         finally:
             engine.close()
+    finally:
+        session.close()
 
 
 def cluster_gradients(cluster):

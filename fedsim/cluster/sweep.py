@@ -7,13 +7,12 @@ same path (a shared filesystem). Same run ids, traces and index as a local sweep
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 from fedsim.cluster.session import open_cluster, single_thread
-from fedsim.output.rundir import RunStatus
+from fedsim.output.rundir import RunStatus, clear_run_files
 from fedsim.sweep import RUNS_DIR, _run_one
 
 __all__ = ["ClusterSweep", "sweep_on_cluster", "sweep_task"]
@@ -23,9 +22,10 @@ def sweep_task(scenario: str, overrides: tuple[str, ...], run_dir: str, params: 
                base_dir: str) -> tuple[str, str | None]:
     """Worker side of a sweep on a cluster: one run, through the local pool's own `_run_one`."""
     single_thread()
-    # The sweep removed every directory it submitted; one that exists now was left by an earlier attempt of
-    # this very task, whose worker died (Dask re-runs the task elsewhere): start it afresh.
-    shutil.rmtree(run_dir, ignore_errors=True)
+    # The sweep cleared every directory it submitted; files there now were left by an earlier attempt of
+    # this very task, whose worker died (Dask re-runs the task elsewhere): start it afresh (fedsim's files only).
+    if Path(run_dir).is_dir():
+        clear_run_files(Path(run_dir))
     return _run_one(scenario, overrides, run_dir, params, text=text, base_dir=base_dir)
 
 
@@ -33,12 +33,11 @@ def sweep_on_cluster(client, scenario: Path, out: Path, todo: list) -> Iterator[
     """Submit every run of `todo` to the cluster; yield (run, status, error) as each finishes.
 
     Runs are submitted at once and the scheduler balances them over the workers; on an interrupt the
-    ones not started are cancelled (a run already running on a remote worker finishes there, and the
+    ones not started are dropped (a run already running on a remote worker finishes there, and the
     next sweep takes it as done if it completed). The scenario travels as text, under the name the
     driver uses, so traces record exactly what a local sweep records.
     """
     from distributed import as_completed
-
 
     if not todo:
         return
@@ -61,7 +60,8 @@ def sweep_on_cluster(client, scenario: Path, out: Path, todo: list) -> Iterator[
                 status, error = RunStatus.FAILED.value, f"{type(exc).__name__}: {exc}"
             yield run, status, error
     finally:
-        client.cancel(list(futures))
+        for future in futures:      # the scheduler drops tasks no client holds: runs not started never start
+            future.release()        # (a local call: unlike client.cancel, it cannot wait on a lost scheduler)
 
 
 class ClusterSweep:

@@ -177,7 +177,7 @@ class Server(ServerBase):
         devices = self.policy.select(self.candidates(env.now), self.scenario.fleet.participants, rng)
         devices = np.asarray(devices, dtype=np.int64)
         if hasattr(self.grads, "begin_round"):      # a sharded engine sends each device's work where its data is
-            self.grads.begin_round(devices)
+            self.grads.begin_round(devices, round_=round_)
         t = self.scenario.training
         self._step_batches = [[self.partition.sample_batch(int(d), t.batch_size, rng) for _ in range(t.local_steps)]
                               for d in devices]
@@ -190,7 +190,7 @@ class Server(ServerBase):
                            self.submodel, t.batch_size)
         plan = self.policy.plan(ctx)
         if mode is UploadMode.AFTER_COMPUTE and self.policy.deadline_s is not None:
-            fits = max_depth_fitting(plan, self.policy.deadline_s)
+            fits = max_depth_fitting(plan, self.policy.deadline_s, env.now)
             plan = replace(plan, target_depth=np.minimum(plan.target_depth, fits))
         powers = [self.fleet.classes[c] for c in self.fleet.class_of[devices]]
         if self.topology is not None:

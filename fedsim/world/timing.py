@@ -65,14 +65,24 @@ def plan_round(profile: ModelProfile, devices: np.ndarray, speed_flops: np.ndarr
     )
 
 
-def max_depth_fitting(plan: RoundPlan, deadline_s: float) -> np.ndarray:
+def max_depth_fitting(plan: RoundPlan, deadline_s: float, start_at: float = 0.0) -> np.ndarray:
     """Deepest k such that computing k layers and then uploading them one by one ends by the deadline.
 
-    This is what an `after_compute` device plans from its known speed and nominal link rate.
+    This is what an `after_compute` device plans from its known speed and nominal link rate. The times are
+    summed exactly as the engine advances its clock (absolute time from the round's start `start_at`, one
+    phase after another), so a plan that ends exactly at the deadline is found to fit, as it does in the
+    engine (a phase ending at the deadline counts).
     """
-    compute_end = (plan.download_s + plan.forward_s)[:, None] + np.cumsum(plan.backward_s, axis=1)
-    upload_total = np.cumsum(plan.upload_s, axis=1)
-    fits = compute_end + upload_total <= deadline_s           # (n, L), monotone: True then False
+    limit_at = start_at + deadline_s
+    compute_end_at = (start_at + plan.download_s) + plan.forward_s
+    n_layers = plan.backward_s.shape[1]
+    fits = np.zeros((len(compute_end_at), n_layers), dtype=bool)
+    for k in range(n_layers):
+        compute_end_at = compute_end_at + plan.backward_s[:, k]
+        upload_end_at = compute_end_at
+        for j in range(k + 1):
+            upload_end_at = upload_end_at + plan.upload_s[:, j]
+        fits[:, k] = upload_end_at <= limit_at            # monotone in k: True then False
     return fits.sum(axis=1).astype(np.int64)
 
 
