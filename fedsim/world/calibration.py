@@ -1,14 +1,5 @@
-"""Device classes calibrated from real measurements, and the DVFS energy form.
-
-* `measured` compute: a phone's measured training time of one batch of a reference model (the MNN
-  benchmark's LeNet, `fedsim.world.measurements.MnnLeNet`) gives its effective FLOP/s; the simulated model's
-  durations then follow from its own FLOPs (a compute-bound scaling by the FLOP ratio). Optionally each
-  device is a phone model drawn from the AI-Benchmark list, its speed scaled by its CPU score relative
-  to the measured reference phone.
-* `flash_bandwidth`: each device is mapped to a FLASH user (uniformly) and draws its link rates once
-  from a lognormal with that user's measured mean and deviation.
-* `dvfs = { kappa, freq_hz, cycles_per_flop }`: energy `kappa * cycles * f^2` over `cycles / f`
-  seconds is a compute power of `kappa * f^3`; the speed, unless given, is `f / cycles_per_flop`.
+"""Device classes calibrated from real measurements, and the DVFS energy form: the calculations behind
+the `measured`, `flash_bandwidth` and `dvfs` fields (their meaning is described in fedsim.spec.calibration).
 """
 
 from __future__ import annotations
