@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true",
                      help="replace a completed or interrupted run in the --out directory (only fedsim's files "
                           "are removed)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true", help="no progress bar and no notices")
     run.add_argument("--cluster", default=None, metavar="ADDRESS|local[:N]",
                      help="compute the gradients on a Dask cluster: a scheduler address, or local:N worker "
                           "processes (needs fedsim[dask]; see docs/DISTRIBUTED.md)")
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     swp.add_argument("--out", type=Path, default=None, help="sweep directory (default: sweeps/<run.name>)")
     swp.add_argument("--target-accuracy", type=float, default=None,
                      help="also index the simulated time and energy to reach this test accuracy")
-    swp.add_argument("--quiet", action="store_true", help="no progress bar")
+    swp.add_argument("--quiet", action="store_true", help="no progress bar and no notices")
     swp.add_argument("--cluster", default=None, metavar="ADDRESS|local[:N]",
                      help="run the runs as tasks on a Dask cluster: a scheduler address, or local:N worker "
                           "processes; the sweep directory must be on a filesystem every worker sees")
@@ -82,8 +82,11 @@ def _cmd_validate(args) -> int:
     print(f"  data      {scn.data.name}, {scn.data.partition}, {scn.data.samples_per_device} samples/device")
     print(f"  fleet     {fleet.n_devices} devices in {len(fleet.classes)} classes, participants "
           f"{'all' if fleet.participants is None else fleet.participants}")
-    print(f"  policy    {scn.policy.describe()}, deadline {scn.policy.deadline_s} s, "
-          f"upload {scn.network.upload_mode.value}")
+    deadline = getattr(scn.policy, "deadline_s", None)
+    print(f"  policy    {scn.policy.describe()}, "
+          f"{'no fixed deadline' if deadline is None else f'deadline {deadline} s'}, upload {scn.network.upload_mode.value}")
+    for notice in scn.notices:
+        print(f"  notice    {notice}")
     return 0
 
 
@@ -103,6 +106,8 @@ def _cmd_run(args) -> int:
         if args.scenario is None:
             raise FedsimError("run: give a scenario FILE (or --resume RUN_DIR)")
         scn = load_scenario(args.scenario, args.overrides)
+        for notice in () if args.quiet else scn.notices:
+            print(f"fedsim: notice: {notice}", file=sys.stderr)
         components = build_components(scn)          # loads data and builds the model: errors before any output
         out = args.out if args.out is not None else Path("runs") / scn.run.name
         with _progress(scn, args.quiet) as progress:

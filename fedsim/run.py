@@ -23,7 +23,7 @@ from fedsim.output.rundir import (RunStatus, open_run_dir, prepare_run_dir, read
                            write_status)
 from fedsim.spec.scenario import Scenario, parse_scenario
 from fedsim.sim.server import Server
-from fedsim.policies.fedasync import is_asynchronous
+from fedsim.policies import FixedDeadline, is_asynchronous
 from fedsim.output.trace import SCHEMA_VERSION, TraceWriter
 
 __all__ = ["RunSummary", "run_scenario", "resume_run", "trace_metadata"]
@@ -49,8 +49,9 @@ def trace_metadata(scn: Scenario) -> dict[str, str]:
         "scenario.overrides": json.dumps(list(scn.overrides)),
         "run.seed": str(scn.run.seed),
         "policy": scn.policy.describe(),
-        # the deadline in force (empty for policies without one): what analysis draws on timelines
-        "policy.deadline_s": "" if scn.policy.deadline_s is None else repr(float(scn.policy.deadline_s)),
+        # the fixed deadline in force (empty for policies without one, or whose deadline changes each round):
+        # what analysis draws on timelines
+        "policy.deadline_s": repr(float(scn.policy.deadline_s)) if isinstance(scn.policy, FixedDeadline) else "",
     }
 
 

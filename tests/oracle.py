@@ -48,3 +48,27 @@ def unbiased_scales(depth_counts, n_participants):
         missed = sum(1 for d in device_rounds if d < n_layers - layer)
         scales.append(1.0 / (1.0 - (missed / len(device_rounds)) ** n_participants))
     return scales
+
+
+def round_inputs(profile, depths, batches, history=None):
+    """`fedsim.policies.RoundInputs` of one FedSGD round of len(batches) devices 0..n-1 (no fleet, no trainer).
+
+    `history`: the depth histogram of every device-round so far, this round included (SALF's unbiased
+    aggregation); the policy state holds the rounds before, so this round's depths are taken out of it."""
+    import numpy as np
+
+    from fedsim.policies import RoundContext, RoundInputs
+    from fedsim.policies.salf import DepthHistogram
+    from fedsim.spec.scenario import UploadMode
+
+    n = len(batches)
+    depths = np.asarray(depths, dtype=np.int64)
+    counts = np.zeros(profile.n_layers + 1, dtype=np.int64) if history is None else \
+        np.asarray(history, dtype=np.int64) - np.bincount(depths, minlength=profile.n_layers + 1)
+    assert (counts >= 0).all(), "the history must include this round's depths"
+    samples = np.array([len(b) for b in batches], dtype=np.int64)
+    ctx = RoundContext(0, profile, None, np.arange(n), np.ones(n), samples, np.ones(n, dtype=np.int64),
+                       UploadMode.IDEAL, int(samples.max(initial=0)), None,
+                       DepthHistogram(tuple(int(c) for c in counts)))
+    return RoundInputs(ctx, depths, samples, np.ones(n, dtype=np.int64), [[np.asarray(b)] for b in batches],
+                       np.arange(n), None, None)

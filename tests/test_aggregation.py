@@ -31,7 +31,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("aggregation", ["mean", "all", "unbiased"])
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
 def test_salf_update_matches_oracle(granularity, aggregation, dtype, tol):
-    from fedsim.policies import Aggregation, RoundInputs
+    from fedsim.policies import Aggregation
     from fedsim.policies.salf import Salf
 
     comp, batches, engine = _setup(granularity, dtype)
@@ -41,7 +41,7 @@ def test_salf_update_matches_oracle(granularity, aggregation, dtype, tol):
     assert set(depths.tolist()) == set(range(L + 1))
     # earlier rounds too, mostly shallow ones: every layer's unbiased factor differs from 1 by more than `tol`
     history = np.bincount(depths, minlength=L + 1) + 4 * 2 ** np.arange(L + 1)[::-1]
-    inputs = RoundInputs(0, L, np.arange(n), depths, history, batches)
+    inputs = oracle.round_inputs(comp.profile, depths, batches, history)
     upd = Salf(deadline_s=1.0, aggregation=Aggregation(aggregation)).aggregate(inputs, engine)
 
     scales = oracle.unbiased_scales(history, n) if aggregation == "unbiased" else None
@@ -58,13 +58,12 @@ def test_salf_update_matches_oracle(granularity, aggregation, dtype, tol):
 
 
 def test_drop_counts_only_complete_devices():
-    from fedsim.policies import RoundInputs
     from fedsim.policies.drop import Drop
 
     comp, batches, engine = _setup("module", "float64")
     L = comp.profile.n_layers
     depths = np.array([L, 1, L, 0, 2, L, 1, L, 0, L][: len(batches)])
-    inputs = RoundInputs(0, L, np.arange(len(batches)), depths, np.bincount(depths, minlength=L + 1), batches)
+    inputs = oracle.round_inputs(comp.profile, depths, batches)
     upd = Drop(deadline_s=1.0).aggregate(inputs, engine)
     full = np.where(depths == L, L, 0)
     expect = oracle.layerwise_update(comp.model, comp.profile, engine.x, engine.y, batches, full)

@@ -437,17 +437,19 @@ def test_bad_fields_name_the_field(override, field, message):
     assert str(info.value).startswith("test.toml: " + field)
 
 
-def test_fedasync_rejects_a_buffer_and_requires_duration():
+def test_fedasync_ignores_a_buffer_and_requires_duration():
     from fedsim.errors import ScenarioError
 
-    with pytest.raises(ScenarioError, match=r"policy\.buffer_size: fedasync applies every update on arrival"):
-        scenario("policy.buffer_size=4", text=TINY)
+    # fedbuff's buffer is read only by fedbuff: fedasync (a buffer of one) names it in a notice
+    scn = scenario("policy.buffer_size=4", text=TINY)
+    assert scn.policy.buffer_size == 1 and scn.notices == ("fedasync ignores policy.buffer_size",)
     text = TINY.replace("duration_s = 140\n", "")
     with pytest.raises(ScenarioError, match=r"policy\.duration_s: missing required field"):
         scenario(text=text)
     # fields of the synchronous policies are accepted and ignored, so --set policy.name switches policy
     scn = scenario('policy.name="fedbuff"', "policy.duration_s=1", text=BASE_TOML)
-    assert scn.policy.deadline_s is None and scn.policy.describe() == "fedbuff(K=10,a=0.5)"
+    assert not hasattr(scn.policy, "deadline_s") and scn.policy.describe() == "fedbuff(K=10,a=0.5)"
+    assert scn.ignored == ("policy.deadline_s",)
     assert scn.policy.eval_every_s == 1.0 and scn.policy.max_staleness == 32
 
 

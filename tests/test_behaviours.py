@@ -286,8 +286,7 @@ def test_salf_unbiased_scale_is_capped_at_1000():
     """
     from fedsim.sim.build import build_components
     from fedsim.learn.grads import GradientEngine
-    from fedsim.policies.base import RoundInputs
-    from oracle import layerwise_update
+    from oracle import layerwise_update, round_inputs
 
     scn = scenario('policy.name="salf"', "policy.deadline_s=30", 'policy.aggregation="unbiased"', text=TINY)
     comp = build_components(scn)
@@ -295,8 +294,7 @@ def test_salf_unbiased_scale_is_capped_at_1000():
     engine = GradientEngine(comp.model, comp.profile, x, y)
     batches = [np.array([0, 1]), np.array([5, 6, 7])]
     depths = np.array([3, 1])
-    inputs = RoundInputs(round=0, n_layers=3, devices=np.array([0, 1]), depths=depths,
-                         depth_counts=np.array([3000, 1, 0, 1]), batches=batches)
+    inputs = round_inputs(comp.profile, depths, batches, history=np.array([3000, 1, 0, 1]))
     update = scn.policy.aggregate(inputs, engine)
     scales = [1000.0, 1000.0, 1.0 / (1.0 - (3000 / 3002) ** 2)]
     expect = layerwise_update(comp.model, comp.profile, x, y, batches, list(depths), scales=scales)

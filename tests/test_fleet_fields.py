@@ -70,7 +70,7 @@ def test_every_policy_runs_on_the_same_fleet_and_seed(tmp_path):
     fill device ids in class order), the fast ones at their fixed 2e7 FLOP/s (no slowdown), each slow one at its
     own base speed divided by a slowdown in [1, 2], the base speeds being those of the fleet built from the seed."""
     from fedsim.sim.build import build_components
-    from fedsim.policies import POLICIES
+    from fedsim.policies import POLICY_PATHS as POLICIES
 
     assert set(COMPARISON) == set(POLICIES), "a new policy joins the comparison set"
     expected_class = {d: "slow" if d < 4 else "fast" for d in range(8)}

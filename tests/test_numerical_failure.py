@@ -48,7 +48,7 @@ def _serve(tmp_path, scn, comp=None):
     from fedsim.sim.build import build_components
     from fedsim.sim.engine import serve_rounds
     from fedsim.sim.server import Server
-    from fedsim.policies.fedasync import is_asynchronous
+    from fedsim.policies import is_asynchronous
     from fedsim.output.trace import TraceWriter
 
     comp = comp if comp is not None else build_components(scn)
@@ -266,8 +266,8 @@ def test_an_aggregate_that_overflows_stops_even_with_drop(tmp_path, monkeypatch)
 
     real = salf.layerwise_fedsgd
 
-    def overflow(inputs, grads, depths, aggregation):
-        update = real(inputs, grads, depths, aggregation)
+    def overflow(inputs, grads, depths, aggregation, depth_counts=None):
+        update = real(inputs, grads, depths, aggregation, depth_counts)
         if int((depths > 0).sum()) > 1:                  # only the aggregate of several devices overflows
             update.grads["fc1.weight"][0, 0] = float("inf")
         return update

@@ -32,6 +32,8 @@ from hypothesis import HealthCheck, Phase, event, example, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from oracle import round_inputs
+
 SYNC_POLICIES = ("salf", "drop", "wait", "partial", "heterofl", "overselect")
 UPLOAD_MODES = ("ideal", "after_compute", "streaming")
 LR = 0.1
@@ -387,7 +389,7 @@ def test_layerwise_aggregation_equals_per_device_definition(data, model_name, gr
     from fedsim.learn.grads import GradientEngine
     from fedsim.learn.models import build_model
     from fedsim.learn.profile import Granularity, build_profile
-    from fedsim.policies import Aggregation, RoundInputs
+    from fedsim.policies import Aggregation
     from fedsim.policies.drop import Drop
     from fedsim.policies.salf import Salf
     from fedsim.policies.wait import Wait
@@ -412,7 +414,7 @@ def test_layerwise_aggregation_equals_per_device_definition(data, model_name, gr
     policy = {"salf": lambda: Salf(deadline_s=1.0, aggregation=Aggregation(how)),
               "drop": lambda: Drop(deadline_s=1.0, aggregation=Aggregation(how)), "wait": Wait}[name]()
     engine = GradientEngine(model, profile, x, y, path=path)
-    upd = policy.aggregate(RoundInputs(0, n_layers, np.arange(n), depths, history, batches), engine)
+    upd = policy.aggregate(round_inputs(profile, depths, batches, history), engine)
 
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
     counted = depths if name == "salf" else np.where(depths == n_layers, n_layers, 0)

@@ -53,7 +53,7 @@ def _n_layers(scn) -> int:
 def test_shipped_scenario_runs_and_writes_consistent_tables(tmp_path, request, path):
     from fedsim.cli import main
     from fedsim.spec.scenario import load_scenario
-    from fedsim.policies.fedasync import is_asynchronous
+    from fedsim.policies import is_asynchronous
     from fedsim.output.trace import DEVICES_SCHEMA, EVENTS_SCHEMA, ROUNDS_SCHEMA
 
     overrides = _overrides(path, request)

@@ -1,7 +1,7 @@
 """Checkpoints of a synchronous run: everything needed to continue it exactly.
 
 What is saved: the global model and the server optimizer (momentum buffers), the next round and the
-simulated clock, the depth histogram (SALF unbiased), the last evaluation, the divergence rule's state
+simulated clock, what the policy has learned (its `PolicyState`, e.g. SALF's depth histogram), the last evaluation, the divergence rule's state
 (`server.NumericalHealth`), and how many rows each trace journal held at that instant. What is not saved, because it is rebuilt exactly from the seed: the data,
 the partition, the fleet and every round's random draws (each round has its own stream, see server.py).
 A checkpoint is written to a temporary file and renamed, so it is either the old one or the new one.
@@ -13,7 +13,6 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedsim.errors import TraceError
@@ -23,7 +22,7 @@ from fedsim.output.rundir import write_atomic
 __all__ = ["CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint", "restore_server"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
-FORMAT = 1
+FORMAT = 2
 
 
 def save_checkpoint(run_dir: Path, server, trace, scenario, base_dir: Path | None) -> None:
@@ -34,7 +33,8 @@ def save_checkpoint(run_dir: Path, server, trace, scenario, base_dir: Path | Non
         "clock_at": server.clock_at,
         "model": server.model.state_dict(),
         "optimizer": server.optimizer.state_dict(),
-        "depth_counts": server.depth_counts.tolist(),
+        # the policy's learned state as JSON text (None: a policy that learns nothing)
+        "policy_state": json.dumps(None if server.policy_state is None else server.policy_state.to_json()),
         "last_eval": None if last is None else [last.loss, last.accuracy],
         "rows": trace.rows_written(),
         # the divergence rule's running state (reference loss, streak, dropped updates), as JSON text
@@ -67,7 +67,7 @@ def restore_server(server, state: dict) -> None:
     server.optimizer.load_state_dict(state["optimizer"])
     server.current_round = int(state["next_round"])
     server.clock_at = float(state["clock_at"])
-    server.depth_counts = np.array(state["depth_counts"], dtype=np.int64)
+    server.policy_state = server.policy.restore(json.loads(state["policy_state"]))
     last = state["last_eval"]
     server.last_eval = None if last is None else Evaluation(float(last[0]), float(last[1]))
     if "health" in state:

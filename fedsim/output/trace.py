@@ -170,13 +170,23 @@ class TableWriter:
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))
 
+    def _check(self, names: Any) -> None:
+        if names.keys() != self.columns.keys():
+            missing = sorted(self.columns.keys() - names.keys())
+            extra = sorted(names.keys() - self.columns.keys())
+            raise TraceError(f"{self.path.name}: a row with missing columns {missing} and extra columns {extra}")
+
     def append(self, row: dict[str, Any]) -> None:
+        """One row; its keys must be exactly the table's columns."""
+        self._check(row)
         for name, col in self.columns.items():
             col.append(row[name])
         if len(self) >= self.flush_rows:
             self.flush()
 
     def extend(self, **cols: list) -> None:
+        """Rows given as columns; the names must be exactly the table's columns."""
+        self._check(cols)
         for name, col in self.columns.items():
             col.extend(cols[name])
         if len(self) >= self.flush_rows:

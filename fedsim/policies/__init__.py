@@ -1,20 +1,17 @@
-"""Straggler policies, one module each, registered by their scenario name in fedsim.spec.policy."""
+"""Straggler policies, one module each; built-ins are registered by name in fedsim.spec.policy.POLICY_PATHS.
+
+A policy outside fedsim is a class deriving from `SyncPolicy` (or `AsyncPolicy`) in any module, named in a
+scenario as `policy.name = "package.module:Class"` (see docs/examples/keep_fastest.py).
+"""
 
 from __future__ import annotations
 
 from fedsim.spec.policy import POLICY_PATHS, policy_class, read_policy
-from fedsim.policies.base import Aggregation, Policy, RoundContext, RoundInputs, RoundUpdate
-from fedsim.policies.drop import Drop
-from fedsim.policies.fedasync import FedAsync
-from fedsim.policies.fedbuff import FedBuff
-from fedsim.policies.heterofl import HeteroFL
-from fedsim.policies.overselect import Overselect
-from fedsim.policies.partial import Partial
-from fedsim.policies.salf import Salf
-from fedsim.policies.wait import Wait
+from fedsim.policies.asynchronous import AsyncPolicy, is_asynchronous
+from fedsim.policies.base import Aggregation, JSONValue, PolicyBase, PolicyState
+from fedsim.policies.deadline import FixedDeadline
+from fedsim.policies.sync import RoundContext, RoundInputs, RoundUpdate, RunContext, SyncPolicy
 
-__all__ = ["POLICIES", "Aggregation", "Policy", "RoundContext", "RoundInputs", "RoundUpdate", "read_policy"]
-
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (Salf, Drop, Wait, Partial, HeteroFL, Overselect,
-                                                               FedAsync, FedBuff)}
-assert POLICIES == {name: policy_class(name) for name in POLICY_PATHS}, "fedsim.spec.policy.POLICY_PATHS"
+__all__ = ["POLICY_PATHS", "Aggregation", "AsyncPolicy", "FixedDeadline", "JSONValue", "PolicyBase", "PolicyState",
+           "RoundContext", "RoundInputs", "RoundUpdate", "RunContext", "SyncPolicy", "is_asynchronous",
+           "policy_class", "read_policy"]

@@ -1,28 +1,29 @@
-"""The policy interface: what a straggler policy decides, and nothing else.
+"""What every policy is: a frozen value read from the scenario's `[policy]` table, and its learned state.
 
-A policy is a frozen config read from the scenario's `[policy]` table. The engine asks it for the round's
-deadline and how much work each participant attempts; at the end of the round it hands the policy what
-each device delivered plus a gradient engine, and the policy returns the update for the global model.
-A new policy is one module with one class; register it in `fedsim/policies/__init__.py`.
+Two protocols build on `PolicyBase`: `fedsim.policies.sync.SyncPolicy` (rounds with a deadline, run by
+`fedsim.sim.server.Server`) and `fedsim.policies.asynchronous.AsyncPolicy` (no rounds, run by
+`fedsim.sim.async_engine`). A policy declares the `[policy]` fields it reads (`reads`): a field that no policy
+reads is an error, one that only other policies read is a notice ("wait ignores policy.deadline_s").
+
+A policy is a frozen value: what it learns during a run (SALF's depth histogram, HeteroFL's automatic
+widths) is a `PolicyState`, handed to its hooks and returned by `observe`, and checkpointed with the run as JSON.
 """
 
 from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from fedsim.spec.fields import Fields
+from fedsim.spec.scenario import TrainingSpec
 
 if TYPE_CHECKING:
-    from fedsim.learn.grads import GradientEngine
-    from fedsim.spec.scenario import TrainingSpec
+    from fedsim.spec.scenario import Scenario
 
-__all__ = ["Aggregation", "Policy", "RoundContext", "RoundInputs", "RoundUpdate"]
+__all__ = ["Aggregation", "JSONValue", "PolicyBase", "PolicyState"]
+
+JSONValue = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
 
 
 class Aggregation(enum.Enum):
@@ -31,91 +32,33 @@ class Aggregation(enum.Enum):
     ALL = "all"              # divide by the number of participants U (missing layers count as zero)
 
 
-@dataclass(frozen=True)
-class RoundInputs:
-    """What the server knows when the round ends."""
-    round: int
-    n_layers: int
-    devices: np.ndarray          # participant ids
-    depths: np.ndarray           # layers delivered by each participant (the last `depth` layers)
-    depth_counts: np.ndarray     # histogram of depths over every device-round so far, this one included
-    batches: list[np.ndarray]    # training-sample indices of each participant's first mini-batch
-    step_batches: list[list[np.ndarray]] = field(default_factory=list)   # every local step's mini-batch
-    samples: np.ndarray | None = None     # samples per step each participant processed
-    steps: np.ndarray | None = None       # local steps each participant ran
-    done_order: np.ndarray | None = None  # participants (positions) in the order they finished
-    trainer: Any = None                   # fedsim.learn.local.LocalTrainer, for policies with local training
-    quorum: int | None = None             # the round's quorum, if the policy set one
-    submodel: Any = None                  # width -> (nn.Module, ModelProfile), see RoundContext
+class PolicyState(ABC):
+    """What a policy has learned so far in a run: a frozen value, saved in checkpoints as JSON."""
+
+    @abstractmethod
+    def to_json(self) -> JSONValue:
+        """The state as JSON values; the policy's `restore` reads it back exactly."""
 
 
-@dataclass(frozen=True)
-class RoundUpdate:
-    grads: dict[str, torch.Tensor | None]   # applied by the server optimizer; None leaves a tensor unchanged
-    contributors: np.ndarray                # devices aggregated into each layer (forward order)
-    train_loss: float | None                # mean mini-batch loss over the contributing devices
-    frozen: dict[str, torch.Tensor] | None = None   # entries no device held (HeteroFL): left unchanged
-
-
-@dataclass(frozen=True)
-class RoundContext:
-    """What a policy may use to plan the work of a round's participants."""
-    profile: Any                 # fedsim.learn.profile.ModelProfile of the global model
-    fleet: Any                   # fedsim.world.fleet.Fleet
-    devices: np.ndarray          # participant ids
-    slowdown: np.ndarray
-    samples: np.ndarray          # samples per step each participant would process (its batch)
-    steps: np.ndarray            # local steps each participant would run
-    deadline_s: float | None
-    upload_mode: Any             # fedsim.spec.scenario.UploadMode
-    submodel: Any = None         # width -> (nn.Module, ModelProfile) of the narrower model (HeteroFL)
-    batch_size: int = 0
-
-    def plan(self, rows: np.ndarray | None = None, profile=None, samples=None, steps=None):
-        """`fedsim.world.timing.plan_round` for participants `rows` (all by default)."""
-        from fedsim.world.timing import plan_round
-
-        rows = np.arange(len(self.devices)) if rows is None else rows
-        d = self.devices[rows]
-        f = self.fleet
-        return plan_round(profile or self.profile, d, f.speed_flops[d], self.slowdown[rows],
-                          self.samples[rows] if samples is None else samples,
-                          self.steps[rows] if steps is None else steps,
-                          f.downlink_bps[d], f.uplink_bps[d], f.latency_s[d])
-
-
-class Policy(ABC):
-    """Base class of every synchronous straggler policy."""
+class PolicyBase(ABC):
+    """What the synchronous and asynchronous protocols share: name, fields, reading, checks."""
 
     name: ClassVar[str]
-    deadline_s: float | None
+    kind: ClassVar[str]                   # "sync" or "async": which engine runs the policy
+    reads: ClassVar[frozenset[str]]       # the [policy] fields `read` may read (besides `name`)
 
     @classmethod
     @abstractmethod
-    def read(cls, fields: Fields, training: "TrainingSpec") -> "Policy":
+    def read(cls, fields: Fields, training: TrainingSpec) -> Self:
         """Build the policy from its `[policy]` table; every field validated with its path."""
 
-    @abstractmethod
-    def aggregate(self, inputs: RoundInputs, grads: "GradientEngine") -> RoundUpdate:
-        """The global update from what each participant delivered."""
+    def check(self, scenario: "Scenario") -> None:
+        """Cross-section checks once the whole scenario is read (raise ScenarioError)."""
 
     def describe(self) -> str:
+        """The policy as the trace names it (rounds.parquet `policy`)."""
         return self.name
 
-    # -- optional hooks, with the behaviour of a plain synchronous round ---------------------------
-    def select(self, candidates: np.ndarray, k: int | None, rng: np.random.Generator) -> np.ndarray:
-        """Participants among the online `candidates`: all, or `k` sampled uniformly."""
-        if k is None or k >= len(candidates):
-            return candidates
-        return np.sort(rng.choice(candidates, size=k, replace=False))
-
-    def plan(self, ctx: RoundContext):
-        """The work each participant attempts (a `RoundPlan`); the default is the whole mini-batch."""
-        return ctx.plan()
-
-    def quorum(self, n_selected: int, k: int | None) -> int | None:
-        """End the round once this many participants are done (None: wait for all or the deadline)."""
+    def restore(self, data: JSONValue) -> PolicyState | None:
+        """The state `PolicyState.to_json` wrote (a checkpoint); stateless policies have None."""
         return None
-
-    def check(self, scenario) -> None:
-        """Cross-section checks once the whole scenario is read (raise ScenarioError)."""

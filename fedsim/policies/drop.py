@@ -7,25 +7,29 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedsim.spec.fields import Fields
-from fedsim.policies.base import Aggregation, Policy, RoundInputs, RoundUpdate
+from fedsim.learn.grads import GradientEngine
+from fedsim.policies.base import Aggregation
+from fedsim.policies.deadline import FixedDeadline
 from fedsim.policies.layerwise import full_model_update
+from fedsim.policies.sync import RoundInputs, RoundUpdate
+from fedsim.spec.fields import Fields
+from fedsim.spec.scenario import TrainingSpec
 
 __all__ = ["Drop"]
 
 
 @dataclass(frozen=True)
-class Drop(Policy):
+class Drop(FixedDeadline):
     name: ClassVar[str] = "drop"
-    deadline_s: float
+    reads: ClassVar[frozenset[str]] = frozenset({"deadline_s", "aggregation"})
     aggregation: Aggregation = Aggregation.MEAN
 
     @classmethod
-    def read(cls, fields: Fields, training) -> "Drop":
+    def read(cls, fields: Fields, training: TrainingSpec) -> "Drop":
         return cls(
-            deadline_s=fields.number("deadline_s", low=0.0, low_open=True),
+            deadline_s=cls.read_deadline_s(fields),
             aggregation=Aggregation(fields.choice("aggregation", ["mean", "all"], "mean")),
         )
 
-    def aggregate(self, inputs: RoundInputs, grads) -> RoundUpdate:
+    def aggregate(self, inputs: RoundInputs, grads: GradientEngine) -> RoundUpdate:
         return full_model_update(inputs, grads, np.flatnonzero(inputs.depths == inputs.n_layers), self.aggregation)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fedsim.learn.aggregate import weighted_mean_of_slices
-from fedsim.policies.base import RoundInputs, RoundUpdate
+from fedsim.policies.sync import RoundInputs, RoundUpdate
 
 __all__ = ["fedavg"]
 
@@ -21,6 +21,7 @@ def fedavg(inputs: RoundInputs, members: np.ndarray, weights: np.ndarray | None 
            submodels: dict[int, torch.nn.Module] | None = None) -> RoundUpdate:
     """Average the local updates of participants `members` (positions), weighted by `weights`."""
     trainer = inputs.trainer
+    assert trainer is not None, "fedavg needs the server's LocalTrainer"
     n_layers = inputs.n_layers
     shapes = {n: p.shape for n, p in trainer.model.named_parameters()}
     if len(members) == 0:

@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fedsim.policies.asynchronous import COMMON_FIELDS, AsyncPolicy
 from fedsim.spec.fields import Fields
-from fedsim.policies.fedasync import AsyncPolicy
+from fedsim.spec.scenario import TrainingSpec
 
 __all__ = ["FedBuff", "MAX_BUFFER"]
 
@@ -27,10 +28,11 @@ MAX_BUFFER = 1_000_000
 @dataclass(frozen=True)
 class FedBuff(AsyncPolicy):
     name: ClassVar[str] = "fedbuff"
+    reads: ClassVar[frozenset[str]] = COMMON_FIELDS | {"buffer_size"}
     buffer_size: int = 10       # the paper's usual K
 
     @classmethod
-    def read(cls, fields: Fields, training) -> "FedBuff":
+    def read(cls, fields: Fields, training: TrainingSpec) -> "FedBuff":
         common = cls.read_common(fields, training)
         return cls(buffer_size=fields.integer("buffer_size", 10, low=1, high=MAX_BUFFER), **common)
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 from fedsim.learn.aggregate import layer_update, miss_probabilities, unbiased_scales
-from fedsim.policies.base import Aggregation, RoundInputs, RoundUpdate
+from fedsim.learn.grads import GradientEngine
+from fedsim.policies.base import Aggregation
+from fedsim.policies.fedavg import fedavg
+from fedsim.policies.sync import RoundInputs, RoundUpdate
 
 __all__ = ["layerwise_fedsgd", "full_model_update"]
 
 
-def layerwise_fedsgd(inputs: RoundInputs, grads, counted_depths: np.ndarray, aggregation: Aggregation) -> RoundUpdate:
-    """Each device contributes its gradient to the last `counted_depths[i]` layers; aggregate per layer."""
+def layerwise_fedsgd(inputs: RoundInputs, grads: GradientEngine, counted_depths: np.ndarray, aggregation: Aggregation,
+                     depth_counts: np.ndarray | None = None) -> RoundUpdate:
+    """Each device contributes its gradient to the last `counted_depths[i]` layers; aggregate per layer.
+
+    `depth_counts` (for `Aggregation.UNBIASED`): the histogram of depths over every device-round so far."""
     sums = grads.layer_sums(inputs.batches, counted_depths)
     contributors = sums.counts
     if aggregation is Aggregation.ALL:
@@ -20,16 +26,15 @@ def layerwise_fedsgd(inputs: RoundInputs, grads, counted_depths: np.ndarray, agg
         divisors = contributors
     scales = None
     if aggregation is Aggregation.UNBIASED:
-        scales = unbiased_scales(miss_probabilities(inputs.depth_counts), len(inputs.devices))
+        assert depth_counts is not None, "unbiased aggregation needs the depth histogram"
+        scales = unbiased_scales(miss_probabilities(depth_counts), len(inputs.devices))
     update = layer_update(sums.sums, grads.layer_of_param, divisors, scales)
     return RoundUpdate(update, contributors, sums.mean_loss)
 
 
-def full_model_update(inputs: RoundInputs, grads, members: np.ndarray, aggregation: Aggregation = Aggregation.MEAN) -> RoundUpdate:
+def full_model_update(inputs: RoundInputs, grads: GradientEngine, members: np.ndarray, aggregation: Aggregation = Aggregation.MEAN) -> RoundUpdate:
     """Whole-model updates of `members` (positions): FedSGD with one local step, FedAvg with several."""
-    from fedsim.policies.fedavg import fedavg
-
-    if inputs.steps is not None and len(members) and int(inputs.steps[members].max()) > 1:
+    if len(members) and int(inputs.steps[members].max()) > 1:
         update = fedavg(inputs, members)
         if aggregation is Aggregation.ALL and len(members):
             scale = len(members) / len(inputs.devices)

@@ -12,24 +12,24 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedsim.spec.fields import Fields
-from fedsim.policies.base import Policy, RoundInputs, RoundUpdate
+from fedsim.learn.grads import GradientEngine
 from fedsim.policies.layerwise import full_model_update
+from fedsim.policies.sync import RoundInputs, RoundUpdate, SyncPolicy
+from fedsim.spec.fields import Fields
+from fedsim.spec.scenario import TrainingSpec
 
 __all__ = ["Overselect"]
 
 
 @dataclass(frozen=True)
-class Overselect(Policy):
+class Overselect(SyncPolicy):
     name: ClassVar[str] = "overselect"
-    deadline_s: None = None
+    reads: ClassVar[frozenset[str]] = frozenset({"fraction", "k"})
     fraction: float = 1.3
     k: int | None = None
 
     @classmethod
-    def read(cls, fields: Fields, training) -> "Overselect":
-        fields.raw("deadline_s", None)       # accepted and ignored: one scenario can switch policies
-        fields.raw("aggregation", None)
+    def read(cls, fields: Fields, training: TrainingSpec) -> "Overselect":
         k = None if fields.raw("k", None) is None else fields.integer("k", low=1)
         return cls(fraction=fields.number("fraction", 1.3, low=1.0, high=100.0), k=k)
 
@@ -45,7 +45,7 @@ class Overselect(Policy):
     def quorum(self, n_selected: int, k: int | None) -> int | None:
         return min(self._k(k, n_selected), n_selected)
 
-    def aggregate(self, inputs: RoundInputs, grads) -> RoundUpdate:
+    def aggregate(self, inputs: RoundInputs, grads: GradientEngine) -> RoundUpdate:
         quorum = inputs.quorum if inputs.quorum is not None else len(inputs.devices)
         finished = [i for i in inputs.done_order if inputs.depths[i] == inputs.n_layers]
         return full_model_update(inputs, grads, np.sort(np.array(finished[:quorum], dtype=np.int64)))

@@ -14,24 +14,27 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedsim.spec.fields import Fields
-from fedsim.spec.scenario import UploadMode
-from fedsim.policies.base import Policy, RoundContext, RoundInputs, RoundUpdate
+from fedsim.learn.grads import GradientEngine
+from fedsim.policies.deadline import FixedDeadline
 from fedsim.policies.fedavg import fedavg
+from fedsim.policies.sync import RoundContext, RoundInputs, RoundUpdate
+from fedsim.spec.fields import Fields
+from fedsim.spec.scenario import TrainingSpec, UploadMode
+from fedsim.world.timing import RoundPlan
 
 __all__ = ["Partial", "work_that_fits"]
 
 _SAFETY = 1.0 - 1e-9     # planned work ends strictly before the deadline despite float rounding
 
 
-def work_that_fits(ctx: RoundContext) -> tuple[np.ndarray, np.ndarray]:
+def work_that_fits(ctx: RoundContext, deadline_s: float) -> tuple[np.ndarray, np.ndarray]:
     """(samples per step, steps) each participant can finish before the deadline."""
     one = ctx.plan(samples=np.ones(len(ctx.devices), dtype=np.int64), steps=np.ones(len(ctx.devices), dtype=np.int64))
     per_sample_s = one.forward_s + one.backward_s.sum(axis=1)          # one forward+backward of one sample
     overhead_s = one.download_s.copy()
     if ctx.upload_mode is not UploadMode.IDEAL:
         overhead_s += one.upload_s.sum(axis=1)
-    avail_s = np.maximum(ctx.deadline_s * _SAFETY - overhead_s, 0.0)
+    avail_s = np.maximum(deadline_s * _SAFETY - overhead_s, 0.0)
     batch = ctx.samples
     whole_steps = np.floor(avail_s / (batch * per_sample_s)).astype(np.int64)
     steps = np.clip(whole_steps, 1, ctx.steps)
@@ -40,20 +43,21 @@ def work_that_fits(ctx: RoundContext) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass(frozen=True)
-class Partial(Policy):
+class Partial(FixedDeadline):
     name: ClassVar[str] = "partial"
-    deadline_s: float
+    reads: ClassVar[frozenset[str]] = frozenset({"deadline_s"})
 
     @classmethod
-    def read(cls, fields: Fields, training) -> "Partial":
-        return cls(deadline_s=fields.number("deadline_s", low=0.0, low_open=True))
+    def read(cls, fields: Fields, training: TrainingSpec) -> "Partial":
+        return cls(deadline_s=cls.read_deadline_s(fields))
 
-    def plan(self, ctx: RoundContext):
-        samples, steps = work_that_fits(ctx)
+    def plan(self, ctx: RoundContext, deadline_s: float | None) -> RoundPlan:
+        assert deadline_s is not None
+        samples, steps = work_that_fits(ctx, deadline_s)
         plan = ctx.plan(samples=samples, steps=steps)
         return replace(plan, target_depth=np.where(samples > 0, plan.target_depth, 0))
 
-    def aggregate(self, inputs: RoundInputs, grads) -> RoundUpdate:
+    def aggregate(self, inputs: RoundInputs, grads: GradientEngine) -> RoundUpdate:
         members = np.flatnonzero((inputs.depths == inputs.n_layers) & (inputs.samples > 0))
         work = inputs.samples[members] * inputs.steps[members]
         return fedavg(inputs, members, work)

@@ -5,26 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from fedsim.spec.fields import Fields
-from fedsim.policies.base import Policy, RoundInputs, RoundUpdate
 import numpy as np
 
+from fedsim.learn.grads import GradientEngine
 from fedsim.policies.layerwise import full_model_update
+from fedsim.policies.sync import RoundInputs, RoundUpdate, SyncPolicy
+from fedsim.spec.fields import Fields
+from fedsim.spec.scenario import TrainingSpec
 
 __all__ = ["Wait"]
 
 
 @dataclass(frozen=True)
-class Wait(Policy):
+class Wait(SyncPolicy):
     name: ClassVar[str] = "wait"
-    deadline_s: None = None
+    reads: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
-    def read(cls, fields: Fields, training) -> "Wait":
-        # deadline_s and aggregation are accepted and ignored so one scenario can switch policy by --set
-        fields.raw("deadline_s", None)
-        fields.raw("aggregation", None)
+    def read(cls, fields: Fields, training: TrainingSpec) -> "Wait":
         return cls()
 
-    def aggregate(self, inputs: RoundInputs, grads) -> RoundUpdate:
+    def aggregate(self, inputs: RoundInputs, grads: GradientEngine) -> RoundUpdate:
         return full_model_update(inputs, grads, np.flatnonzero(inputs.depths == inputs.n_layers))

@@ -65,7 +65,7 @@ from fedsim.world.churn import AlwaysOnline, churn
 from fedsim.sim.health import devices_text
 from fedsim.sim.async_trace import AsyncTrace, Job
 from fedsim.sim.server import ServerBase
-from fedsim.policies.fedasync import AsyncPolicy
+from fedsim.policies.asynchronous import AsyncPolicy
 from fedsim.world.timing import plan_round
 from fedsim.output.trace import SERVER, EventKind, TraceWriter
 
@@ -104,7 +104,7 @@ class AsyncServer(AsyncTrace, ServerBase):
         self.grads = GradientEngine(self.scratch, profile, dataset.x_train, dataset.y_train,
                                     path=scenario.training.grad_path)
         n = fleet.n_devices
-        self.max_concurrency = min(self.policy.max_concurrency or scenario.fleet.participants or n, n)
+        self.max_concurrency = self.policy.concurrency(n, scenario.fleet.participants)
         # None: every device is always online
         self.is_online: Callable[[int, float], bool] | None = (
             None if isinstance(self.availability, AlwaysOnline) else self.availability.is_online)

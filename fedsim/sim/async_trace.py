@@ -34,6 +34,7 @@ import numpy as np
 from fedsim.learn.evaluate import Evaluation, evaluate
 from fedsim.output.trace import DeviceStatus
 from fedsim.sim.device_round import DeviceOutcome, StopCause
+from fedsim.sim.records import device_row, round_row
 from fedsim.sim.round_setup import RoundSetup
 
 __all__ = ["AsyncTrace", "Job"]
@@ -77,26 +78,13 @@ class AsyncTrace:
         energy_j, delivered = (self._pending_energy_j, self._arrived) if carry else (0.0, 0)
         if carry:
             self._pending_energy_j, self._arrived = 0.0, 0
-        row = {
-            "round": round_, "policy": self.policy.describe(), "start_s": start_at, "end_s": end_at,
-            "duration_s": end_at - start_at, "participants": participants, "delivered_any": delivered,
-            "completed": participants, "contributors": [participants] * self._n_layers,
-            "train_loss": train_loss,
-            "test_loss": None if evaluation is None else evaluation.loss,
-            "test_accuracy": None if evaluation is None else evaluation.accuracy,
-            "energy_j": energy_j,
-        }
-        self.trace.rounds.append({name: row.get(name) for name in self.trace.rounds.columns})
+        self.trace.rounds.append(round_row(round_, self.policy.describe(), start_at, end_at, participants, delivered,
+                                           participants, [participants] * self._n_layers, train_loss, evaluation,
+                                           energy_j))
 
     def _record(self, job: Job, applied: bool, round_: int, nonfinite: bool = False) -> None:
         """The job's devices.parquet row, with the energy formulas of a synchronous round (idle 0)."""
         o = job.outcome
-        spec = job.setup.powers[0]
-        e_down = spec.power_rx_w * o.download_s
-        e_comp = spec.power_compute_w * o.compute_s
-        e_up = spec.power_tx_w * o.upload_s
-        energy = e_down + e_comp + e_up
-        self._pending_energy_j += energy
         if applied:
             status = DeviceStatus.COMPLETE
         elif nonfinite:
@@ -105,12 +93,7 @@ class AsyncTrace:
             status = DeviceStatus.OFFLINE
         else:
             status = DeviceStatus.NOTHING
-        row = {
-            "round": round_, "device": job.device, "class": spec.name, "status": status.value,
-            "depth": self._n_layers if applied else 0, "layers_computed": o.layers_computed,
-            "samples": len(job.batch), "speed_flops": float(self.fleet.speed_flops[job.device] / job.slowdown),
-            "download_s": o.download_s, "compute_s": o.compute_s, "upload_s": o.upload_s, "idle_s": 0.0,
-            "energy_download_j": e_down, "energy_compute_j": e_comp, "energy_upload_j": e_up,
-            "energy_idle_j": 0.0, "energy_j": energy,
-        }
-        self.trace.devices.append({name: row.get(name) for name in self.trace.devices.columns})
+        row, energy_j = device_row(round_, job.device, job.setup.powers[0], status, self._n_layers if applied else 0,
+                                   len(job.batch), float(self.fleet.speed_flops[job.device] / job.slowdown), o, 0.0)
+        self._pending_energy_j += energy_j
+        self.trace.devices.append(row)

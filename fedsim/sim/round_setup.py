@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
+
+from fedsim.policies.sync import RoundContext
 from fedsim.spec.scenario import DeviceClassSpec, UploadMode
 from fedsim.world.network import Network
 from fedsim.world.timing import RoundPlan
@@ -33,6 +36,8 @@ class RoundSetup:
     powers: list[DeviceClassSpec]     # the class spec (power figures) of each participant
     quorum: int | None = None         # end the round once this many participants are done
     network: Network | None = None    # shared-link transfers; None: private links (plan durations)
+    context: RoundContext | None = None   # what the policy planned the round from (None: an async job)
+    step_batches: list[list[np.ndarray]] | None = None   # every participant's mini-batch of every local step
 
     @cached_property
     def columns(self) -> _PlanColumns:

@@ -25,10 +25,11 @@ from fedsim.learn.grads import GradientEngine
 from fedsim.learn.profile import ModelProfile
 from fedsim.spec.scenario import Scenario, UploadMode
 from fedsim.learn.local import LocalTrainer
-from fedsim.policies import RoundContext, RoundInputs, RoundUpdate
+from fedsim.policies import PolicyState, RoundContext, RoundInputs, RoundUpdate, RunContext, SyncPolicy
 from fedsim.world.timing import max_depth_fitting
 from fedsim.output.trace import DeviceStatus, TraceWriter
 from fedsim.sim.health import NumericalHealth, require_finite, devices_text
+from fedsim.sim.records import device_row, round_row
 
 __all__ = ["Server", "ServerBase", "round_rng", "ROUND_STREAM"]
 
@@ -132,11 +133,11 @@ class Server(ServerBase):
         self.grads = grads if grads is not None else GradientEngine(model, profile, dataset.x_train, dataset.y_train,
                                                                     path=scenario.training.grad_path)
         self.trainer = LocalTrainer(model, dataset.x_train, dataset.y_train, scenario.training.lr)
-        self.depth_counts = np.zeros(profile.n_layers + 1, dtype=np.int64)
-        self._batches: list[np.ndarray] = []
-        self._step_batches: list[list[np.ndarray]] = []
-        self._submodels: dict = {}
-        self._slowdown = np.empty(0)
+        self._submodels: dict[float, tuple[torch.nn.Module, ModelProfile]] = {}
+        self.policy: SyncPolicy = scenario.policy
+        # what the policy has learned so far: replaced after every round, saved in checkpoints
+        self.policy_state: PolicyState | None = self.policy.start(RunContext(scenario, self.fleet, profile,
+                                                                             self.submodel))
 
     # -- engine callbacks -------------------------------------------------------------------------
     def candidates(self, now_at: float) -> np.ndarray:
@@ -179,39 +180,42 @@ class Server(ServerBase):
         if hasattr(self.grads, "begin_round"):      # a sharded engine sends each device's work where its data is
             self.grads.begin_round(devices, round_=round_)
         t = self.scenario.training
-        self._step_batches = [[self.partition.sample_batch(int(d), t.batch_size, rng) for _ in range(t.local_steps)]
-                              for d in devices]
-        self._batches = [b[0] for b in self._step_batches]
-        self._slowdown = self.fleet.sample_slowdown(devices, rng)
-        samples = np.array([len(b) for b in self._batches], dtype=np.int64)
+        step_batches = [[self.partition.sample_batch(int(d), t.batch_size, rng) for _ in range(t.local_steps)]
+                        for d in devices]
+        slowdown = self.fleet.sample_slowdown(devices, rng)
+        samples = np.array([len(b[0]) for b in step_batches], dtype=np.int64)
         mode = self.scenario.network.upload_mode
-        ctx = RoundContext(self.profile, self.fleet, devices, self._slowdown, samples,
-                           np.full(len(devices), t.local_steps, dtype=np.int64), self.policy.deadline_s, mode,
-                           self.submodel, t.batch_size)
-        plan = self.policy.plan(ctx)
-        if mode is UploadMode.AFTER_COMPUTE and self.policy.deadline_s is not None:
-            fits = max_depth_fitting(plan, self.policy.deadline_s, env.now)
+        ctx = RoundContext(round_, self.profile, self.fleet, devices, slowdown, samples,
+                           np.full(len(devices), t.local_steps, dtype=np.int64), mode, t.batch_size,
+                           self.submodel, self.policy_state)
+        deadline_s = self.policy.deadline(round_, ctx)
+        if deadline_s is not None and not (deadline_s > 0 and np.isfinite(deadline_s)):
+            raise FedsimError(f"{self.scenario.source}: policy.name: {self.policy.describe()} set round "
+                              f"{round_}'s deadline to {deadline_s!r} s; a deadline is a positive number of seconds "
+                              "or None")
+        plan = self.policy.plan(ctx, deadline_s)
+        if mode is UploadMode.AFTER_COMPUTE and deadline_s is not None:
+            fits = max_depth_fitting(plan, deadline_s, env.now)
             plan = replace(plan, target_depth=np.minimum(plan.target_depth, fits))
         powers = [self.fleet.classes[c] for c in self.fleet.class_of[devices]]
         if self.topology is not None:
             if self.network is None or self.network.env is not env:
                 self.network = Network(env, self.topology)
             self.network.begin_round(devices, rng)
-        return RoundSetup(round_, plan, self.policy.deadline_s, mode, powers,
-                          self.policy.quorum(len(devices), self.scenario.fleet.participants), self.network)
+        return RoundSetup(round_, plan, deadline_s, mode, powers,
+                          self.policy.quorum(len(devices), self.scenario.fleet.participants), self.network,
+                          ctx, step_batches)
 
     def finish_round(self, setup: RoundSetup, start_at: float, end_at: float,
                      outcomes: list[DeviceOutcome]) -> None:
         plan = setup.plan
+        assert setup.context is not None and setup.step_batches is not None
         self.clock_at = end_at
         n_layers = self.profile.n_layers
         depths = np.array([o.depth for o in outcomes], dtype=np.int64)
-        self.depth_counts += np.bincount(depths, minlength=n_layers + 1)
         done = [(o.done_at, i) for i, o in enumerate(outcomes) if o.done_at is not None]
-        inputs = RoundInputs(setup.round, n_layers, plan.devices, depths, self.depth_counts.copy(), self._batches,
-                             self._step_batches, plan.samples, plan.steps,
-                             np.array([i for _, i in sorted(done)], dtype=np.int64), self.trainer, setup.quorum,
-                             self.submodel)
+        inputs = RoundInputs(setup.context, depths, plan.samples, plan.steps, setup.step_batches,
+                             np.array([i for _, i in sorted(done)], dtype=np.int64), setup.quorum, self.trainer)
         update, dropped, error = self._aggregate_finite(inputs)
         for i in dropped:
             outcomes[i].nonfinite = True
@@ -222,19 +226,19 @@ class Server(ServerBase):
             counted = plan.devices[live].tolist()
             error = self.weights_error(setup.round, counted)
         evaluation = None
-        if error is None and self._eval_due(setup.round):
-            self.last_eval = evaluate(self.model, self.x_test, self.y_test)
-            evaluation = self.last_eval
+        if error is None:
+            if dropped:          # what the policy learns from: the round as aggregated
+                kept = depths.copy()
+                kept[dropped] = 0
+                inputs = replace(inputs, depths=kept)
+            self.policy_state = self.policy.observe(self.policy_state, inputs)
+            if self._eval_due(setup.round):
+                self.last_eval = evaluate(self.model, self.x_test, self.y_test)
+                evaluation = self.last_eval
         energy_j = self._write_devices(setup, end_at, outcomes)
-        self.trace.rounds.append({
-            "round": setup.round, "policy": self.policy.describe(), "start_s": start_at, "end_s": end_at,
-            "duration_s": end_at - start_at, "participants": plan.n,
-            "delivered_any": int((depths > 0).sum()), "completed": int((depths == n_layers).sum()),
-            "contributors": update.contributors.astype(np.int32).tolist(), "train_loss": update.train_loss,
-            "test_loss": None if evaluation is None else evaluation.loss,
-            "test_accuracy": None if evaluation is None else evaluation.accuracy,
-            "energy_j": energy_j,
-        })
+        self.trace.rounds.append(round_row(
+            setup.round, self.policy.describe(), start_at, end_at, plan.n, int((depths > 0).sum()),
+            int((depths == n_layers).sum()), update.contributors, update.train_loss, evaluation, energy_j))
         self.trace.end_round()          # the round is in the trace even when it ends the run
         if error is not None:
             raise error
@@ -331,29 +335,18 @@ class Server(ServerBase):
             p.grad = None
 
     def _write_devices(self, setup: RoundSetup, end_at: float, outcomes: list[DeviceOutcome]) -> float:
+        """The round's devices rows; returns the fleet's energy in the round (joules)."""
         plan = setup.plan
+        assert setup.context is not None
+        slowdown = setup.context.slowdown
         n_layers = self.profile.n_layers
         total_j = 0.0
-        rows = {name: [] for name in self.trace.devices.columns}
         for i, o in enumerate(outcomes):
-            spec = setup.powers[i]
-            idle_s = max(0.0, end_at - o.active_until_at)
-            e_down = spec.power_rx_w * o.download_s
-            e_comp = spec.power_compute_w * o.compute_s
-            e_up = spec.power_tx_w * o.upload_s
-            e_idle = spec.power_idle_w * idle_s
-            energy = e_down + e_comp + e_up + e_idle
-            total_j += energy
             device = int(plan.devices[i])
-            for name, value in (
-                ("round", setup.round), ("device", device), ("class", spec.name),
-                ("status", DeviceStatus.NONFINITE.value if o.nonfinite else o.status(n_layers).value), ("depth", o.depth), ("layers_computed", o.layers_computed),
-                ("samples", int(plan.samples[i])),
-                ("speed_flops", float(self.fleet.speed_flops[device] / self._slowdown[i])),
-                ("download_s", o.download_s), ("compute_s", o.compute_s), ("upload_s", o.upload_s),
-                ("idle_s", idle_s), ("energy_download_j", e_down), ("energy_compute_j", e_comp),
-                ("energy_upload_j", e_up), ("energy_idle_j", e_idle), ("energy_j", energy),
-            ):
-                rows[name].append(value)
-        self.trace.devices.extend(**rows)
+            status = DeviceStatus.NONFINITE if o.nonfinite else o.status(n_layers)
+            row, energy_j = device_row(setup.round, device, setup.powers[i], status, o.depth, int(plan.samples[i]),
+                                       float(self.fleet.speed_flops[device] / slowdown[i]), o,
+                                       max(0.0, end_at - o.active_until_at))
+            total_j += energy_j
+            self.trace.devices.append(row)
         return total_j

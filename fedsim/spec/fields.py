@@ -6,6 +6,7 @@ unknown keys (usually typos) are reported instead of silently ignored.
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Iterable
@@ -88,11 +89,21 @@ class Fields:
     def has(self, key: str) -> bool:
         return key in self.table
 
+    def read_keys(self) -> frozenset[str]:
+        """The keys read so far (present or not)."""
+        return frozenset(self._read)
+
+    def _typo_of(self, key: str, candidates: Iterable[str]) -> str | None:
+        close = difflib.get_close_matches(key, [c for c in candidates if isinstance(c, str)], n=1, cutoff=0.75)
+        return close[0] if close else None
+
     def raw(self, key: str, default: Any = MISSING) -> Any:
         self._read.add(key)
         if key not in self.table:
             if default is MISSING:
-                raise self.error(key, "missing required field")
+                typo = self._typo_of(key, set(self.table) - self._read)
+                hint = f" ({self.field(typo)} is given: a typo?)" if typo is not None else ""
+                raise self.error(key, f"missing required field{hint}")
             return default
         return self.table[key]
 
@@ -111,7 +122,9 @@ class Fields:
         unknown = sorted(set(self.table) - self._read)
         if unknown:
             known = ", ".join(sorted(self._read)) or "none"
-            raise self.error(unknown[0], f"unknown field (known fields here: {known})")
+            close = self._typo_of(unknown[0], self._read)
+            hint = f"did you mean {self.field(close)}? " if close is not None else ""
+            raise self.error(unknown[0], f"unknown field; {hint}(known fields here: {known})")
 
     # -- typed readers ----------------------------------------------------------------------------
     def integer(self, key: str, default: Any = MISSING, *, low: int | None = None,

@@ -19,7 +19,7 @@ from fedsim.errors import ScenarioError
 from fedsim.spec.fields import Fields, printable
 from fedsim.spec.network import AccessKind, TopologySpec, read_network_spec
 from fedsim.spec.overrides import apply_overrides
-from fedsim.spec.policy import read_policy
+from fedsim.spec.policy import PolicyConfig, read_policy
 from fedsim.spec.toml_text import MAX_DEPTH, MAX_SCENARIO_BYTES, parse_toml, too_deep
 
 __all__ = [
@@ -126,7 +126,15 @@ class Scenario:
     training: TrainingSpec
     fleet: FleetSpec
     network: NetworkSpec
-    policy: Any              # a frozen policy config from fedsim.policies
+    policy: PolicyConfig     # a frozen policy from fedsim.policies (or a plugin)
+    ignored: tuple[str, ...] = ()    # fields given but not read by this scenario's policy (see `notices`)
+
+    @property
+    def notices(self) -> tuple[str, ...]:
+        """One line per group of given fields that have no effect here."""
+        if not self.ignored:
+            return ()
+        return (f"{self.policy.name} ignores {', '.join(self.ignored)}",)
 
 
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
@@ -188,13 +196,13 @@ def _read_scenario(raw: dict, text: str, source: str, overrides, base_dir: Path 
     fleet = _read_fleet(root.sub("fleet"), base_dir)
     network = _read_network(root.sub("network", default_empty=True), fleet)
 
-    policy = read_policy(root.sub("policy"), training)
+    policy, ignored = read_policy(root.sub("policy"), training)
     root.finish()
     _check_memory(source, data, fleet)
     if fleet.participants is not None and fleet.participants > fleet.n_devices:
         raise ScenarioError(source, "fleet.participants",
                             f"must be at most the number of devices ({fleet.n_devices}), got {fleet.participants}")
-    scn = Scenario(source, text, tuple(overrides), run, model, data, training, fleet, network, policy)
+    scn = Scenario(source, text, tuple(overrides), run, model, data, training, fleet, network, policy, ignored)
     policy.check(scn)
     if fleet.availability_file is not None:
         # read now, not when the run starts: a bad file must fail before any output exists

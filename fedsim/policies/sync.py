@@ -1,0 +1,152 @@
+"""The synchronous policy protocol: one hook per decision of a round.
+
+`fedsim.sim.server.Server` asks, in this order, each round:
+
+    select(candidates, k, rng)       which online devices take part
+    deadline(round, ctx)             the round's deadline in seconds from its start, or None (no deadline)
+    plan(ctx, deadline_s)            the work each participant attempts (a `RoundPlan`)
+    quorum(n_selected, k)            end the round once this many participants are done (None: never early)
+    aggregate(inputs, grads)         the global update from what each participant delivered
+    observe(state, inputs)           what the policy has learned from the round (its next `PolicyState`)
+
+and `start(run)` once, before the first round, for the initial state. Only `read` and `aggregate` must be
+written; the other hooks default to a plain synchronous round (everyone selected, or `k` of them uniformly;
+the whole mini-batch; no early end; no state). A policy is a frozen value: everything that changes during a
+run is in `ctx.state` (`RoundContext`), which `observe` returns anew.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import numpy as np
+import torch
+
+from fedsim.learn.grads import GradientEngine
+from fedsim.learn.local import LocalTrainer
+from fedsim.learn.profile import ModelProfile
+from fedsim.policies.base import PolicyBase, PolicyState
+from fedsim.spec.scenario import Scenario, UploadMode
+from fedsim.world.fleet import Fleet
+from fedsim.world.timing import RoundPlan, plan_round
+
+__all__ = ["RunContext", "RoundContext", "RoundInputs", "RoundUpdate", "Submodel", "SyncPolicy"]
+
+# width ratio -> the global architecture at that width and its profile (HeteroFL), built once per width
+Submodel = Callable[[float], tuple[torch.nn.Module, ModelProfile]]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a policy may use to set up its state before the first round."""
+    scenario: Scenario
+    fleet: Fleet                 # nominal link rates where a network topology is simulated
+    profile: ModelProfile        # of the global model
+    submodel: Submodel
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What a policy may use to choose a round's deadline and plan its participants' work."""
+    round: int
+    profile: ModelProfile        # of the global model
+    fleet: Fleet
+    devices: np.ndarray          # participant ids
+    slowdown: np.ndarray         # each participant's duration multiplier in this round
+    samples: np.ndarray          # samples per step each participant would process (its batch)
+    steps: np.ndarray            # local steps each participant would run
+    upload_mode: UploadMode
+    batch_size: int
+    submodel: Submodel
+    state: PolicyState | None    # what the policy has learned before this round
+
+    def plan(self, rows: np.ndarray | None = None, profile: ModelProfile | None = None,
+             samples: np.ndarray | None = None, steps: np.ndarray | None = None) -> RoundPlan:
+        """`fedsim.world.timing.plan_round` for participants `rows` (all by default): the expected durations."""
+        rows = np.arange(len(self.devices)) if rows is None else rows
+        d = self.devices[rows]
+        f = self.fleet
+        return plan_round(profile or self.profile, d, f.speed_flops[d], self.slowdown[rows],
+                          self.samples[rows] if samples is None else samples,
+                          self.steps[rows] if steps is None else steps,
+                          f.downlink_bps[d], f.uplink_bps[d], f.latency_s[d])
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """What the server knows when the round ends."""
+    context: RoundContext                    # what the round was planned from
+    depths: np.ndarray                       # layers delivered by each participant (the last `depth` layers)
+    samples: np.ndarray                      # samples per step each participant processed (its plan)
+    steps: np.ndarray                        # local steps each participant ran (its plan)
+    step_batches: list[list[np.ndarray]]     # training-sample indices of every local step's mini-batch
+    done_order: np.ndarray                   # participants (positions) in the order they finished
+    quorum: int | None                       # the round's quorum, if the policy set one
+    trainer: LocalTrainer | None             # local training, for policies that average local updates
+
+    @property
+    def round(self) -> int:
+        return self.context.round
+
+    @property
+    def n_layers(self) -> int:
+        return self.context.profile.n_layers
+
+    @property
+    def devices(self) -> np.ndarray:
+        return self.context.devices
+
+    @property
+    def batches(self) -> list[np.ndarray]:
+        """Each participant's first mini-batch (the one FedSGD differentiates)."""
+        return [b[0] for b in self.step_batches]
+
+    @property
+    def state(self) -> PolicyState | None:
+        return self.context.state
+
+
+@dataclass(frozen=True)
+class RoundUpdate:
+    grads: dict[str, torch.Tensor | None]   # applied by the server optimizer; None leaves a tensor unchanged
+    contributors: np.ndarray                # devices aggregated into each layer (forward order)
+    train_loss: float | None                # mean mini-batch loss over the contributing devices
+    frozen: dict[str, torch.Tensor] | None = None   # entries no device held (HeteroFL): left unchanged
+
+
+class SyncPolicy(PolicyBase):
+    """Base class of every synchronous straggler policy (see the module docstring for the hooks' order)."""
+
+    kind: ClassVar[str] = "sync"
+
+    @abstractmethod
+    def aggregate(self, inputs: RoundInputs, grads: GradientEngine) -> RoundUpdate:
+        """The global update from what each participant delivered."""
+
+    def start(self, run: RunContext) -> PolicyState | None:
+        """The state before the first round (None: the policy learns nothing)."""
+        return None
+
+    def select(self, candidates: np.ndarray, k: int | None, rng: np.random.Generator) -> np.ndarray:
+        """Participants among the online `candidates`: all, or `k` sampled uniformly."""
+        if k is None or k >= len(candidates):
+            return candidates
+        return np.sort(rng.choice(candidates, size=k, replace=False))
+
+    def deadline(self, round_: int, ctx: RoundContext) -> float | None:
+        """Seconds from the round's start after which the server aggregates what arrived; None: no deadline."""
+        return None
+
+    def plan(self, ctx: RoundContext, deadline_s: float | None) -> RoundPlan:
+        """The work each participant attempts; the default is the whole mini-batch on every local step."""
+        return ctx.plan()
+
+    def quorum(self, n_selected: int, k: int | None) -> int | None:
+        """End the round once this many participants are done (None: wait for all or the deadline)."""
+        return None
+
+    def observe(self, state: PolicyState | None, inputs: RoundInputs) -> PolicyState | None:
+        """The state after the round (`inputs`); called once the round's update is applied."""
+        return state

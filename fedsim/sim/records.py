@@ -1,0 +1,69 @@
+"""The trace rows of both servers: a device's row with its energy, and a round's (or update's) row.
+
+One builder per table, used by the synchronous server (`fedsim.sim.server`) and the asynchronous one
+(`fedsim.sim.async_trace`). Each returns a dict with exactly the table's columns; `TableWriter.append`
+refuses a row with a missing or an extra column.
+
+Energy of a device in a round: each phase at its class's power, `power_rx_w * download_s +
+power_compute_w * compute_s + power_tx_w * upload_s + power_idle_w * idle_s` (joules), summed in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedsim.learn.evaluate import Evaluation
+from fedsim.output.trace import DeviceStatus
+from fedsim.sim.device_round import DeviceOutcome
+from fedsim.spec.scenario import DeviceClassSpec
+
+__all__ = ["PhaseEnergy", "device_row", "round_row"]
+
+
+@dataclass(frozen=True)
+class PhaseEnergy:
+    """Joules a device spent in each phase of a round."""
+    download_j: float
+    compute_j: float
+    upload_j: float
+    idle_j: float
+
+    @classmethod
+    def of(cls, spec: DeviceClassSpec, out: DeviceOutcome, idle_s: float) -> "PhaseEnergy":
+        return cls(spec.power_rx_w * out.download_s, spec.power_compute_w * out.compute_s,
+                   spec.power_tx_w * out.upload_s, spec.power_idle_w * idle_s)
+
+    @property
+    def total_j(self) -> float:
+        return self.download_j + self.compute_j + self.upload_j + self.idle_j
+
+
+def device_row(round_: int, device: int, spec: DeviceClassSpec, status: DeviceStatus, depth: int, samples: int,
+               speed_flops: float, out: DeviceOutcome, idle_s: float) -> tuple[dict[str, Any], float]:
+    """A devices.parquet row and the device's energy in joules."""
+    e = PhaseEnergy.of(spec, out, idle_s)
+    total_j = e.total_j
+    return {
+        "round": round_, "device": device, "class": spec.name, "status": status.value, "depth": depth,
+        "layers_computed": out.layers_computed, "samples": samples, "speed_flops": speed_flops,
+        "download_s": out.download_s, "compute_s": out.compute_s, "upload_s": out.upload_s, "idle_s": idle_s,
+        "energy_download_j": e.download_j, "energy_compute_j": e.compute_j, "energy_upload_j": e.upload_j,
+        "energy_idle_j": e.idle_j, "energy_j": total_j,
+    }, total_j
+
+
+def round_row(round_: int, policy: str, start_s: float, end_s: float, participants: int, delivered_any: int,
+              completed: int, contributors: np.ndarray | list[int], train_loss: float | None,
+              evaluation: Evaluation | None, energy_j: float) -> dict[str, Any]:
+    """A rounds.parquet row (an update or evaluation row in an asynchronous run)."""
+    return {
+        "round": round_, "policy": policy, "start_s": start_s, "end_s": end_s, "duration_s": end_s - start_s,
+        "participants": participants, "delivered_any": delivered_any, "completed": completed,
+        "contributors": np.asarray(contributors).astype(np.int32).tolist(), "train_loss": train_loss,
+        "test_loss": None if evaluation is None else evaluation.loss,
+        "test_accuracy": None if evaluation is None else evaluation.accuracy,
+        "energy_j": energy_j,
+    }
