@@ -117,3 +117,32 @@ def test_resume_with_heterofl(tmp_path):
     assert sizes == {4808, 10600}
     assert any(r["status"] == "complete" and r["class"] == "slow" for r in _after(straight, "devices", k))
     _assert_identical(straight, resumed)
+
+
+def test_resume_restores_the_policy_state(tmp_path):
+    """SALF unbiased learns the depth histogram of every device-round: the checkpoint holds it (the depths of the
+    rounds before it), and the resumed run, whose scales depend on it, is identical to the straight one."""
+    import json
+
+    import numpy as np
+
+    from fedsim.output.checkpoint import load_checkpoint
+    from fedsim.run import run_scenario
+
+    overrides = ('policy.aggregation="unbiased"', "policy.deadline_s=0.05")
+    straight, resumed, k = _straight_and_resumed(tmp_path, *overrides)
+    _assert_identical(straight, resumed)
+    devices = table(straight, "devices")
+    assert len(set(devices["depth"])) > 2          # partial depths: the unbiased scales are not all 1
+    # the checkpoint of a run stopped after round k holds the histogram of rounds 0..k-1
+    again = tmp_path / "again"
+
+    def stop(done, sim_s, acc):
+        if done == k:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(scenario("run.rounds=6", *overrides), again, stop, checkpoint_every=k)
+    n_layers = 3
+    before = [d for r, d in zip(devices["round"], devices["depth"]) if r < k]
+    assert json.loads(load_checkpoint(again)["policy_state"]) == np.bincount(before, minlength=n_layers + 1).tolist()

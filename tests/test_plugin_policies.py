@@ -1,0 +1,133 @@
+"""Policies from outside the package: the worked example (docs/examples/keep_fastest.py), plugin paths and their
+errors, declared fields (notices, did-you-mean) and a policy's learned state."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, scenario, table
+
+EXAMPLES = REPO / "docs" / "examples"
+QUICKSTART = REPO / "scenarios" / "quickstart.toml"
+
+
+def _run_cli(tmp_path, *args, pythonpath=EXAMPLES):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pythonpath), str(REPO)]))
+    return subprocess.run([sys.executable, "-m", "fedsim.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+
+
+@pytest.mark.parametrize("k", [None, 8])
+def test_keep_fastest_example_runs_from_the_command_line(tmp_path, k):
+    """The README's command: each round ends when the K-th fastest participant is expected to finish; the update
+    holds exactly the K complete devices (synthetic data, ideal uploads: finish = download + compute)."""
+    out = tmp_path / "kf"
+    sets = ["--set", "policy.name=keep_fastest:KeepFastest", "--set", "run.rounds=4"]
+    if k is not None:
+        sets += ["--set", f"policy.k={k}"]
+    proc = _run_cli(tmp_path, "run", str(QUICKSTART), *sets, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "fedsim: notice: keep_fastest ignores policy.deadline_s" in proc.stderr
+    k = k or 5
+    rounds, devices = table(out, "rounds"), table(out, "devices")
+    assert rounds["policy"] == [f"keep_fastest(k={k})"] * 4
+    assert rounds["contributors"] == [[k, k, k]] * 4
+    for r in range(4):
+        rows = [i for i, rr in enumerate(devices["round"]) if rr == r]
+        finish = sorted(devices["download_s"][i] + devices["compute_s"][i] for i in rows
+                        if devices["status"][i] == "complete")
+        assert len(finish) == k
+        # the deadline is the K-th expected finish (x (1 + 1e-9)); a later device was cut
+        assert rounds["duration_s"][r] == pytest.approx(finish[-1], rel=1e-8)
+        assert all(devices["status"][i] in ("complete", "partial", "nothing") for i in rows)
+        assert sum(devices["status"][i] == "complete" for i in rows) == k
+
+
+@pytest.mark.parametrize("value,words", [
+    ("nosuch_module_xyz:Policy", ["policy.name", "no module named 'nosuch_module_xyz'"]),
+    ("keep_fastest:Missing", ["policy.name", "has no attribute 'Missing'"]),
+    ("keep_fastest:MARGIN", ["policy.name", "'keep_fastest:MARGIN' is not a fedsim policy"]),
+    ("keep_fastest:KeepFastest:x", ["policy.name", "'package.module:Class'"]),
+    ("salff", ["policy.name", "unknown policy 'salff'", "did you mean 'salf'"]),
+])
+def test_bad_plugin_paths_exit_2_naming_field_and_value(tmp_path, value, words):
+    proc = _run_cli(tmp_path, "run", str(QUICKSTART), "--set", f"policy.name={value}", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fedsim: error: {QUICKSTART}: policy.name: ")
+    for word in words:
+        assert word in lines[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_plugin_module_that_fails_to_import_is_named(tmp_path):
+    (tmp_path / "broken_policy.py").write_text("import nosuch_dependency_xyz\n")
+    proc = _run_cli(tmp_path, "validate", str(QUICKSTART), "--set", "policy.name=broken_policy:P", pythonpath=tmp_path)
+    assert proc.returncode == 2
+    assert "policy.name: importing 'broken_policy' (policy 'broken_policy:P') failed: ModuleNotFoundError" in proc.stderr
+
+
+def test_fields_other_policies_read_are_notices_and_typos_are_errors():
+    from fedsim.errors import ScenarioError
+
+    scn = scenario('policy.name="wait"', 'policy.aggregation="mean"')
+    assert scn.ignored == ("policy.aggregation", "policy.deadline_s")
+    assert scn.notices == ("wait ignores policy.aggregation, policy.deadline_s",)
+    assert scenario().ignored == ()
+    with pytest.raises(ScenarioError, match=r"policy\.dedline_s: unknown field; did you mean policy\.deadline_s\?"):
+        scenario("policy.dedline_s=0.1")
+    # a misspelt required field: the missing one names the typo
+    with pytest.raises(ScenarioError, match=r"policy\.deadline_s: missing required field \(policy\.dedline_s is "
+                                            r"given: a typo\?\)"):
+        scenario('policy.name="drop"', "policy.dedline_s=0.1", text=_without_deadline())
+    # in other sections too
+    with pytest.raises(ScenarioError, match=r"training\.lrr: unknown field; did you mean training\.lr\?"):
+        scenario("training.lrr=0.1")
+
+
+def _without_deadline() -> str:
+    from conftest import BASE_TOML
+
+    lines = [ln for ln in BASE_TOML.splitlines() if not ln.strip().startswith("deadline_s")]
+    assert len(lines) == len(BASE_TOML.splitlines()) - 1
+    return "\n".join(lines) + "\n"
+
+
+def test_a_policy_reading_an_undeclared_field_is_refused(tmp_path, monkeypatch):
+    from fedsim.errors import ScenarioError
+
+    (tmp_path / "sloppy_policy.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from typing import ClassVar\n"
+        "from fedsim.policies import SyncPolicy\n"
+        "from fedsim.policies.layerwise import full_model_update\n"
+        "@dataclass(frozen=True)\n"
+        "class Sloppy(SyncPolicy):\n"
+        "    name: ClassVar[str] = 'sloppy'\n"
+        "    reads: ClassVar[frozenset] = frozenset()\n"
+        "    @classmethod\n"
+        "    def read(cls, fields, training):\n"
+        "        fields.raw('deadline_s', None)\n"
+        "        return cls()\n"
+        "    def aggregate(self, inputs, grads):\n"
+        "        return full_model_update(inputs, grads, inputs.done_order)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ScenarioError, match=r"policy\.deadline_s: policy 'sloppy_policy:Sloppy' read a field it "
+                                            r"does not declare"):
+        scenario('policy.name="sloppy_policy:Sloppy"')
+
+
+def test_a_deadline_hook_that_returns_a_bad_value_fails_the_run(tmp_path, monkeypatch):
+    from fedsim.errors import FedsimError
+    from fedsim.policies.salf import Salf
+
+    monkeypatch.setattr(Salf, "deadline", lambda self, round_, ctx: -1.0)
+    from conftest import run
+
+    with pytest.raises(FedsimError, match=r"policy\.name: salf\(mean\) set round 0's deadline to -1\.0 s"):
+        run(tmp_path)
