@@ -91,3 +91,22 @@ def test_no_module_is_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"split these along their concepts: {long}"
+
+
+def test_policy_facing_types_have_no_any():
+    """Everything a policy is handed or returns is typed: no `Any` in the protocols' fields and hooks."""
+    import inspect
+    import typing
+
+    from fedsim.policies import asynchronous, base, sync
+
+    checked = []
+    for cls in (sync.RunContext, sync.RoundContext, sync.RoundInputs, sync.RoundUpdate, sync.SyncPolicy,
+                asynchronous.AsyncPolicy, base.PolicyBase, base.PolicyState):
+        hints = {f"{cls.__name__}.{k}": v for k, v in typing.get_type_hints(cls).items()}
+        for name, fn in inspect.getmembers(cls, callable):
+            if not name.startswith("_") and getattr(fn, "__module__", "").startswith("fedsim.policies"):
+                hints.update({f"{cls.__name__}.{name}.{k}": v for k, v in typing.get_type_hints(fn).items()})
+        checked += hints
+        assert not {k: v for k, v in hints.items() if "Any" in repr(v)}, cls.__name__
+    assert len(checked) > 40 and "SyncPolicy.deadline.return" in checked and "RoundInputs.trainer" in checked

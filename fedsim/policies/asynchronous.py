@@ -10,15 +10,12 @@ stale update weighs (`staleness_weight`). The engine owns everything else: which
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, TypedDict
+from typing import ClassVar, TypedDict
 
 from fedsim.errors import ScenarioError
 from fedsim.policies.base import PolicyBase
 from fedsim.spec.fields import Fields
-from fedsim.spec.scenario import TrainingSpec
-
-if TYPE_CHECKING:
-    from fedsim.spec.scenario import Scenario
+from fedsim.spec.scenario import Scenario, TrainingSpec
 
 __all__ = ["AsyncPolicy", "COMMON_FIELDS", "MAX_EVALUATIONS", "MAX_STALENESS", "is_asynchronous"]
 
@@ -63,7 +60,7 @@ class AsyncPolicy(PolicyBase):
         """Devices training at once: max_concurrency, else fleet.participants, else every device."""
         return min(self.max_concurrency or participants or n_devices, n_devices)
 
-    def check(self, scenario: "Scenario") -> None:
+    def check(self, scenario: Scenario) -> None:
         n = scenario.fleet.n_devices
         if self.max_concurrency is not None and self.max_concurrency > n:
             raise ScenarioError(scenario.source, "policy.max_concurrency",

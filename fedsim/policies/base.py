@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import ClassVar, Self
 
 from fedsim.spec.fields import Fields
-from fedsim.spec.scenario import TrainingSpec
-
-if TYPE_CHECKING:
-    from fedsim.spec.scenario import Scenario
+from fedsim.spec.scenario import Scenario, TrainingSpec
 
 __all__ = ["Aggregation", "JSONValue", "PolicyBase", "PolicyState"]
 
@@ -52,7 +49,7 @@ class PolicyBase(ABC):
     def read(cls, fields: Fields, training: TrainingSpec) -> Self:
         """Build the policy from its `[policy]` table; every field validated with its path."""
 
-    def check(self, scenario: "Scenario") -> None:
+    def check(self, scenario: Scenario) -> None:
         """Cross-section checks once the whole scenario is read (raise ScenarioError)."""
 
     def describe(self) -> str:

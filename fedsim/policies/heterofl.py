@@ -11,7 +11,7 @@ stay unchanged. Devices that do not finish by the deadline are dropped. Widths a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -22,11 +22,8 @@ from fedsim.policies.deadline import FixedDeadline
 from fedsim.policies.fedavg import fedavg
 from fedsim.policies.sync import RoundContext, RoundInputs, RoundUpdate, RunContext
 from fedsim.spec.fields import Fields
-from fedsim.spec.scenario import DeviceClassSpec, TrainingSpec, UploadMode
+from fedsim.spec.scenario import DeviceClassSpec, Scenario, TrainingSpec, UploadMode
 from fedsim.world.timing import RoundPlan, merge_plans
-
-if TYPE_CHECKING:
-    from fedsim.spec.scenario import Scenario
 
 __all__ = ["HeteroFL", "ClassWidths", "AUTO_WIDTHS"]
 
@@ -62,7 +59,7 @@ class HeteroFL(FixedDeadline):
         widths = tuple((name, table.number(name, low=0.0, high=1.0, low_open=True)) for name in sorted(table.table))
         return cls(deadline_s=deadline, widths=widths)
 
-    def check(self, scenario: "Scenario") -> None:
+    def check(self, scenario: Scenario) -> None:
         if scenario.model.name not in ("mlp", "cnn"):
             raise ScenarioError(scenario.source, "policy.name",
                                 f"heterofl needs a model whose width can be scaled (mlp, cnn), got {scenario.model.name!r}")
