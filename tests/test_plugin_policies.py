@@ -131,3 +131,57 @@ def test_a_deadline_hook_that_returns_a_bad_value_fails_the_run(tmp_path, monkey
 
     with pytest.raises(FedsimError, match=r"policy\.name: salf\(mean\) set round 0's deadline to -1\.0 s"):
         run(tmp_path)
+
+
+def test_an_adaptive_deadline_salf_is_one_file(tmp_path, monkeypatch):
+    """A SALF variant whose deadline changes every round and learns from what arrived: one module, no edit in
+    fedsim. Its deadline is policy.deadline_s in round 0, then the mean time of the rounds so far x 1.5; the
+    state (rounds seen, their summed duration) comes back from every round through `observe`."""
+    (tmp_path / "adaptive_salf.py").write_text('''
+from dataclasses import dataclass
+from typing import ClassVar
+
+from fedsim.policies import JSONValue, PolicyState
+from fedsim.policies.salf import DepthHistogram, Salf
+
+
+@dataclass(frozen=True)
+class Seen(PolicyState):
+    histogram: DepthHistogram
+    rounds: int
+    busy_s: float            # summed over rounds: the latest finish of a delivering device
+
+    def to_json(self) -> JSONValue:
+        return [self.histogram.to_json(), self.rounds, self.busy_s]
+
+
+@dataclass(frozen=True)
+class AdaptiveSalf(Salf):
+    name: ClassVar[str] = "adaptive_salf"
+
+    def start(self, run):
+        return Seen(super().start(run), 0, 0.0)
+
+    def deadline(self, round_, ctx):
+        s = ctx.state
+        return self.deadline_s if s.rounds == 0 else 1.5 * s.busy_s / s.rounds
+
+    def aggregate(self, inputs, grads):
+        from dataclasses import replace
+        return super().aggregate(replace(inputs, context=replace(inputs.context, state=inputs.state.histogram)), grads)
+
+    def observe(self, state, inputs):
+        plan = inputs.context.plan()
+        finish = plan.download_s + plan.forward_s + plan.backward_s.sum(axis=1)
+        delivered = finish[inputs.depths > 0]
+        return Seen(super().observe(state.histogram, inputs), state.rounds + 1,
+                    state.busy_s + (float(delivered.max()) if len(delivered) else 0.0))
+''')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from conftest import run
+
+    out = run(tmp_path, 'policy.name="adaptive_salf:AdaptiveSalf"', "policy.deadline_s=0.02", "run.rounds=4")
+    durations = table(out, "rounds")["duration_s"]
+    assert durations[0] == pytest.approx(0.02)
+    assert len(set(round(d, 12) for d in durations)) > 1       # the deadline changed
+    assert table(out, "rounds")["policy"] == ["salf(mean)"] * 4
