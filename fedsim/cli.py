@@ -72,9 +72,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_validate(args) -> int:
+    from fedsim.sim.build import build_components
+    from fedsim.sim.preview import preview
     from fedsim.spec.scenario import load_scenario
 
     scn = load_scenario(args.scenario, args.overrides)
+    comp = build_components(scn)      # every check a run makes before it writes: data, model, fleet files
     fleet = scn.fleet
     print(f"{scn.source}: ok")
     print(f"  run       {scn.run.name}: {scn.run.rounds} rounds, seed {scn.run.seed}, eval every {scn.run.eval_every}")
@@ -85,6 +88,9 @@ def _cmd_validate(args) -> int:
     deadline = getattr(scn.policy, "deadline_s", None)
     print(f"  policy    {scn.policy.describe()}, "
           f"{'no fixed deadline' if deadline is None else f'deadline {deadline} s'}, upload {scn.network.upload_mode.value}")
+    planned = preview(scn, comp)
+    for line in [] if planned is None else planned.lines():
+        print(line)
     for notice in scn.notices:
         print(f"  notice    {notice}")
     return 0

@@ -71,7 +71,7 @@ class ServerBase:
     step_unit = "round"       # what a step is called in messages (asynchronous runs: "update")
 
     def __init__(self, scenario: Scenario, model: torch.nn.Module, profile: ModelProfile, fleet: Fleet,
-                 partition, dataset, trace: TraceWriter):
+                 partition, dataset, trace: TraceWriter | None):
         self.scenario = scenario
         self.policy = scenario.policy
         self.model = model
@@ -118,7 +118,8 @@ class Server(ServerBase):
     """The server of synchronous policies: one round after another."""
 
     def __init__(self, scenario: Scenario, model: torch.nn.Module, profile: ModelProfile, fleet: Fleet,
-                 partition, dataset, trace: TraceWriter, grads=None):
+                 partition, dataset, trace: TraceWriter | None, grads=None):
+        """`trace` None: a server that only sets rounds up (fedsim.sim.preview), writing nothing."""
         super().__init__(scenario, model, profile, fleet, partition, dataset, trace)
         self.topology = _topology(scenario, fleet)
         if self.topology is not None:
