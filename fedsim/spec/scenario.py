@@ -19,12 +19,14 @@ from fedsim.errors import ScenarioError
 from fedsim.spec.fields import Fields, printable
 from fedsim.spec.network import AccessKind, TopologySpec, read_network_spec
 from fedsim.spec.overrides import apply_overrides
+from fedsim.spec.plugins import check_plugin_name
 from fedsim.spec.policy import read_policy
 from fedsim.spec.toml_text import MAX_DEPTH, MAX_SCENARIO_BYTES, parse_toml, too_deep
 
 __all__ = [
     "Scenario", "RunSpec", "ModelSpec", "DataSpec", "TrainingSpec", "DeviceClassSpec", "FleetSpec",
-    "NetworkSpec", "UploadMode", "load_scenario", "parse_scenario", "MAX_DEVICES", "MAX_CLASSES",
+    "NetworkSpec", "UploadMode", "load_scenario", "parse_scenario", "MAX_DEVICES", "MAX_CLASSES", "MODEL_GROUP",
+    "MODEL_PATHS",
 ]
 
 MAX_DEVICES = 10_000_000   # beyond this the per-device index arrays alone would not fit in memory
@@ -32,6 +34,10 @@ MAX_ROUNDS = 100_000_000
 MAX_CLASSES = 10_000       # the server loops over classes for every round's draws
 MAX_RUN_NAME_BYTES = 200   # a directory name: most filesystems allow 255 bytes
 MAX_SYNTHETIC_VARIANCE = 1e6   # data.synthetic_alpha and _beta: beyond, the generated inputs are not usable numbers
+
+# model.name: the built-in models (fedsim.learn.models), or a factory registered in MODEL_GROUP or named by path
+MODEL_GROUP = "fedsim.models"
+MODEL_PATHS: dict[str, str] = {"mlp": "fedsim.learn.models:MLP", "cnn": "fedsim.learn.models:CNN"}
 
 
 class UploadMode(enum.Enum):
@@ -252,8 +258,8 @@ def _read_model(f: Fields) -> ModelSpec:
         granularity=f.choice("granularity", ["module", "tensor"], "module"),
         dtype=f.choice("dtype", ["float32", "float64"], "float32"),
     )
-    if spec.name not in ("mlp", "cnn") and ":" not in spec.name:
-        raise f.error("name", f"must be mlp, cnn or a factory 'package.module:function'; got {spec.name!r}")
+    check_plugin_name(spec.name, group=MODEL_GROUP, builtins=MODEL_PATHS, source=f.source, field=f.field("name"),
+                      kind="model", form="package.module:function")
     f.finish()
     return spec
 
