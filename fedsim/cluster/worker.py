@@ -77,6 +77,7 @@ class _RunData:
     task running at once (each has its own copy of the model, loaded with the round's weights)."""
 
     def __init__(self, spec: RunSpec):
+        from fedsim.learn.loss import load_loss
         from fedsim.sim.build import build_components
 
         comp = build_components(spec.scenario)
@@ -88,6 +89,7 @@ class _RunData:
         self.x = comp.dataset.x_train.to(next(comp.model.parameters()).dtype)
         self.y = comp.dataset.y_train
         self.grad_path = spec.scenario.training.grad_path
+        self.loss = load_loss(spec.scenario.training.loss, spec.scenario.source)
         self._idle: list = []
         self._made = 0
         self._lock = threading.Lock()
@@ -103,7 +105,7 @@ class _RunData:
             self._made += fresh
         if fresh:
             engine = GradientEngine(self.model if first else copy.deepcopy(self.model), self.profile, self.x,
-                                    self.y, path=self.grad_path)
+                                    self.y, path=self.grad_path, loss=self.loss)
         try:
             yield engine
         finally:

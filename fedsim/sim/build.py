@@ -15,7 +15,8 @@ from fedsim.learn.data import Dataset, Partition, load_mnist, make_synthetic, pa
 from fedsim.errors import DataError, FedsimError, ScenarioError, ScenarioFileError
 from fedsim.spec.fields import printable
 from fedsim.world.fleet import Fleet, build_fleet
-from fedsim.learn.grads import resolve_paths
+from fedsim.learn.grads import GradPath, resolve_paths
+from fedsim.learn.loss import check_loss, load_loss
 from fedsim.learn.models import build_model, check_model_io
 from fedsim.learn.profile import Granularity, ModelProfile, build_profile
 from fedsim.spec.scenario import Scenario
@@ -40,8 +41,8 @@ def _rng(seed: int, stream: str) -> np.random.Generator:
 
 
 def build_components(scn: Scenario) -> Components:
-    """Everything a run needs, checked: every problem with the data, the model or the measurement files is a
-    FedsimError naming the scenario field, raised here, before any output exists."""
+    """Everything a run needs, checked: every problem with the data, the model, the loss or the measurement
+    files is a FedsimError naming the scenario field, raised here, before any output exists."""
     seed = scn.run.seed
     n_devices = scn.fleet.n_devices
     spec = scn.data
@@ -76,7 +77,7 @@ def build_components(scn: Scenario) -> Components:
     check_model_io(model, dataset.input_shape, dataset.num_classes, name=scn.model.name,
                    what=f"the {spec.name} data", source=scn.source)
     try:
-        resolve_paths(model, scn.training.grad_path)      # 'grouped' is refused for batch-coupled models
+        paths = resolve_paths(model, scn.training.grad_path)      # 'grouped' is refused for batch-coupled models
     except FedsimError as exc:
         raise ScenarioError(scn.source, "training.grad_path", printable(str(exc))) from None
     try:
@@ -91,4 +92,6 @@ def build_components(scn: Scenario) -> Components:
         raise
     except DataError as exc:      # the FLASH measurements under fleet.traces_dir
         raise ScenarioFileError(scn.source, "fleet.traces_dir", printable(str(exc))) from None
+    check_loss(load_loss(scn.training.loss, scn.source), model, dataset.x_train, dataset.y_train,
+               vmapped=GradPath.VMAP in paths, source=scn.source)
     return Components(dataset, partition, model, profile, fleet)

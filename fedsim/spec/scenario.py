@@ -26,7 +26,7 @@ from fedsim.spec.toml_text import MAX_DEPTH, MAX_SCENARIO_BYTES, parse_toml, too
 __all__ = [
     "Scenario", "RunSpec", "ModelSpec", "DataSpec", "TrainingSpec", "DeviceClassSpec", "FleetSpec",
     "NetworkSpec", "UploadMode", "load_scenario", "parse_scenario", "MAX_DEVICES", "MAX_CLASSES", "MODEL_GROUP",
-    "MODEL_PATHS",
+    "MODEL_PATHS", "LOSS_PATHS",
 ]
 
 MAX_DEVICES = 10_000_000   # beyond this the per-device index arrays alone would not fit in memory
@@ -38,6 +38,8 @@ MAX_SYNTHETIC_VARIANCE = 1e6   # data.synthetic_alpha and _beta: beyond, the gen
 # model.name: the built-in models (fedsim.learn.models), or a factory registered in MODEL_GROUP or named by path
 MODEL_GROUP = "fedsim.models"
 MODEL_PATHS: dict[str, str] = {"mlp": "fedsim.learn.models:MLP", "cnn": "fedsim.learn.models:CNN"}
+# training.loss: the built-in loss (fedsim.learn.loss), or a function named by path
+LOSS_PATHS: dict[str, str] = {"cross_entropy": "fedsim.learn.loss:cross_entropy_rows"}
 
 
 class UploadMode(enum.Enum):
@@ -82,6 +84,7 @@ class TrainingSpec:
     grad_path: str           # "auto", "grouped", "vmap" or "loop" (see fedsim/learn/grads.py)
     on_nonfinite: str = "stop"   # NaN/Inf in a loss or gradient: "stop" the run, or "drop" that device's update
     divergence_factor: float = 10.0   # the run fails when the training loss stays this many times its start
+    loss: str = "cross_entropy"       # or "package.module:function" (fedsim.learn.loss)
 
 
 @dataclass(frozen=True)
@@ -294,7 +297,10 @@ def _read_training(f: Fields) -> TrainingSpec:
         grad_path=f.choice("grad_path", ["auto", "grouped", "vmap", "loop"], "auto"),
         on_nonfinite=f.choice("on_nonfinite", ["stop", "drop"], "stop"),
         divergence_factor=f.number("divergence_factor", 10.0, low=1.0, low_open=True),
+        loss=f.string("loss", "cross_entropy"),
     )
+    check_plugin_name(spec.loss, group=None, builtins=LOSS_PATHS, source=f.source, field=f.field("loss"),
+                      kind="loss", form="package.module:function")
     f.finish()
     return spec
 
