@@ -122,6 +122,16 @@ BLOBS = '''
             return Partition.blocks(request.n_devices - 1, request.samples_per_device)
 
 
+    class Huge(Blobs):
+        def memory_bytes(self, n_devices, samples_per_device):
+            return np.int64(n_devices) * 2**40
+
+
+    class SaysNothing(Blobs):
+        def memory_bytes(self, n_devices, samples_per_device):
+            return "a lot"
+
+
     class ReadRaises(Blobs):
         @classmethod
         def read(cls, fields, base_dir):
@@ -267,6 +277,7 @@ BAD = [
     (f"{M}:WrongShape", ["x_train of shape [320, 6]; expected (N, 7)"]),
     (f"{M}:EmptyTest", ["an empty test set"]),
     (f"{M}:FewDevices", ["partition of 7 devices; the fleet has 8"]),
+    (f"{M}:SaysNothing", ["memory_bytes must return a number of bytes, got str"]),
 ]
 
 
@@ -282,6 +293,14 @@ def test_bad_dataset_plugins_exit_2_before_any_output(blobs, capsys, name, words
     for w in words:
         assert w in err, (w, err)
     assert not out.exists()
+
+
+def test_a_plugins_memory_estimate_is_checked(blobs, capsys):
+    path = blobs / "s.toml"
+    path.write_text(_text(f"{M}:Huge"))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.samples_per_device" in err and "8 devices x 40 samples would need 8192 GiB" in err, err
 
 
 def test_a_plugin_may_name_its_own_field(blobs, capsys):

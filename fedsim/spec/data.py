@@ -9,6 +9,7 @@ the spec layer knows where a data set lives, not what it is.
 from __future__ import annotations
 
 import importlib
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,9 @@ def check_data_memory(source: str, data: DataSpec, n_devices: int) -> None:
     """Refuse sizes that could only end in an out-of-memory crash, before anything is allocated."""
     need = call_plugin(data.loader.memory_bytes, n_devices, data.samples_per_device, source=source,
                        field="data.name", label=f"data set {data.name!r}, estimating its memory,")
+    if isinstance(need, bool) or not isinstance(need, numbers.Real):
+        raise ScenarioError(source, "data.name", f"data set {data.name!r}: memory_bytes must return a number of "
+                                                 f"bytes, got {type(need).__name__}")
     if need > MAX_DATA_BYTES:
         raise ScenarioError(source, "data.samples_per_device",
                             f"{n_devices} devices x {data.samples_per_device} samples would need "
