@@ -55,7 +55,8 @@ def _absolute_paths(config):
     """A dataclass config (a data set's) with its `Path` fields made absolute; anything else as it is."""
     if not dataclasses.is_dataclass(config) or isinstance(config, type):
         return config
-    paths = {f.name: _absolute(v) for f in dataclasses.fields(config) if isinstance(v := getattr(config, f.name), Path)}
+    paths = {f.name: _absolute(getattr(config, f.name)) for f in dataclasses.fields(config)
+             if isinstance(getattr(config, f.name), Path)}
     return replace(config, **paths) if paths else config
 
 
@@ -91,9 +92,10 @@ class _RunData:
 
         comp = build_components(spec.scenario)
         if data_digest(comp.dataset, comp.partition) != spec.digest:
+            data = spec.scenario.data
             raise DataError(f"{spec.scenario.source}: a Dask worker rebuilt other training data than the driver "
-                            f"has (data set {spec.scenario.data.name!r}: {spec.scenario.data.loader}); every worker must see the same files at "
-                            "the same path and run the same fedsim and numpy versions")
+                            f"has (data set {data.name!r}: {data.loader}); every worker must see the same files "
+                            "at the same path and run the same fedsim and numpy versions")
         self.model, self.profile = comp.model, comp.profile
         self.x = comp.dataset.x_train.to(next(comp.model.parameters()).dtype)
         self.y = comp.dataset.y_train

@@ -172,7 +172,8 @@ def check_dataset(dataset: object) -> str | None:
         if tuple(x.shape[1:]) != shape:
             return f"returned x_{part} of shape {list(x.shape)}; expected (N, {', '.join(map(str, shape))})"
         if y.dtype != torch.int64 or y.dim() != 1:
-            return f"returned y_{part} of dtype {y.dtype} and shape {list(y.shape)}; expected int64 labels of shape (N,)"
+            return (f"returned y_{part} of dtype {y.dtype} and shape {list(y.shape)}; expected int64 labels of "
+                    "shape (N,)")
         if len(x) != len(y):
             return f"returned {len(x)} {part} inputs but {len(y)} labels"
         if len(y) == 0:

@@ -87,9 +87,9 @@ def build_model(
     """Build model `name` for samples of `input_shape` (no batch dimension) and `num_classes` outputs.
 
     `name` is one of `MODEL_NAMES`, or names a factory called as `function(input_shape, num_classes)`: a
-    name registered in the entry-point group `fedsim.models`, or an import path "package.module:function". `width` in (0, 1] scales the hidden sizes of the built-in
-    models (HeteroFL sub-models). Mistakes in the scenario raise `ScenarioError` attributed to
-    `source`; the global torch RNG is left exactly as it was.
+    name registered in the entry-point group `fedsim.models`, or an import path "package.module:function".
+    `width` in (0, 1] scales the hidden sizes of the built-in models (HeteroFL sub-models). Mistakes in the
+    scenario raise `ScenarioError` attributed to `source`; the global torch RNG is left exactly as it was.
     """
     input_shape = tuple(int(d) for d in input_shape)
     if not input_shape or any(d < 1 for d in input_shape):
