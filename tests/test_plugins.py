@@ -183,3 +183,22 @@ def test_call_plugin_turns_everything_into_a_scenario_error():
         call_plugin(own, source="s.toml", field="data.name", label="x")
     assert info.value.field == "data.root" and info.value.message == "its own words"
     assert call_plugin(lambda a, b: a + b, 1, 2, source="s.toml", field="f", label="x") == 3
+
+
+def test_model_name_takes_a_model_registered_in_fedsim_models(tmp_path, monkeypatch, capsys):
+    from conftest import BASE_TOML, scenario
+    from fedsim.cli import main
+    from fedsim.sim.build import build_components
+    from helper_models import Tiny
+
+    install(tmp_path, "fedsim_test_models", {"fedsim.models": {"tinynet": "tests.helper_models:tiny"}})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    comp = build_components(scenario('model.name="tinynet"'))
+    assert type(comp.model).__name__ == Tiny.__name__ and comp.profile.n_layers == 3
+    path = tmp_path / "s.toml"
+    path.write_text(BASE_TOML)
+    assert main(["validate", str(path), "--set", 'model.name="tinynet"']) == 0
+    assert main(["validate", str(path), "--set", 'model.name="tinynett"']) == 2
+    err = capsys.readouterr().err
+    assert "model.name: unknown model 'tinynett' (did you mean 'tinynet'?)" in err
+    assert "registered: 'tinynet' (package 'fedsim_test_models')" in err
