@@ -8,13 +8,16 @@ import torch
 import torch.nn.functional as F
 
 
-def per_device_grads(model, x, y, batches):
-    """Full gradient of each device's mini-batch mean loss, in float64, one device at a time."""
+def per_device_grads(model, x, y, batches, loss_rows=None):
+    """Full gradient of each device's mini-batch mean loss, in float64, one device at a time.
+
+    `loss_rows(logits, targets)`: per-row losses (a `training.loss` function); None: cross-entropy."""
     out = []
     for idx in batches:
         m = copy.deepcopy(model).double()
         m.zero_grad()
-        loss = F.cross_entropy(m(x[torch.from_numpy(idx)].double()), y[torch.from_numpy(idx)])
+        logits, target = m(x[torch.from_numpy(idx)].double()), y[torch.from_numpy(idx)]
+        loss = F.cross_entropy(logits, target) if loss_rows is None else loss_rows(logits, target).mean()
         loss.backward()
         out.append({n: p.grad.detach().clone() for n, p in m.named_parameters()})
     return out

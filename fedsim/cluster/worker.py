@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import threading
 from collections import OrderedDict
@@ -50,9 +51,18 @@ def _absolute(path: Path | None) -> Path | None:
     return None if path is None else Path(path).resolve()
 
 
+def _absolute_paths(config):
+    """A dataclass config (a data set's) with its `Path` fields made absolute; anything else as it is."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        return config
+    paths = {f.name: _absolute(getattr(config, f.name)) for f in dataclasses.fields(config)
+             if isinstance(getattr(config, f.name), Path)}
+    return replace(config, **paths) if paths else config
+
+
 def portable(scn):
     """The scenario with its file paths made absolute: workers need not share the driver's cwd."""
-    return replace(scn, data=replace(scn.data, dir=_absolute(scn.data.dir)),
+    return replace(scn, data=replace(scn.data, loader=_absolute_paths(scn.data.loader)),
                    fleet=replace(scn.fleet, traces_dir=_absolute(scn.fleet.traces_dir),
                                  availability_file=_absolute(scn.fleet.availability_file)))
 
@@ -77,17 +87,20 @@ class _RunData:
     task running at once (each has its own copy of the model, loaded with the round's weights)."""
 
     def __init__(self, spec: RunSpec):
+        from fedsim.learn.loss import load_loss
         from fedsim.sim.build import build_components
 
         comp = build_components(spec.scenario)
         if data_digest(comp.dataset, comp.partition) != spec.digest:
+            data = spec.scenario.data
             raise DataError(f"{spec.scenario.source}: a Dask worker rebuilt other training data than the driver "
-                            f"has (data.dir {spec.scenario.data.dir}); every worker must see the same files at "
-                            "the same path and run the same fedsim and numpy versions")
+                            f"has (data set {data.name!r}: {data.loader}); every worker must see the same files "
+                            "at the same path and run the same fedsim and numpy versions")
         self.model, self.profile = comp.model, comp.profile
         self.x = comp.dataset.x_train.to(next(comp.model.parameters()).dtype)
         self.y = comp.dataset.y_train
         self.grad_path = spec.scenario.training.grad_path
+        self.loss = load_loss(spec.scenario.training.loss, spec.scenario.source)
         self._idle: list = []
         self._made = 0
         self._lock = threading.Lock()
@@ -103,7 +116,7 @@ class _RunData:
             self._made += fresh
         if fresh:
             engine = GradientEngine(self.model if first else copy.deepcopy(self.model), self.profile, self.x,
-                                    self.y, path=self.grad_path)
+                                    self.y, path=self.grad_path, loss=self.loss)
         try:
             yield engine
         finally:

@@ -88,6 +88,13 @@ class Partition:
         return own[rng.choice(own.size, size=batch_size, replace=False)]
 
     @classmethod
+    def blocks(cls, n_devices: int, size: int) -> Partition:
+        """Device k owns samples k*size .. (k+1)*size - 1."""
+        _require_ints(n_devices=(n_devices, 1), size=(size, 0))
+        offsets = np.arange(n_devices + 1, dtype=np.int64) * size
+        return cls(offsets, np.arange(n_devices * size, dtype=np.int64))
+
+    @classmethod
     def from_lists(cls, lists: list[np.ndarray]) -> Partition:
         arrays = [_readonly_int64(a, f"device {k}") for k, a in enumerate(lists)]
         offsets = np.concatenate(([0], np.cumsum([a.size for a in arrays], dtype=np.int64)))
@@ -267,8 +274,7 @@ def make_synthetic(alpha: float, beta: float, n_devices: int, samples_per_device
 
     dataset = Dataset(flat(x[:, :spd]), flat(y[:, :spd]), flat(x[:, spd:]), flat(y[:, spd:]),
                       input_shape=(dim,), num_classes=num_classes)
-    offsets = np.arange(n_devices + 1, dtype=np.int64) * spd
-    return dataset, Partition(offsets, np.arange(n_devices * spd, dtype=np.int64))
+    return dataset, Partition.blocks(n_devices, spd)
 
 
 def partition_iid(n_samples: int, n_devices: int, samples_per_device: int,

@@ -1,6 +1,7 @@
 """Real gradients of exactly what each device delivered, computed in as few passes as exactness allows.
 
-A device that delivered depth d sends the gradients of the last d layers of its own mini-batch mean loss.
+A device that delivered depth d sends the gradients of the last d layers of its own mini-batch mean loss
+(the training loss, `fedsim.learn.loss`: per-row losses, a device's loss the mean of its rows).
 Three paths compute them (`training.grad_path`), all equal to the naive per-device loop up to rounding:
 
 * `grouped`: devices that delivered the same depth share one forward/backward over their concatenated
@@ -36,11 +37,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from fedsim.errors import FedsimError, NumericalError
+from fedsim.learn.loss import CROSS_ENTROPY, Loss, cross_entropy_rows
 from fedsim.learn.profile import ModelProfile
 
 __all__ = ["GradientEngine", "LayerSums", "DeviceGrads", "GradPath", "batch_coupled_modules", "check_depths", "cross_entropy_rows",
@@ -126,19 +127,6 @@ def resolve_paths(model: nn.Module, path: str | GradPath = "auto") -> tuple[Grad
     return requested, requested
 
 
-def cross_entropy_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy, equal to `F.cross_entropy(..., reduction="none")` up to rounding.
-
-    torch's log_softmax kernel is slow on CPU for few classes (about 13 ns per element for 10 classes,
-    while exp costs 0.3 ns); with its backward, the explicit max-shifted form is 1.5x faster on 400 rows
-    and 3x on 1,600 (as fast on 160). Other output shapes use F.cross_entropy.
-    """
-    if logits.dim() != 2:
-        return F.cross_entropy(logits, y, reduction="none")
-    z = logits - logits.detach().amax(dim=1, keepdim=True)
-    return z.exp().sum(dim=1).log() - z.gather(1, y[:, None]).squeeze(1)
-
-
 def _accumulate(sums: dict[str, torch.Tensor], grads) -> None:
     """sums[name] += g, out of place: autograd may hand the same tensor to two parameters (x + a + b)."""
     for name, g in grads:
@@ -149,8 +137,9 @@ class GradientEngine:
     """Gradients of the model's current parameters on devices' mini-batches."""
 
     def __init__(self, model: nn.Module, profile: ModelProfile, x_train: torch.Tensor, y_train: torch.Tensor,
-                 path: str | GradPath = "auto"):
+                 path: str | GradPath = "auto", loss: Loss = CROSS_ENTROPY):
         self.model = model
+        self.loss = loss
         self.requested_path = GradPath(path)
         self.path, self.per_device_path = resolve_paths(model, self.requested_path)
         self.profile = profile
@@ -263,7 +252,7 @@ class GradientEngine:
             params = [self.params[p] for p in names]
             for start in range(lo, hi, chunk_rows):
                 stop = min(hi, start + chunk_rows)
-                losses = cross_entropy_rows(self.model(x[start:stop]), y[start:stop])
+                losses = self.loss.rows(self.model(x[start:stop]), y[start:stop])
                 loss = losses.sum() / float(sizes[0]) if uniform else (losses * weights[start:stop]).sum()
                 loss_sum += self._checked(loss, f"the devices at depth {d}")
                 _accumulate(sums, zip(names, torch.autograd.grad(loss, params)))
@@ -284,11 +273,11 @@ class GradientEngine:
         live = np.flatnonzero(depths)
         coupled = bool(batch_coupled_modules(self.model))
         buffers = dict(self.model.named_buffers())
-        model = self.model
+        model, mean_loss = self.model, self.loss.mean
         n_layers = self.profile.n_layers
 
         def device_loss(diff, rest, bufs, x, y):
-            loss = F.cross_entropy(functional_call(model, (diff, rest, bufs), (x,)), y)
+            loss = mean_loss(functional_call(model, (diff, rest, bufs), (x,)), y)
             return loss, loss.detach()
 
         # each device gets its own copy of the running statistics to update (then dropped)
@@ -342,7 +331,7 @@ class GradientEngine:
     # -- loop -------------------------------------------------------------------------------------
     def _device_grads(self, batch: np.ndarray, d: int, i: int) -> tuple[list[str], tuple[torch.Tensor, ...], float]:
         x, y = self._gather(batch)
-        loss = F.cross_entropy(self.model(x), y)
+        loss = self.loss.mean(self.model(x), y)
         value = self._checked(loss, f"device {i}")
         names = self._suffix_params[d]
         return names, torch.autograd.grad(loss, [self.params[p] for p in names]), value

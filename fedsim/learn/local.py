@@ -1,9 +1,10 @@
 """Local training on devices: several SGD steps (FedAvg), fewer samples (partial), sub-models (HeteroFL).
 
 Each device starts from the global parameters (or the leading slice of them for a narrower sub-model),
-takes its local SGD steps on its own mini-batches, and returns the change of its parameters. The loop
-runs one device at a time with `torch.func.functional_call`, so no model is copied per device; it is
-exact for every model (BatchNorm included). Like `grads.py`, this module sits at the torch edge.
+takes its local SGD steps on its own mini-batches (on the training loss, fedsim.learn.loss), and returns the
+change of its parameters. The loop runs one device at a time with `torch.func.functional_call`, so no model
+is copied per device; it is exact for every model (BatchNorm included). Like `grads.py`, this module sits at
+the torch edge.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from fedsim.errors import NumericalError
+from fedsim.learn.loss import CROSS_ENTROPY, Loss
 
 __all__ = ["LocalTrainer", "LocalResult", "leading_slice"]
 
@@ -35,8 +36,10 @@ class LocalResult:
 class LocalTrainer:
     """Runs devices' local steps from the current global model."""
 
-    def __init__(self, model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, lr: float):
+    def __init__(self, model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, lr: float,
+                 loss: Loss = CROSS_ENTROPY):
         self.model = model
+        self.loss = loss
         self.x = x_train.to(next(model.parameters()).dtype)
         self.y = y_train
         self.lr = lr
@@ -53,7 +56,7 @@ class LocalTrainer:
         first_loss = float("nan")
         for s, idx in enumerate(step_batches):
             index = torch.from_numpy(np.asarray(idx))
-            loss = F.cross_entropy(functional_call(net, params, (self.x[index],)), self.y[index])
+            loss = self.loss.mean(functional_call(net, params, (self.x[index],)), self.y[index])
             if not torch.isfinite(loss):
                 raise NumericalError(f"non-finite loss ({loss.item()}) on device {device}, local step {s}")
             grads = torch.autograd.grad(loss, list(params.values()))

@@ -1,4 +1,5 @@
-"""The model zoo: the SALF paper's MLP and CNN, plus user factories named "package.module:function".
+"""The model zoo: the SALF paper's MLP and CNN, plus factories named by import path ("package.module:function")
+or registered by an installed package in the entry-point group `fedsim.models` (see fedsim.spec.plugins).
 
 Every model is initialised from an explicit `torch.Generator` so that two runs of a scenario with
 the same seed start from bit-identical weights, and so that building a model never perturbs the
@@ -7,22 +8,22 @@ global RNG that other parts of a run (or a user's own code) may rely on.
 
 from __future__ import annotations
 
-import importlib
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedsim.errors import ScenarioError
-from fedsim.spec.fields import printable
+from fedsim.spec.plugins import call_plugin, check_plugin_name, load_plugin, what_happened
+from fedsim.spec.scenario import MODEL_GROUP, MODEL_PATHS
 
 __all__ = ["MODEL_NAMES", "MLP", "CNN", "build_model", "check_model_io", "scaled_width"]
 
-MODEL_NAMES = ("mlp", "cnn")
+MODEL_NAMES = tuple(MODEL_PATHS)     # ("mlp", "cnn")
 
 _FIELD = "model.name"
+_FORM = "package.module:function"
 
 
 def scaled_width(hidden: int, width: float) -> int:
@@ -85,10 +86,10 @@ def build_model(
 ) -> nn.Module:
     """Build model `name` for samples of `input_shape` (no batch dimension) and `num_classes` outputs.
 
-    `name` is one of `MODEL_NAMES` or a "package.module:function" factory called as
-    `function(input_shape, num_classes)`. `width` in (0, 1] scales the hidden sizes of the built-in
-    models (HeteroFL sub-models). Mistakes in the scenario raise `ScenarioError` attributed to
-    `source`; the global torch RNG is left exactly as it was.
+    `name` is one of `MODEL_NAMES`, or names a factory called as `function(input_shape, num_classes)`: a
+    name registered in the entry-point group `fedsim.models`, or an import path "package.module:function".
+    `width` in (0, 1] scales the hidden sizes of the built-in models (HeteroFL sub-models). Mistakes in the
+    scenario raise `ScenarioError` attributed to `source`; the global torch RNG is left exactly as it was.
     """
     input_shape = tuple(int(d) for d in input_shape)
     if not input_shape or any(d < 1 for d in input_shape):
@@ -100,7 +101,9 @@ def build_model(
     if not 0 < width <= 1:
         raise ScenarioError(source, "model.width", f"must be in (0, 1], got {width}")
 
-    if ":" in name:
+    if name not in MODEL_NAMES:
+        check_plugin_name(name, group=MODEL_GROUP, builtins=MODEL_PATHS, source=source, field=_FIELD,
+                          kind="model", form=_FORM)
         if width != 1:
             raise ScenarioError(
                 source, "model.width",
@@ -120,16 +123,11 @@ def _build_zoo(name: str, input_shape: tuple[int, ...], num_classes: int, width:
                source: str) -> nn.Module:
     if name == "mlp":
         return MLP(math.prod(input_shape), num_classes, width)
-    if name == "cnn":
-        if len(input_shape) != 3:
-            raise ScenarioError(source, _FIELD, f"cnn needs image input (C, H, W), got input shape {input_shape}")
-        if _cnn_side(input_shape[1]) < 1 or _cnn_side(input_shape[2]) < 1:
-            raise ScenarioError(source, _FIELD, f"cnn needs images of at least 16x16, got input shape {input_shape}")
-        return CNN(input_shape, num_classes, width)  # type: ignore[arg-type]
-    known = ", ".join(repr(n) for n in MODEL_NAMES)
-    raise ScenarioError(
-        source, _FIELD, f"unknown model {name!r}; known models are {known} or a 'package.module:function' factory"
-    )
+    if len(input_shape) != 3:
+        raise ScenarioError(source, _FIELD, f"cnn needs image input (C, H, W), got input shape {input_shape}")
+    if _cnn_side(input_shape[1]) < 1 or _cnn_side(input_shape[2]) < 1:
+        raise ScenarioError(source, _FIELD, f"cnn needs images of at least 16x16, got input shape {input_shape}")
+    return CNN(input_shape, num_classes, width)  # type: ignore[arg-type]
 
 
 def _reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
@@ -144,33 +142,10 @@ def _reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
             nn.init.uniform_(module.bias, -bound, bound, generator=generator)
 
 
-def _build_from_factory(spec: str, input_shape: tuple[int, ...], num_classes: int,
+def _build_from_factory(name: str, input_shape: tuple[int, ...], num_classes: int,
                         generator: torch.Generator, source: str) -> nn.Module:
-    module_name, _, func_name = spec.partition(":")
-    if not module_name or not func_name or ":" in func_name:
-        raise ScenarioError(source, _FIELD, f"a model factory must read 'package.module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ScenarioError(source, _FIELD, f"cannot import module {module_name!r} of factory {spec!r}: "
-                                            f"{_describe(exc)}") from None
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # a broken user module may raise anything at import time, sys.exit included
-        raise ScenarioError(source, _FIELD, f"importing module {module_name!r} of factory {spec!r} "
-                                            f"{_what_happened(exc)}") from None
-    try:
-        factory: Callable[..., object] | None = getattr(module, func_name, None)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:   # a module-level __getattr__ may raise too
-        raise ScenarioError(source, _FIELD, f"looking up {func_name!r} in module {module_name!r} "
-                                            f"{_what_happened(exc)}") from None
-    if factory is None:
-        raise ScenarioError(source, _FIELD, f"module {module_name!r} has no attribute {func_name!r} (factory {spec!r})")
-    if not callable(factory):
-        raise ScenarioError(source, _FIELD, f"factory {spec!r} is not callable, got {type(factory).__name__}")
-
+    factory = load_plugin(name, group=MODEL_GROUP, builtins=MODEL_PATHS, source=source, field=_FIELD,
+                          kind="model factory", form=_FORM, check=callable, expected="callable")
     # User code initialises through the global RNG, which we may not disturb. So we fork it (CPU
     # only: devices=[]), seed the fork from `generator` so the result is still reproducible, and
     # fork_rng restores the caller's global state on exit. numpy's and `random`'s global state are
@@ -178,34 +153,13 @@ def _build_from_factory(spec: str, input_shape: tuple[int, ...], num_classes: in
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            model = factory(input_shape, num_classes)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:   # sys.exit() in a factory must not end fedsim silently
-            raise ScenarioError(source, _FIELD, _factory_failed(spec, exc)) from None
+        model = call_plugin(factory, input_shape, num_classes, source=source, field=_FIELD,
+                            label=f"the factory {name!r}")
     if not isinstance(model, nn.Module):
         raise ScenarioError(
-            source, _FIELD, f"factory {spec!r} must return a torch.nn.Module, got {type(model).__name__}"
+            source, _FIELD, f"factory {name!r} must return a torch.nn.Module, got {type(model).__name__}"
         )
     return model
-
-
-def _describe(exc: BaseException) -> str:
-    text = printable(str(exc))
-    return text if len(text) <= 300 else text[:300] + "..."
-
-
-def _what_happened(exc: BaseException) -> str:
-    if isinstance(exc, SystemExit):
-        return f"called sys.exit({exc.code!r})"
-    return f"failed: {type(exc).__name__}: {_describe(exc)}"
-
-
-def _factory_failed(spec: str, exc: BaseException) -> str:
-    if isinstance(exc, SystemExit):
-        return f"the factory {spec!r} called sys.exit({exc.code!r})"
-    return f"factory {spec!r} raised {type(exc).__name__}: {_describe(exc)}"
 
 
 def check_model_io(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, *, name: str,
@@ -226,10 +180,8 @@ def check_model_io(model: nn.Module, input_shape: tuple[int, ...], num_classes: 
     except KeyboardInterrupt:
         raise
     except BaseException as exc:
-        happened = (f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit)
-                    else f"raised {type(exc).__name__}: {_describe(exc)}")
         raise ScenarioError(source, _FIELD, f"model {name!r} does not take the inputs of {what}: one sample of "
-                                            f"shape {list(sample.shape)} {happened}") from None
+                                            f"shape {list(sample.shape)} {what_happened(exc)}") from None
     finally:
         model.train(training)
         with torch.no_grad():

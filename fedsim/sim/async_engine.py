@@ -57,6 +57,7 @@ import torch
 from fedsim.sim.device_round import DeviceOutcome, DeviceRound, StopCause
 from fedsim.sim.round_setup import RoundSetup
 from fedsim.errors import NumericalError
+from fedsim.seeds import KEYED_STREAMS, keyed_rng
 from fedsim.world.fleet import Fleet
 from fedsim.learn.grads import GradientEngine
 from fedsim.learn.profile import ModelProfile
@@ -72,18 +73,18 @@ from fedsim.output.trace import SERVER, EventKind, TraceWriter
 __all__ = ["AsyncServer", "JOB_STREAM", "SELECT_STREAM", "job_rng", "select_rng",
            "serve_async"]
 
-JOB_STREAM = 11      # spawn keys distinct from the synchronous ROUND_STREAM (7)
-SELECT_STREAM = 12
+JOB_STREAM = KEYED_STREAMS["job"]
+SELECT_STREAM = KEYED_STREAMS["select"]
 
 
 def job_rng(seed: int, job: int) -> np.random.Generator:
     """The stream of the j-th job: its mini-batch, then its slowdown (the order the sync server draws)."""
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(JOB_STREAM, job)))
+    return keyed_rng(seed, "job", job)
 
 
 def select_rng(seed: int, step: int) -> np.random.Generator:
     """The stream of the k-th choice of idle devices."""
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(SELECT_STREAM, step)))
+    return keyed_rng(seed, "select", step)
 
 
 class AsyncServer(AsyncTrace, ServerBase):
@@ -102,7 +103,7 @@ class AsyncServer(AsyncTrace, ServerBase):
         # the global model itself is only ever changed by the optimizer.
         self.scratch = copy.deepcopy(model)
         self.grads = GradientEngine(self.scratch, profile, dataset.x_train, dataset.y_train,
-                                    path=scenario.training.grad_path)
+                                    path=scenario.training.grad_path, loss=self.loss)
         n = fleet.n_devices
         self.max_concurrency = self.policy.concurrency(n, scenario.fleet.participants)
         # None: every device is always online

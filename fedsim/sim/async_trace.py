@@ -66,7 +66,7 @@ class AsyncTrace:
             self._next_eval += 1
 
     def _write_eval(self, at: float, final: bool = False) -> None:
-        self.last_eval = evaluate(self.model, self.x_test, self.y_test)
+        self.last_eval = evaluate(self.model, self.x_test, self.y_test, loss=self.loss)
         self._write_row(self.current_round, at, at, participants=0, train_loss=None, evaluation=self.last_eval,
                         carry=final)
         self.trace.end_round()          # flush at each evaluation: a crash loses one interval at most

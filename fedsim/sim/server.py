@@ -2,7 +2,7 @@
 
 The server implements the two callbacks of `fedsim.sim.engine.serve_rounds`. It owns the global model and the
 server-side optimizer (SGD with momentum applied to the aggregated gradient). Every random draw of round
-r comes from the stream `SeedSequence(seed, spawn_key=(ROUND_STREAM, r))`, so a round's randomness does
+r comes from its own stream (`fedsim.seeds.keyed_rng(seed, "round", r)`), so a round's randomness does
 not depend on how the run got there (resume, sweeps).
 """
 
@@ -25,21 +25,17 @@ from fedsim.learn.grads import GradientEngine
 from fedsim.learn.profile import ModelProfile
 from fedsim.spec.scenario import Scenario, UploadMode
 from fedsim.learn.local import LocalTrainer
+from fedsim.learn.loss import load_loss
 from fedsim.policies import PolicyState, RoundContext, RoundInputs, RoundUpdate, RunContext, SyncPolicy
 from fedsim.world.timing import max_depth_fitting
 from fedsim.output.trace import DeviceStatus, TraceWriter
 from fedsim.sim.health import NumericalHealth, require_finite, devices_text
+from fedsim.seeds import KEYED_STREAMS, component_rng, keyed_rng
 from fedsim.sim.records import device_row, round_row
 
 __all__ = ["Server", "ServerBase", "round_rng", "ROUND_STREAM"]
 
-ROUND_STREAM = 7
-CHURN_STREAM = 4          # children of SeedSequence(seed) (see build.STREAMS for 0-3)
-NETWORK_STREAM = 5
-
-
-def _stream(seed: int, index: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(seed).spawn(index + 1)[index])
+ROUND_STREAM = KEYED_STREAMS["round"]
 
 
 def _availability(scenario: Scenario, fleet: Fleet):
@@ -47,7 +43,7 @@ def _availability(scenario: Scenario, fleet: Fleet):
     if spec.availability_file is not None:
         return load_availability_trace(spec.availability_file, fleet.n_devices)
     return build_availability(fleet.class_of, [c.availability for c in spec.classes],
-                              _stream(scenario.run.seed, CHURN_STREAM))
+                              component_rng(scenario.run.seed, "churn"))
 
 
 def _topology(scenario: Scenario, fleet: Fleet):
@@ -57,11 +53,11 @@ def _topology(scenario: Scenario, fleet: Fleet):
         return None
     return build_topology(topo, class_of=fleet.class_of, downlink_bps=fleet.downlink_bps,
                           uplink_bps=fleet.uplink_bps, latency_s=fleet.latency_s,
-                          rng=_stream(scenario.run.seed, NETWORK_STREAM))
+                          rng=component_rng(scenario.run.seed, "network"))
 
 
 def round_rng(seed: int, round_: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(ROUND_STREAM, round_)))
+    return keyed_rng(seed, "round", round_)
 
 
 class ServerBase:
@@ -86,6 +82,7 @@ class ServerBase:
         self.num_classes = dataset.num_classes
         self.availability = _availability(scenario, fleet)
         t = scenario.training
+        self.loss = load_loss(t.loss, scenario.source)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum)
         self.current_round = 0       # rounds (or server updates) done
         self.clock_at = 0.0          # simulated time of the last one: the run's simulated time
@@ -132,8 +129,8 @@ class Server(ServerBase):
         self._watcher = None
         # `grads`: another engine with the same layer_sums, e.g. sharded on a Dask cluster (--cluster)
         self.grads = grads if grads is not None else GradientEngine(model, profile, dataset.x_train, dataset.y_train,
-                                                                    path=scenario.training.grad_path)
-        self.trainer = LocalTrainer(model, dataset.x_train, dataset.y_train, scenario.training.lr)
+                                                                    path=scenario.training.grad_path, loss=self.loss)
+        self.trainer = LocalTrainer(model, dataset.x_train, dataset.y_train, scenario.training.lr, loss=self.loss)
         self._submodels: dict[float, tuple[torch.nn.Module, ModelProfile]] = {}
         self.policy: SyncPolicy = scenario.policy
         # what the policy has learned so far: replaced after every round, saved in checkpoints
@@ -234,7 +231,7 @@ class Server(ServerBase):
                 inputs = replace(inputs, depths=kept)
             self.policy_state = self.policy.observe(self.policy_state, inputs)
             if self._eval_due(setup.round):
-                self.last_eval = evaluate(self.model, self.x_test, self.y_test)
+                self.last_eval = evaluate(self.model, self.x_test, self.y_test, loss=self.loss)
                 evaluation = self.last_eval
         energy_j = self._write_devices(setup, end_at, outcomes)
         self.trace.rounds.append(round_row(

@@ -14,24 +14,32 @@ from typing import Any
 
 from fedsim.spec.calibration import DvfsSpec, MeasuredSpec, read_dvfs, read_measured, resolve_traces_dir
 from fedsim.spec.availability import ChurnSpec, check_availability_file, read_availability_file, read_churn_spec
+from fedsim.spec.data import DataSpec, check_data_memory, read_data
 from fedsim.spec.distributions import Dist, DistKind, read_dist
 from fedsim.errors import ScenarioError
 from fedsim.spec.fields import Fields, printable
 from fedsim.spec.network import AccessKind, TopologySpec, read_network_spec
 from fedsim.spec.overrides import apply_overrides
+from fedsim.spec.plugins import check_plugin_name
 from fedsim.spec.policy import PolicyConfig, read_policy
 from fedsim.spec.toml_text import MAX_DEPTH, MAX_SCENARIO_BYTES, parse_toml, too_deep
 
 __all__ = [
     "Scenario", "RunSpec", "ModelSpec", "DataSpec", "TrainingSpec", "DeviceClassSpec", "FleetSpec",
-    "NetworkSpec", "UploadMode", "load_scenario", "parse_scenario", "MAX_DEVICES", "MAX_CLASSES",
+    "NetworkSpec", "UploadMode", "load_scenario", "parse_scenario", "MAX_DEVICES", "MAX_CLASSES", "MODEL_GROUP",
+    "MODEL_PATHS", "LOSS_PATHS",
 ]
 
 MAX_DEVICES = 10_000_000   # beyond this the per-device index arrays alone would not fit in memory
 MAX_ROUNDS = 100_000_000
 MAX_CLASSES = 10_000       # the server loops over classes for every round's draws
 MAX_RUN_NAME_BYTES = 200   # a directory name: most filesystems allow 255 bytes
-MAX_SYNTHETIC_VARIANCE = 1e6   # data.synthetic_alpha and _beta: beyond, the generated inputs are not usable numbers
+
+# model.name: the built-in models (fedsim.learn.models), or a factory registered in MODEL_GROUP or named by path
+MODEL_GROUP = "fedsim.models"
+MODEL_PATHS: dict[str, str] = {"mlp": "fedsim.learn.models:MLP", "cnn": "fedsim.learn.models:CNN"}
+# training.loss: the built-in loss (fedsim.learn.loss), or a function named by path
+LOSS_PATHS: dict[str, str] = {"cross_entropy": "fedsim.learn.loss:cross_entropy_rows"}
 
 
 class UploadMode(enum.Enum):
@@ -56,18 +64,6 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class DataSpec:
-    name: str                        # "mnist" or "synthetic"
-    dir: Path | None                 # mnist: directory of the IDX files
-    partition: str                   # "iid" or "dirichlet"
-    dirichlet_alpha: float
-    samples_per_device: int
-    synthetic_alpha: float
-    synthetic_beta: float
-    test_samples_per_device: int
-
-
-@dataclass(frozen=True)
 class TrainingSpec:
     batch_size: int
     lr: float
@@ -76,6 +72,7 @@ class TrainingSpec:
     grad_path: str           # "auto", "grouped", "vmap" or "loop" (see fedsim/learn/grads.py)
     on_nonfinite: str = "stop"   # NaN/Inf in a loss or gradient: "stop" the run, or "drop" that device's update
     divergence_factor: float = 10.0   # the run fails when the training loss stays this many times its start
+    loss: str = "cross_entropy"       # or "package.module:function" (fedsim.learn.loss)
 
 
 @dataclass(frozen=True)
@@ -191,14 +188,14 @@ def _read_scenario(raw: dict, text: str, source: str, overrides, base_dir: Path 
     root = Fields(raw, source, "")
     run = _read_run(root.sub("run"))
     model = _read_model(root.sub("model"))
-    data = _read_data(root.sub("data"), base_dir)
+    data = read_data(root.sub("data"), base_dir)
     training = _read_training(root.sub("training"))
     fleet = _read_fleet(root.sub("fleet"), base_dir)
     network = _read_network(root.sub("network", default_empty=True), fleet)
 
     policy, ignored = read_policy(root.sub("policy"), training)
     root.finish()
-    _check_memory(source, data, fleet)
+    check_data_memory(source, data, fleet.n_devices)
     if fleet.participants is not None and fleet.participants > fleet.n_devices:
         raise ScenarioError(source, "fleet.participants",
                             f"must be at most the number of devices ({fleet.n_devices}), got {fleet.participants}")
@@ -208,22 +205,6 @@ def _read_scenario(raw: dict, text: str, source: str, overrides, base_dir: Path 
         # read now, not when the run starts: a bad file must fail before any output exists
         check_availability_file(root.sub("fleet"), "availability_file", fleet.availability_file, fleet.n_devices)
     return scn
-
-
-MAX_DATA_BYTES = 8 * 2**30
-
-
-def _check_memory(source: str, data: DataSpec, fleet: FleetSpec) -> None:
-    """Refuse sizes that could only end in an out-of-memory crash, before anything is allocated."""
-    n = fleet.n_devices
-    if data.name == "synthetic":
-        need = n * (data.samples_per_device + data.test_samples_per_device) * (60 + 1) * 4
-    else:
-        need = n * data.samples_per_device * 8          # the partition's int64 sample indices
-    if need > MAX_DATA_BYTES:
-        raise ScenarioError(source, "data.samples_per_device",
-                            f"{n} devices x {data.samples_per_device} samples would need {need / 2**30:.0f} GiB "
-                            f"(limit {MAX_DATA_BYTES // 2**30} GiB)")
 
 
 def _read_run(f: Fields) -> RunSpec:
@@ -260,29 +241,8 @@ def _read_model(f: Fields) -> ModelSpec:
         granularity=f.choice("granularity", ["module", "tensor"], "module"),
         dtype=f.choice("dtype", ["float32", "float64"], "float32"),
     )
-    if spec.name not in ("mlp", "cnn") and ":" not in spec.name:
-        raise f.error("name", f"must be mlp, cnn or a factory 'package.module:function'; got {spec.name!r}")
-    f.finish()
-    return spec
-
-
-def _read_data(f: Fields, base_dir: Path | None) -> DataSpec:
-    name = f.choice("name", ["mnist", "synthetic"])
-    directory = None
-    if name == "mnist":
-        directory = f.existing_path("dir", base_dir, kind="dir", what="dataset directory")
-    elif f.has("dir"):
-        f.raw("dir")
-    spec = DataSpec(
-        name=name,
-        dir=directory,
-        partition=f.choice("partition", ["iid", "dirichlet"], "iid"),
-        dirichlet_alpha=f.number("dirichlet_alpha", 0.5, low=0.0, low_open=True),
-        samples_per_device=f.integer("samples_per_device", low=1, high=10_000_000),
-        synthetic_alpha=f.number("synthetic_alpha", 1.0, low=0.0, high=MAX_SYNTHETIC_VARIANCE),
-        synthetic_beta=f.number("synthetic_beta", 1.0, low=0.0, high=MAX_SYNTHETIC_VARIANCE),
-        test_samples_per_device=f.integer("test_samples_per_device", 20, low=1, high=1_000_000),
-    )
+    check_plugin_name(spec.name, group=MODEL_GROUP, builtins=MODEL_PATHS, source=f.source, field=f.field("name"),
+                      kind="model", form="package.module:function")
     f.finish()
     return spec
 
@@ -296,7 +256,10 @@ def _read_training(f: Fields) -> TrainingSpec:
         grad_path=f.choice("grad_path", ["auto", "grouped", "vmap", "loop"], "auto"),
         on_nonfinite=f.choice("on_nonfinite", ["stop", "drop"], "stop"),
         divergence_factor=f.number("divergence_factor", 10.0, low=1.0, low_open=True),
+        loss=f.string("loss", "cross_entropy"),
     )
+    check_plugin_name(spec.loss, group=None, builtins=LOSS_PATHS, source=f.source, field=f.field("loss"),
+                      kind="loss", form="package.module:function")
     f.finish()
     return spec
 
