@@ -49,9 +49,9 @@ def test_keep_fastest_example_runs_from_the_command_line(tmp_path, k):
 
 
 @pytest.mark.parametrize("value,words", [
-    ("nosuch_module_xyz:Policy", ["policy.name", "no module named 'nosuch_module_xyz'"]),
+    ("nosuch_module_xyz:Policy", ["policy.name", "cannot import module 'nosuch_module_xyz'"]),
     ("keep_fastest:Missing", ["policy.name", "has no attribute 'Missing'"]),
-    ("keep_fastest:MARGIN", ["policy.name", "'keep_fastest:MARGIN' is not a fedsim policy"]),
+    ("keep_fastest:MARGIN", ["policy.name", "policy 'keep_fastest:MARGIN' is not a fedsim policy", "got float"]),
     ("keep_fastest:KeepFastest:x", ["policy.name", "'package.module:Class'"]),
     ("salff", ["policy.name", "unknown policy 'salff'", "did you mean 'salf'"]),
 ])
@@ -69,7 +69,7 @@ def test_a_plugin_module_that_fails_to_import_is_named(tmp_path):
     (tmp_path / "broken_policy.py").write_text("import nosuch_dependency_xyz\n")
     proc = _run_cli(tmp_path, "validate", str(QUICKSTART), "--set", "policy.name=broken_policy:P", pythonpath=tmp_path)
     assert proc.returncode == 2
-    assert "policy.name: importing 'broken_policy' (policy 'broken_policy:P') failed: ModuleNotFoundError" in proc.stderr
+    assert "policy.name: importing module 'broken_policy' of policy 'broken_policy:P' failed: ModuleNotFoundError: No module named 'nosuch_dependency_xyz'" in proc.stderr
 
 
 def test_fields_other_policies_read_are_notices_and_typos_are_errors():
@@ -185,3 +185,18 @@ class AdaptiveSalf(Salf):
     assert durations[0] == pytest.approx(0.02)
     assert len(set(round(d, 12) for d in durations)) > 1       # the deadline changed
     assert table(out, "rounds")["policy"] == ["salf(mean)"] * 4
+
+
+def test_a_policy_registered_by_an_installed_package_is_named_by_its_name(tmp_path, monkeypatch):
+    """`[project.entry-points."fedsim.policies"] keep_fastest = "keep_fastest:KeepFastest"` in a package."""
+    from test_plugins import install
+
+    install(tmp_path, "fastpolicies", {"fedsim.policies": {"fastest": "keep_fastest:KeepFastest"}})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    scn = scenario('policy.name="fastest"', "policy.k=3")
+    assert type(scn.policy).__name__ == "KeepFastest" and scn.policy.k == 3
+    from fedsim.errors import ScenarioError
+
+    with pytest.raises(ScenarioError, match=r"policy\.name: unknown policy 'fastes' \(did you mean 'fastest'\?\)"):
+        scenario('policy.name="fastes"')

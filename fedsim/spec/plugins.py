@@ -1,12 +1,12 @@
-"""Plugins: the one resolver behind every scenario field that names code (`data.name`, `model.name`,
-`training.loss`).
+"""Plugins: the one resolver behind every scenario field that names code (`policy.name`, `data.name`,
+`model.name`, `training.loss`).
 
 Such a field holds one of
 
 * a **built-in name** ("mnist", "mlp", "cross_entropy"), mapped by the caller to an import path such as
   "fedsim.learn.models:MLP" and imported only when named, so this layer never imports the layers above it;
-* a name **registered by an installed package** in an entry-point group (`fedsim.datasets`,
-  `fedsim.models`): in the package's `pyproject.toml`,
+* a name **registered by an installed package** in an entry-point group (`fedsim.policies`,
+  `fedsim.datasets`, `fedsim.models`): in the package's `pyproject.toml`,
   `[project.entry-points."fedsim.datasets"] cifar10 = "mypackage.data:Cifar10"`. A built-in name wins over
   a registered one of the same spelling; a name two packages register is refused as ambiguous;
 * an **import path** "package.module:Name" (the module must be importable: installed, or on PYTHONPATH).

@@ -1,7 +1,8 @@
 """The `[policy]` table: the policy named there reads its own fields (each policy's module, fedsim.policies).
 
-`policy.name` is a built-in name or a "package.module:Class" import path. Built-in policies are registered
-by import path, imported only when named: the spec layer knows where a policy lives, not what it is.
+`policy.name` is a built-in name, a name an installed package registers in the `fedsim.policies` entry-point
+group, or a "package.module:Class" import path (`fedsim.spec.plugins`). Built-in policies are registered by
+import path, imported only when named: the spec layer knows where a policy lives, not what it is.
 
 Each policy class declares the fields it reads (`reads`). A key of the table that the named policy does not
 read is a notice when another built-in policy reads it ("wait ignores policy.deadline_s": one scenario can
@@ -11,10 +12,10 @@ switch policy with `--set policy.name=...`), and an error otherwise, with the cl
 from __future__ import annotations
 
 import difflib
-import importlib
 from typing import ClassVar, Protocol
 
-from fedsim.spec.fields import Fields, printable
+from fedsim.spec.fields import Fields
+from fedsim.spec.plugins import call_plugin, load_plugin
 
 # "Scenario" and "TrainingSpec" below are fedsim.spec.scenario's, which imports this module
 
@@ -52,45 +53,18 @@ class PolicyReading(Protocol):
     def read(self, fields: Fields, training: "TrainingSpec") -> PolicyConfig: ...
 
 
-def _import(path: str, fields: Fields) -> object:
-    """The object at "package.module:Attr", or a ScenarioError on policy.name naming the value."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr or ":" in attr:
-        raise fields.error("name", f"a policy is a built-in name ({', '.join(POLICY_PATHS)}) or "
-                                   f"'package.module:Class', got {printable(repr(path))}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
-            raise fields.error("name", f"no module named {exc.name!r} (policy {path!r}); is it installed or on "
-                                       "PYTHONPATH?") from None
-        raise fields.error("name", f"importing {module_name!r} (policy {path!r}) failed: "
-                                   f"{type(exc).__name__}: {printable(str(exc))}") from None
-    except Exception as exc:       # noqa: BLE001 - a plugin module may raise anything on import
-        raise fields.error("name", f"importing {module_name!r} (policy {path!r}) failed: "
-                                   f"{type(exc).__name__}: {printable(str(exc))}") from None
-    if not hasattr(module, attr):
-        raise fields.error("name", f"module {module_name!r} has no attribute {attr!r} (policy {path!r})")
-    return getattr(module, attr)
+def _is_policy(obj: object) -> bool:
+    return (isinstance(obj, type) and getattr(obj, "kind", None) in _KINDS and callable(getattr(obj, "read", None))
+            and isinstance(getattr(obj, "reads", None), frozenset))
 
 
 def policy_class(name: str, fields: Fields | None = None) -> PolicyReading:
-    """The policy class registered as `name`, or at import path `name` ("package.module:Class")."""
+    """The policy class `name` names: built in, registered in the `fedsim.policies` entry-point group, or at
+    import path "package.module:Class"."""
     fields = fields or Fields({"name": name}, "<policy>", "policy")
-    if name in POLICY_PATHS:
-        return _import(POLICY_PATHS[name], fields)
-    if ":" not in name:
-        close = difflib.get_close_matches(name, POLICY_PATHS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise fields.error("name", f"unknown policy {printable(repr(name))}; {hint}built-in policies are "
-                                   f"{', '.join(POLICY_PATHS)}, or give 'package.module:Class'")
-    cls = _import(name, fields)
-    if not (isinstance(cls, type) and getattr(cls, "kind", None) in _KINDS and callable(getattr(cls, "read", None))
-            and isinstance(getattr(cls, "reads", None), frozenset)):
-        raise fields.error("name", f"{name!r} is not a fedsim policy (a subclass of "
-                                   "fedsim.policies.SyncPolicy or fedsim.policies.AsyncPolicy), got "
-                                   f"{type(cls).__name__ if not isinstance(cls, type) else 'class ' + cls.__name__}")
-    return cls
+    return load_plugin(name, group="fedsim.policies", builtins=POLICY_PATHS, source=fields.source,
+                       field=fields.field("name"), kind="policy", form="package.module:Class", check=_is_policy,
+                       expected="a fedsim policy (a subclass of fedsim.policies.SyncPolicy or AsyncPolicy)")
 
 
 def builtin_fields() -> dict[str, frozenset[str]]:
@@ -102,7 +76,8 @@ def read_policy(fields: Fields, training: "TrainingSpec") -> tuple[PolicyConfig,
     """The policy of the `[policy]` table, and the table's keys it ignores (as field paths)."""
     name = fields.string("name")
     cls = policy_class(name, fields)
-    policy = cls.read(fields, training)
+    policy = call_plugin(cls.read, fields, training, source=fields.source, field=fields.field("name"),
+                         label=f"policy {name!r}: read")
     undeclared = sorted(fields.read_keys() - cls.reads - {"name"})
     if undeclared:
         raise fields.error(undeclared[0], f"policy {name!r} read a field it does not declare in its `reads` "
