@@ -235,10 +235,13 @@ def test_the_plugins_own_fields_are_checked_and_unknown_ones_refused(blobs, caps
     for override, words in [("data.classes=9", ["data.classes", "at most 6", "9"]),
                             ("data.spread=0", ["data.spread", "> 0"]),
                             ("data.colour=1", ["data.colour", "unknown field", "classes", "spread"]),
-                            ("data.dir='x'", ["data.dir", "unknown field"])]:
+                            ("data.clases=1", ["data.clases", "unknown field; did you mean data.classes?"])]:
         assert main(["validate", str(path), "--set", override]) == 2
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+    # a field another data set reads (mnist's dir) is named in a notice, so --set data.name=... switches
+    assert main(["validate", str(path), "--set", "data.dir='x'"]) == 0
+    assert f"notice    {MODULE}:Blobs ignores data.dir" in capsys.readouterr().out
 
 
 def test_path_fields_are_made_absolute_for_cluster_workers(blobs):

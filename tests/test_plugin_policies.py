@@ -78,7 +78,11 @@ def test_fields_other_policies_read_are_notices_and_typos_are_errors():
     scn = scenario('policy.name="wait"', 'policy.aggregation="mean"')
     assert scn.ignored == ("policy.aggregation", "policy.deadline_s")
     assert scn.notices == ("wait ignores policy.aggregation, policy.deadline_s",)
-    assert scenario().ignored == ()
+    assert scenario().ignored == () and scenario().notices == ()
+    # the data set's section too: synthetic data has no files and partitions itself
+    scn = scenario("data.dir='/tmp'", 'data.partition="dirichlet"', 'policy.name="wait"')
+    assert scn.notices == ("synthetic ignores data.dir, data.partition", "wait ignores policy.deadline_s")
+    assert scn.all_ignored == ("data.dir", "data.partition", "policy.deadline_s")
     with pytest.raises(ScenarioError, match=r"policy\.dedline_s: unknown field; did you mean policy\.deadline_s\?"):
         scenario("policy.dedline_s=0.1")
     # a misspelt required field: the missing one names the typo

@@ -28,7 +28,9 @@ The contract:
   errors name the field and the value; a key nobody reads is refused as unknown), `base_dir` being the
   scenario file's folder (for `fields.existing_path`), and returns an instance: a frozen, picklable
   config (a Dask worker gets a copy; the `Path` fields of a dataclass are made absolute for it). fedsim
-  reads `name`, `partition`, `dirichlet_alpha` and `samples_per_device` itself.
+  reads `name`, `partition`, `dirichlet_alpha` and `samples_per_device` itself. A key that another built-in
+  data set reads (`dir`, `synthetic_alpha`, ...; each declares them in `reads`) is named in a notice
+  ("synthetic ignores data.dir"), so `--set data.name=...` switches data sets.
 * `load(request)` runs when a run is built and returns the `fedsim.learn.data.Dataset`: floating-point
   inputs of shape (N, *input_shape), int64 labels in 0..num_classes-1, non-empty training and test sets.
   `request` (a `DataRequest`) gives the number of devices, the samples per device, the run's data stream
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +80,7 @@ class DataRequest:
 class DataSource(ABC):
     """Base class of every data set (see the module docstring for the contract)."""
 
+    reads: ClassVar[frozenset[str]] = frozenset()     # the [data] fields `read` may read
     @classmethod
     @abstractmethod
     def read(cls, fields: Fields, base_dir: Path | None) -> "DataSource":
@@ -95,27 +99,15 @@ class DataSource(ABC):
         return n_devices * samples_per_device * 8
 
 
-# The fields of each built-in data set: a scenario switched from one to the other with --set data.name=...
-# keeps the other's fields, which are accepted and ignored.
-_MNIST_FIELDS = ("dir",)
-_SYNTHETIC_FIELDS = ("synthetic_alpha", "synthetic_beta", "test_samples_per_device")
-
-
-def _accept(fields: Fields, keys: tuple[str, ...]) -> None:
-    for key in keys:
-        fields.raw(key, None)
-
-
 @dataclass(frozen=True)
 class Mnist(DataSource):
     """MNIST from the four standard IDX files (raw or .gz) in `data.dir`."""
+    reads: ClassVar[frozenset[str]] = frozenset({"dir"})
     dir: Path
 
     @classmethod
     def read(cls, fields: Fields, base_dir: Path | None) -> "Mnist":
-        directory = fields.existing_path("dir", base_dir, kind="dir", what="dataset directory")
-        _accept(fields, _SYNTHETIC_FIELDS)
-        return cls(directory)
+        return cls(fields.existing_path("dir", base_dir, kind="dir", what="dataset directory"))
 
     def load(self, request: DataRequest) -> Dataset:
         try:
@@ -130,10 +122,10 @@ class Synthetic(DataSource):
     alpha: float = 1.0
     beta: float = 1.0
     test_samples_per_device: int = 20
+    reads: ClassVar[frozenset[str]] = frozenset({"synthetic_alpha", "synthetic_beta", "test_samples_per_device"})
 
     @classmethod
     def read(cls, fields: Fields, base_dir: Path | None) -> "Synthetic":
-        _accept(fields, _MNIST_FIELDS)
         return cls(fields.number("synthetic_alpha", 1.0, low=0.0, high=MAX_SYNTHETIC_VARIANCE),
                    fields.number("synthetic_beta", 1.0, low=0.0, high=MAX_SYNTHETIC_VARIANCE),
                    fields.integer("test_samples_per_device", 20, low=1, high=1_000_000))

@@ -37,6 +37,7 @@ class DataSpec:
     partition: str                   # "iid" or "dirichlet" (unless the data set partitions itself)
     dirichlet_alpha: float
     samples_per_device: int
+    ignored: tuple[str, ...] = ()    # [data] fields given that this data set does not read (see Scenario.notices)
 
 
 def _is_data_source(obj: Any) -> bool:
@@ -49,6 +50,8 @@ def read_data(f: Fields, base_dir: Path | None) -> DataSpec:
     source_class = load_plugin(name, group=DATASET_GROUP, builtins=DATASET_PATHS, source=f.source,
                                field=f.field("name"), kind="data set", check=_is_data_source,
                                expected=f"a subclass of {_INTERFACE.replace(':', '.')}")
+    reads = getattr(source_class, "reads", frozenset())
+    self_partitioned = _partitions_itself(source_class)
     partition = f.choice("partition", ["iid", "dirichlet"], "iid")
     dirichlet_alpha = f.number("dirichlet_alpha", 0.5, low=0.0, low_open=True)
     samples_per_device = f.integer("samples_per_device", low=1, high=10_000_000)
@@ -57,8 +60,24 @@ def read_data(f: Fields, base_dir: Path | None) -> DataSpec:
     if not isinstance(loader, source_class):
         raise f.error("name", f"data set {name!r}: {source_class.__qualname__}.read must return a "
                               f"{source_class.__qualname__}, got {type(loader).__name__}")
-    f.finish()
-    return DataSpec(name, loader, partition, dirichlet_alpha, samples_per_device)
+    others = frozenset().union(_OWN_FIELDS, *(_builtin_reads(n) for n in DATASET_PATHS))
+    ignored = f.ignored_or_unknown(reads | set(_OWN_FIELDS), others, f"data set {name!r}")
+    if self_partitioned:     # validated all the same, but a data set that partitions itself has no use for them
+        ignored = tuple(sorted(ignored + tuple(f.field(k) for k in ("partition", "dirichlet_alpha") if f.has(k))))
+    return DataSpec(name, loader, partition, dirichlet_alpha, samples_per_device, ignored)
+
+
+_OWN_FIELDS = ("name", "partition", "dirichlet_alpha", "samples_per_device")
+
+
+def _builtin_reads(name: str) -> frozenset[str]:
+    module, _, attr = DATASET_PATHS[name].partition(":")
+    return getattr(importlib.import_module(module), attr).reads
+
+
+def _partitions_itself(source_class: type) -> bool:
+    module, _, name = _INTERFACE.partition(":")
+    return source_class.partition is not getattr(importlib.import_module(module), name).partition
 
 
 def check_data_memory(source: str, data: DataSpec, n_devices: int) -> None:

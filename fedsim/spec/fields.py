@@ -117,6 +117,21 @@ class Fields:
             raise self.error(key, f"must be a non-empty list of tables, got {_show(value)}")
         return [Fields(item, self.source, f"{self.field(key)}[{i}]") for i, item in enumerate(value)]
 
+    def ignored_or_unknown(self, own: Iterable[str], others: Iterable[str], reader: str) -> tuple[str, ...]:
+        """The keys not read here that `others` (other policies, data sets) read, as field paths; any other
+        unread key is an error naming the closest known field. `own`: the keys `reader` may read."""
+        own, others = set(own) | self._read, set(others)
+        ignored = []
+        for key in sorted(set(self.table) - self._read):
+            if key in others:
+                ignored.append(self.field(key))
+                continue
+            close = self._typo_of(key, own | others)
+            hint = f"did you mean {self.field(close)}? " if close is not None else ""
+            raise self.error(key, f"unknown field; {hint}({reader} reads: {', '.join(sorted(own))})")
+        self._read.update(self.table)
+        return tuple(ignored)
+
     def finish(self) -> None:
         """Reject keys nobody read: a misspelt field must not be ignored silently."""
         unknown = sorted(set(self.table) - self._read)

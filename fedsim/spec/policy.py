@@ -11,7 +11,6 @@ switch policy with `--set policy.name=...`), and an error otherwise, with the cl
 
 from __future__ import annotations
 
-import difflib
 from typing import ClassVar, Protocol
 
 from fedsim.spec.fields import Fields
@@ -83,14 +82,5 @@ def read_policy(fields: Fields, training: "TrainingSpec") -> tuple[PolicyConfig,
         raise fields.error(undeclared[0], f"policy {name!r} read a field it does not declare in its `reads` "
                                           f"({', '.join(sorted(cls.reads)) or 'none'})")
     others = frozenset().union(*builtin_fields().values())
-    ignored = []
-    for key in sorted(set(fields.table) - cls.reads - {"name"}):
-        if key in others:
-            ignored.append(fields.field(key))
-            continue
-        known = sorted(cls.reads | others | {"name"})
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f"did you mean {fields.field(close[0])}? " if close else ""
-        raise fields.error(key, f"unknown field; {hint}({policy.describe()} reads: "
-                                f"{', '.join(sorted(cls.reads)) or 'no field but name'})")
-    return policy, tuple(ignored)
+    ignored = fields.ignored_or_unknown(cls.reads | {"name"}, others, policy.describe())
+    return policy, ignored

@@ -124,14 +124,21 @@ class Scenario:
     fleet: FleetSpec
     network: NetworkSpec
     policy: PolicyConfig     # a frozen policy from fedsim.policies (or a plugin)
-    ignored: tuple[str, ...] = ()    # fields given but not read by this scenario's policy (see `notices`)
+    ignored: tuple[str, ...] = ()    # [policy] fields given but not read by this scenario's policy
 
     @property
     def notices(self) -> tuple[str, ...]:
-        """One line per group of given fields that have no effect here."""
-        if not self.ignored:
-            return ()
-        return (f"{self.policy.name} ignores {', '.join(self.ignored)}",)
+        """One line per section whose given fields have no effect here (the data set's, the policy's)."""
+        out = []
+        for who, fields in ((self.data.name, self.data.ignored), (self.policy.name, self.ignored)):
+            if fields:
+                out.append(f"{who} ignores {', '.join(fields)}")
+        return tuple(out)
+
+    @property
+    def all_ignored(self) -> tuple[str, ...]:
+        """Every field given that has no effect on the run (a sweep runs points differing only in these once)."""
+        return self.data.ignored + self.ignored
 
 
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
