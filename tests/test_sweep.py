@@ -8,7 +8,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import BASE_TOML
+from conftest import BASE_TOML, REPO
 from fedsim.cli import main
 from fedsim.errors import FedsimError
 from fedsim.sweep import parse_grid, plan_sweep
@@ -240,6 +240,28 @@ def test_runs_read_as_one_hive_partitioned_dataset(sweep):
         parts = dict(seg.split("=", 1) for seg in path.parent.relative_to(out / "runs").parts)
         assert overrides[-3:] == [f"policy.name={parts['policy.name']}",
                                   f"policy.deadline_s={parts['policy.deadline_s']}", f"run.seed={parts['seed']}"]
+
+
+def test_the_readmes_pyarrow_query_reads_a_sweep(sweep):
+    """The README's pyarrow block, run as written on this sweep (its pandas line only where pandas is installed)."""
+    import importlib.util
+    import re
+
+    _, out = sweep
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    block = next(b for b in blocks if "ds.dataset(" in b)
+    assert 'Path("sweeps/qs")' in block
+    code = block.replace('Path("sweeps/qs")', f"Path({str(out)!r})")
+    if importlib.util.find_spec("pandas") is None:
+        code = "\n".join(line for line in code.splitlines() if "to_pandas" not in line)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    rounds = namespace["rounds"]
+    assert rounds.num_rows == len(IDS) * 4
+    assert [str(rounds.schema.field(k).type) for k in ("policy.name", "policy.deadline_s", "seed")] == [
+        "string", "double", "int64"]
+    if "df" in namespace:
+        assert set(namespace["df"]["policy.deadline_s"]) == {0.05, 0.1}
 
 
 def test_trace_json_is_the_metadata_as_typed_json(sweep):
