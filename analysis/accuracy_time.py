@@ -48,9 +48,13 @@ def curve(runs) -> dict[str, np.ndarray]:
 
 def _draw(ax, c: dict, colour: str, label: str | None = None):
     line, = ax.plot(c["time_s"], c["mean"], marker="o", markersize=3, color=colour, label=label, linewidth=1.6)
-    if not np.all(np.isnan(c["std"])):
+    if np.all(np.isnan(c["std"])):
+        return line
+    if len(c["time_s"]) > 1:
         ax.fill_between(c["time_s"], c["mean"] - c["std"], c["mean"] + c["std"], color=colour, alpha=0.18,
                         linewidth=0)
+    else:                                    # one evaluation: the band is an error bar
+        ax.errorbar(c["time_s"], c["mean"], yerr=c["std"], color=colour, capsize=3, linewidth=1)
     return line
 
 
@@ -77,8 +81,8 @@ def figure(groups: list[Group], path: Path) -> Path:
     if len(groups) > 1:
         label_line_ends(ax, ends)
     seeds = sorted({g.n for g in groups})
-    caption(fig, f"Line: mean over seeds (n = {', '.join(map(str, seeds))} per group); band: ± 1 sample std "
-                 "(ddof=1) over seeds; x: mean end time of the evaluated round.")
+    caption(fig, f"Line: mean over seeds (n = {', '.join(map(str, seeds))} per group); band (one evaluation: error "
+                 "bar): ± 1 sample std (ddof=1) over seeds; x: mean end time of the evaluated round.")
     return save_figure(fig, path)
 
 
@@ -89,7 +93,7 @@ def group_figure(group: Group, total: int, path: Path) -> Path:
     ends = []
     for run in group.runs:
         _, t, a = _evaluated(run)
-        ax.plot(t, a, color=colour, alpha=0.45, linewidth=0.8)
+        ax.plot(t, a, color=colour, alpha=0.45, linewidth=0.8, marker=".", markersize=3)
         if len(t) and group.n <= 6:
             ends.append((t[-1], a[-1], f"seed {run.seed}", "0.4"))
     if group.n > 1:
@@ -100,7 +104,8 @@ def group_figure(group: Group, total: int, path: Path) -> Path:
     _axes(ax, f"{group.label}: test accuracy against simulated time")
     if ends and group.n > 1:
         label_line_ends(ax, ends)
-    caption(fig, "Thin: each seed. " + ("Bold: mean over seeds; band: ± 1 sample std (ddof=1)."
+    caption(fig, "Thin: each seed. " + ("Bold: mean over seeds; band (one evaluation: error bar): ± 1 sample std "
+                                        "(ddof=1)."
                                         if group.n > 1 else "One seed: no mean or band."))
     return save_figure(fig, path)
 

@@ -55,7 +55,7 @@ def label_line_ends(ax, ends: list[tuple[float, float, str, str]], fontsize: flo
     fig = ax.figure
     fig.canvas.draw()
     to_px = ax.transData
-    height = fontsize * 1.35 * fig.dpi / 72           # a text line, in pixels
+    height = fontsize * 1.5 * fig.dpi / 72            # a text line and a little, in pixels
     order = sorted(range(len(ends)), key=lambda i: to_px.transform((ends[i][0], ends[i][1]))[1])
     wanted = [to_px.transform((ends[i][0], ends[i][1]))[1] for i in order]
     placed = list(wanted)
@@ -74,7 +74,7 @@ def label_line_ends(ax, ends: list[tuple[float, float, str, str]], fontsize: flo
         y_label = to_data_y.transform((0, y_px))[1]
         ax.annotate(text, xy=(x, y), xycoords="data", xytext=(1.02, y_label), textcoords=blend,
                     fontsize=fontsize, color=c, va="center", ha="left", annotation_clip=False,
-                    arrowprops=dict(arrowstyle="-", color=c, lw=0.6, alpha=0.6, shrinkA=0, shrinkB=2))
+                    arrowprops=dict(arrowstyle="-", color=c, lw=0.6, alpha=0.6, shrinkA=1, shrinkB=2, relpos=(0, 0.5)))
 
 
 _OFFSETS = [(7, 5, "left", "bottom"), (7, -5, "left", "top"), (-7, 5, "right", "bottom"), (-7, -5, "right", "top"),

@@ -49,8 +49,26 @@ def _short(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
-def _labels(groups: list[Group], max_settings: int = 4) -> None:
-    """Each group's settings that differ between groups (run.seed aside) and a short label made of them."""
+def _label_keys(differ: list[str], flat: list[dict]) -> list[str]:
+    """Few keys that tell the groups apart: the policy first if it differs, then, greedily, the key that
+    separates the most groups still sharing a label, until every group has its own (or no key helps)."""
+    def key_of(f: dict, keys: list[str]) -> str:
+        return json.dumps([f.get(k) for k in keys], sort_keys=True, default=str)
+
+    chosen = [k for k in differ if k == "policy.name"]
+    rest = [k for k in differ if k != "policy.name"]
+    while rest and len({key_of(f, chosen) for f in flat}) < len(flat):
+        best = max(rest, key=lambda k: len({key_of(f, chosen + [k]) for f in flat}))
+        if len({key_of(f, chosen + [best]) for f in flat}) == len({key_of(f, chosen) for f in flat}):
+            break
+        chosen.append(best)
+        rest.remove(best)
+    return chosen
+
+
+def _labels(groups: list[Group]) -> None:
+    """Each group's settings that differ between groups (run.seed aside), and a label made of the few of them
+    that tell the groups apart (a setting a group does not have is left out of its label)."""
     flat = [flatten(g.runs[0].tree) for g in groups]
     for f in flat:
         f.pop("run.seed", None)
@@ -59,19 +77,17 @@ def _labels(groups: list[Group], max_settings: int = 4) -> None:
         keys += [k for k in f if k not in keys]
     differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
     differ.sort(key=lambda k: k != "policy.name")          # the policy first
-    tails = [k.rsplit(".", 1)[-1] for k in differ]
+    shown = _label_keys(differ, flat)
+    tails = [k.rsplit(".", 1)[-1] for k in shown]
     for g, f in zip(groups, flat):
         g.settings = {k: f.get(k) for k in differ}
         parts = []
-        for k, tail in zip(differ, tails):
-            if k == "policy.name":
-                parts.append(_short(f.get(k)))
-            else:
-                parts.append(f"{tail if tails.count(tail) == 1 else k}={_short(f.get(k))}")
-        more = len(parts) - max_settings
-        g.label = ", ".join(parts[:max_settings]) + (f", +{more} more" if more > 0 else "")
-        if not parts:
-            g.label = g.runs[0].policy
+        for k, tail in zip(shown, tails):
+            if f.get(k) is None:
+                continue
+            parts.append(_short(f[k]) if k == "policy.name" else
+                         f"{tail if tails.count(tail) == 1 else k}={_short(f[k])}")
+        g.label = ", ".join(parts) if parts else g.runs[0].policy
     labels = [g.label for g in groups]
     for g in groups:
         if labels.count(g.label) > 1:
