@@ -78,12 +78,13 @@ def label_line_ends(ax, ends: list[tuple[float, float, str, str]], fontsize: flo
 
 
 _OFFSETS = [(7, 5, "left", "bottom"), (7, -5, "left", "top"), (-7, 5, "right", "bottom"), (-7, -5, "right", "top"),
-            (0, 9, "center", "bottom"), (0, -9, "center", "top")]
+            (0, 9, "center", "bottom"), (0, -9, "center", "top"), (9, 0, "left", "center"), (-9, 0, "right", "center")]
 
 
-def label_points(ax, xs, ys, texts: list[str], fontsize: float = 7.5, colors: list[str] | None = None) -> None:
+def label_points(ax, xs, ys, texts: list[str], fontsize: float = 7.5, colors: list[str] | None = None) -> int:
     """Label points without overprinting: each label at the first offset (growing outwards, with a leader
-    once away from its point) where it overlaps no label or point already there and stays in the axes."""
+    once away from its point) where it overlaps no label or point already there and stays in the axes; a
+    label with no such place is left out. Returns how many were left out."""
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -93,9 +94,10 @@ def label_points(ax, xs, ys, texts: list[str], fontsize: float = 7.5, colors: li
         px, py = ax.transData.transform((x, y))
         occupied.append(Bbox.from_extents(px - r, py - r, px + r, py + r))
     inside = ax.bbox
+    left_out = 0
     for x, y, text, c in zip(xs, ys, texts, colors or ["black"] * len(texts)):
         chosen = None
-        for scale in (1, 2.5, 4.5, 7):
+        for scale in (1, 2.5, 4.5, 7, 10):
             for dx, dy, ha, va in _OFFSETS:
                 arrow = dict(arrowstyle="-", lw=0.5, color="0.4") if scale > 1 else None
                 ann = ax.annotate(text, (x, y), xytext=(dx * scale, dy * scale), textcoords="offset points",
@@ -107,10 +109,11 @@ def label_points(ax, xs, ys, texts: list[str], fontsize: float = 7.5, colors: li
                 ann.remove()
             if chosen:
                 break
-        if chosen is None:       # nowhere free: the first place, so the label is still there
-            ann = ax.annotate(text, (x, y), xytext=(7, 5), textcoords="offset points", fontsize=fontsize, color=c)
-            chosen = (ann, ann.get_window_extent(renderer))
+        if chosen is None:       # nowhere free: left out rather than printed over another
+            left_out += 1
+            continue
         occupied.append(chosen[1])
+    return left_out
 
 
 def bars(ax, groups, values, xs, total: int | None = None) -> None:

@@ -46,8 +46,9 @@ def gantt_bars(events: dict[str, list]) -> list[dict]:
             continue
         s = state.setdefault(device, {"download": None, "compute": None, "uploads": {}})
 
-        def bar(phase: str, start: float) -> None:
-            bars.append({"device": device, "phase": phase, "layer": layer, "start_s": start, "end_s": t})
+        def bar(phase: str, start: float, lane: str = "compute") -> None:
+            bars.append({"device": device, "phase": phase, "layer": layer, "start_s": start, "end_s": t,
+                         "lane": lane})
 
         if kind == "download_start":
             s["download"] = t
@@ -63,15 +64,16 @@ def gantt_bars(events: dict[str, list]) -> list[dict]:
         elif kind == "upload_start":
             s["uploads"][layer] = t
         elif kind == "upload_end":
-            bar("upload", s["uploads"].pop(layer))
+            bar("upload", s["uploads"].pop(layer), "uplink")
         elif kind in INTERRUPTIONS:
+            lane = "compute"
             if layer in s["uploads"]:
-                start = s["uploads"].pop(layer)
+                start, lane = s["uploads"].pop(layer), "uplink"
             elif s["download"] is not None:
                 start, s["download"] = s["download"], None
             else:
                 start = s["compute"]
-            bar(kind, start)
+            bar(kind, start, lane)
     return bars
 
 
@@ -162,10 +164,17 @@ def chart(study, run, path, round_: int | None = None, devices: str | None = Non
         deadline_at = start_at + run.deadline_s        # everyone was done before the deadline fired
 
     row_of = {d: i for i, d in enumerate(devices)}
+    # a device whose uploads overlap its computing (streaming) gets two lanes: compute above, uplink below
+    two_lanes = {d for d in devices if any(u["start_s"] < c["end_s"] for u in bars if u["device"] == d and
+                                           u["lane"] == "uplink" for c in bars if c["device"] == d and
+                                           c["lane"] == "compute" and c["phase"] != "download")}
     fig, ax = plt.subplots(figsize=(10, 1.6 + 0.32 * len(devices)))
     for b in bars:
         colour = BACKWARD[b["layer"] % 2] if b["phase"] == "backward" else COLORS[b["phase"]]
-        ax.barh(row_of[b["device"]], b["end_s"] - b["start_s"], left=b["start_s"], height=0.66, color=colour,
+        y, height = row_of[b["device"]], 0.66
+        if b["device"] in two_lanes:
+            y, height = y + (0.17 if b["lane"] == "uplink" else -0.17), 0.32
+        ax.barh(y, b["end_s"] - b["start_s"], left=b["start_s"], height=height, color=colour,
                 hatch="///" if b["phase"] in INTERRUPTIONS else None, edgecolor="white", linewidth=0.4)
     ends = {d: max((b["end_s"] for b in bars if b["device"] == d), default=start_at or 0.0) for d in devices}
     for d in devices:
@@ -204,7 +213,9 @@ def chart(study, run, path, round_: int | None = None, devices: str | None = Non
     how = "the devices asked for" if asked is not None else \
         "one of each class, status and depth in turn, stragglers first"
     caption(fig, f"{len(devices)} of {len(present)} participants shown ({how}); backward: one bar per layer, "
-                 "last layer first, shades alternating. Tick labels: device class (colour) and id.")
+                 "last layer first, shades alternating" + ("; uploads that overlap computing: lower half of the row"
+                                                           if two_lanes else "")
+            + ". Tick labels: device class (colour) and id.")
     save_figure(fig, path)
     rows = [[b["device"], class_of[b["device"]], b["phase"], b["layer"], b["start_s"], b["end_s"],
              b["end_s"] - b["start_s"]] for b in bars]

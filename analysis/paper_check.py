@@ -130,7 +130,7 @@ def figures(study, out, budget_s: float) -> list:
             colour = COLORS.get(g.runs[0].policy_name, "tab:cyan")
             end = _curve(ax, g, x, colour, budget_s * 3 if x == "time" else math.inf)
             ends.append((*end, _name(g), colour))
-        ax.set_xlabel("round" if x == "round" else "simulated time (s)")
+        ax.set_xlabel("round (number, from 1)" if x == "round" else "simulated time (s)")
         if x == "time":
             ax.set_xlim(0, budget_s * 3)
         ax.set_ylabel("test accuracy (fraction correct)")

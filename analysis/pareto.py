@@ -62,12 +62,14 @@ def make(study, out, args) -> Section:
                  f"{'runs' if by_run else 'groups'} on the Pareto front (circled)")
     ax.grid(alpha=0.3)
     ax.margins(0.12)
-    order = list(np.flatnonzero(front)) + list(np.flatnonzero(~front))       # the front's labels placed first
-    label_points(ax, t[order], e[order], [pts[i]["label"] for i in order],
-                 colors=["black" if front[i] else "0.45" for i in order])
-    caption(fig, "Each point: " + ("one run." if by_run else "a group, at the mean over its seeds.")
+    # the front's labels placed first; with one point per run, only the front is labelled
+    order = list(np.flatnonzero(front)) + ([] if by_run else list(np.flatnonzero(~front)))
+    left_out = label_points(ax, t[order], e[order], [pts[i]["label"] for i in order],
+                            colors=["black" if front[i] else "0.45" for i in order])
+    caption(fig, "Each point: " + ("one run; only the Pareto-optimal ones are labelled." if by_run else
+                                   "a group, at the mean over its seeds.")
             + " Pareto-optimal (circled, black label): no other point is as fast, as frugal and as accurate, and "
-            "better in one.")
+            "better in one." + (f" {left_out} label(s) left out for lack of room: see pareto.md." if left_out else ""))
     order = sorted(range(len(pts)), key=lambda i: (not front[i], t[i], e[i]))
     rows = [[pts[i]["id"], pts[i]["label"], pts[i]["seeds"], "yes" if front[i] else "no",
              pts[i]["t"][0], pts[i]["t"][1], pts[i]["e"][0], pts[i]["e"][1], pts[i]["a"][0], pts[i]["a"][1]]

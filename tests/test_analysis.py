@@ -152,6 +152,29 @@ def test_groups_differing_in_any_setting_are_told_apart(tmp_path):
                                                              ("lr=0.05", {"training.lr": 0.05})]
 
 
+def test_labels_name_the_few_settings_that_tell_groups_apart():
+    """Of every setting that differs (all kept in `settings`), a label shows the policy and then only what
+    is needed to tell the groups apart; a setting a group does not have is not in its label."""
+    from types import SimpleNamespace
+
+    from analysis.groups import Group, _labels
+
+    def group(number, policy, rounds):
+        tree = {"run": {"seed": number, "rounds": rounds}, "policy": policy}
+        return Group(number, [SimpleNamespace(tree=tree, policy=policy["name"])])
+
+    groups = [group(1, {"name": "salf", "deadline_s": 0.1}, 30), group(2, {"name": "salf", "deadline_s": 0.2}, 30),
+              group(3, {"name": "fedbuff", "deadline_s": 0.1, "buffer_size": 10}, 10**5)]
+    _labels(groups)
+    assert [g.label for g in groups] == ["salf, deadline_s=0.1", "salf, deadline_s=0.2", "fedbuff, deadline_s=0.1"]
+    assert groups[2].settings == {"policy.name": "fedbuff", "run.rounds": 100000, "policy.deadline_s": 0.1,
+                                  "policy.buffer_size": 10}
+    assert groups[0].settings["policy.buffer_size"] is None
+    twins = [group(1, {"name": "wait"}, 3), group(2, {"name": "wait"}, 3)]      # same settings, other groups
+    _labels(twins)
+    assert [g.label for g in twins] == ["wait [g1]", "wait [g2]"]
+
+
 def test_runs_written_before_trace_json_group_and_label_alike(sweep, tmp_path):
     from analysis.groups import load_study
 
