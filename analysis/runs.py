@@ -218,7 +218,8 @@ def load_runs(directory: Path) -> list[Run]:
     """The completed runs under `directory`, each scenario and seed once."""
     top = Path(directory)
     if not top.is_dir():
-        raise AnalysisError(f"{top}: no such directory")
+        raise AnalysisError(f"{top}: " + ("not a directory; give the run, sweep or folder that holds it"
+                                          if top.exists() else "no such directory"))
     runs: list[Run] = []
     by_scenario: dict[str, Run] = {}
     for path, sweep in _candidates(top, top):
