@@ -97,7 +97,7 @@ def _comparison(study: Study, out: Path, args) -> list[tuple[str, Section | str]
     try:
         parts.append(("deadline", deadline.make(study, out, args)))
     except AnalysisError as exc:
-        parts.append(("deadline", f"Deadline study not drawn: {exc}"))
+        parts.append(("deadline", f"Deadline study not drawn: {exc}."))
     if len(study.groups) > 1:
         args.by = "group"
         parts.append(("pareto", pareto.make(study, out, args)))

@@ -154,7 +154,7 @@ class Run:
         words = ["fedsim", "run", scenario.get("source", "?")]
         for item in scenario.get("overrides", []):
             words += ["--set", item]
-        return " ".join(shlex.quote(str(w)) for w in words) + f"  # --out {shlex.quote(str(self.path))}"
+        return " ".join(shlex.quote(str(w)) for w in [*words, "--out", self.path])
 
 
 def _read_json(path: Path) -> dict | None:

@@ -521,7 +521,7 @@ def test_report_on_a_folder_of_runs(folder, tmp_path):
     assert fedsim_main(["report", str(folder), "--out", str(tmp_path)]) == 0
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "<h3 id='g1'>g1: drop</h3>" in page and "<h3 id='g2'>g2: salf</h3>" in page
-    assert "fedsim run test.toml --set run.seed=4" in page           # how each run was made
+    assert f"fedsim run test.toml --set run.seed=4 --out {folder / 'more' / 'salf-4'}" in page   # how it was made
     assert "3 completed, in 2 group(s)" in page
 
 
