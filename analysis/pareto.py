@@ -1,19 +1,20 @@
-"""The latency / energy / accuracy Pareto front across the configurations (or runs) of a sweep.
+"""The latency / energy / accuracy Pareto front across the groups of runs.
 
-A point is a configuration: a group of runs differing only by seed, at the mean over its seeds of the
-simulated time of the whole run, the fleet energy of the whole run and the final test accuracy
-(`--by run`: every run is its own point). A point is Pareto-optimal when no other point is at least as
-fast, at least as frugal and at least as accurate, and strictly better in one of the three.
-Writes pareto.png (time vs energy, coloured by accuracy, the front circled) and pareto.md/.csv (the
-Pareto-optimal points, by simulated time).
+A point is a group (the runs of one scenario that differ only by seed) at the mean over its seeds of the
+simulated time of the whole run, the fleet energy of the whole run and the final test accuracy; each seed
+counts once (a run found twice is one run). `--by run`: every run is its own point. A point is
+Pareto-optimal when no other point is at least as fast, at least as frugal and at least as accurate, and
+strictly better in one of the three. Writes pareto.png (time against energy, coloured by accuracy, the front
+circled and labelled) and pareto.md/.csv (every point, the front first).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from analysis.common import (Section, Table, final_accuracy, finish, group_label, group_runs, plt, save_figure,
-                             script_main, sim_time, total_energy)
+from .common import Section, Table, finish, script_main
+from .figures import caption, label_points, plt, save_figure
+from .runs import STD_NOTE, final_accuracy, mean_std, sim_time, total_energy
 
 
 def pareto_mask(time_s: np.ndarray, energy_j: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
@@ -28,44 +29,63 @@ def pareto_mask(time_s: np.ndarray, energy_j: np.ndarray, accuracy: np.ndarray) 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--by", choices=["group", "run"], default="group",
-                        help="points: configurations averaged over seeds (default) or single runs")
+                        help="points: groups averaged over their seeds (default) or single runs")
 
 
-def make(runs, out, args) -> Section:
+def points(study, by_run: bool) -> list[dict]:
+    out = []
+    for g in study.groups:
+        members = [[r] for r in g.runs] if by_run else [g.runs]
+        for runs in members:
+            t, e, a = (mean_std([f(r) for r in runs]) for f in (sim_time, total_energy, final_accuracy))
+            name = f"{g.label}, seed {runs[0].seed}" if by_run else g.label
+            out.append({"id": runs[0].run_id if by_run else g.slug, "label": name, "seeds": len(runs),
+                        "t": t, "e": e, "a": a})
+    return out
+
+
+def make(study, out, args) -> Section:
     by_run = getattr(args, "by", "group") == "run"
-    groups = group_runs(runs, drop=() if by_run else ("seed",))
-    labels = [(members[0].run_id if by_run else group_label(key)) for key, members in groups.items()]
-    seeds = [len(members) for members in groups.values()]
-    t = np.array([np.mean([sim_time(r) for r in m]) for m in groups.values()])
-    e = np.array([np.mean([total_energy(r) for r in m]) for m in groups.values()])
-    a = np.array([np.mean([final_accuracy(r) for r in m]) for m in groups.values()])
+    pts = points(study, by_run)
+    t = np.array([p["t"][0] for p in pts])
+    e = np.array([p["e"][0] for p in pts])
+    a = np.array([p["a"][0] for p in pts])
     front = pareto_mask(t, e, a)
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    points = ax.scatter(t, e, c=a, cmap="viridis", s=40, zorder=2)
-    ax.scatter(t[front], e[front], s=160, facecolors="none", edgecolors="red", linewidths=1.5, zorder=3,
-               label="Pareto-optimal")
-    for i in np.flatnonzero(front):
-        ax.annotate(labels[i], (t[i], e[i]), fontsize=7, xytext=(6, 4), textcoords="offset points")
-    fig.colorbar(points, ax=ax, label="final test accuracy" + ("" if by_run else " (mean over seeds)"))
-    ax.set_xlabel("simulated time of the run (s)")
-    ax.set_ylabel("fleet energy of the run (J)")
-    ax.set_title("Latency / energy / accuracy" + (" per run" if by_run else " per configuration"))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    dots = ax.scatter(t, e, c=a, cmap="viridis", s=36, zorder=3, edgecolors="0.2", linewidths=0.4)
+    ax.scatter(t[front], e[front], s=150, facecolors="none", edgecolors="red", linewidths=1.4, zorder=2)
+    fig.colorbar(dots, ax=ax, label="final test accuracy (fraction correct)" + ("" if by_run else ", mean"))
+    ax.set_xlabel("simulated time of the run (s)" + ("" if by_run else ", mean over seeds"))
+    ax.set_ylabel("fleet energy of the run (J)" + ("" if by_run else ", mean over seeds"))
+    ax.set_title(f"Time, energy and accuracy: {int(front.sum())} of {len(pts)} "
+                 f"{'runs' if by_run else 'groups'} on the Pareto front (circled)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    order = sorted(np.flatnonzero(front), key=lambda i: (t[i], e[i]))
-    rows = [[labels[i], seeds[i], t[i], e[i], a[i]] for i in order]
+    ax.margins(0.12)
+    # the front's labels placed first; with one point per run, only the front is labelled
+    order = list(np.flatnonzero(front)) + ([] if by_run else list(np.flatnonzero(~front)))
+    left_out = label_points(ax, t[order], e[order], [pts[i]["label"] for i in order],
+                            colors=["black" if front[i] else "0.45" for i in order])
+    caption(fig, "Each point: " + ("one run; only the Pareto-optimal ones are labelled." if by_run else
+                                   "a group, at the mean over its seeds.")
+            + " Pareto-optimal (circled, black label): no other point is as fast, as frugal and as accurate, and "
+            "better in one." + (f" {left_out} label(s) left out for lack of room: see pareto.md." if left_out else ""))
+    order = sorted(range(len(pts)), key=lambda i: (not front[i], t[i], e[i]))
+    rows = [[pts[i]["id"], pts[i]["label"], pts[i]["seeds"], "yes" if front[i] else "no",
+             pts[i]["t"][0], pts[i]["t"][1], pts[i]["e"][0], pts[i]["e"][1], pts[i]["a"][0], pts[i]["a"][1]]
+            for i in order]
     section = Section("Pareto front", figures=[save_figure(fig, out / "pareto.png")])
     section.tables.append(Table(
-        "pareto", "Pareto-optimal " + ("runs" if by_run else "configurations"),
-        ["run" if by_run else "group", "seeds", "sim_time_s", "energy_j", "final_accuracy"], rows,
-        f"{int(front.sum())} of {len(labels)} points are Pareto-optimal (min time, min energy, max accuracy)"
-        + ("." if by_run else "; values are means over seeds.")))
+        "pareto", "Time, energy and accuracy " + ("per run" if by_run else "per group"),
+        ["run" if by_run else "id", "group", "seeds", "pareto_optimal", "sim_time_s_mean", "sim_time_s_std",
+         "energy_j_mean", "energy_j_std", "final_accuracy_mean", "final_accuracy_std"], rows,
+        "Pareto-optimal first (min time, min energy, max accuracy), then by time. "
+        + ("One run per row." if by_run else f"{STD_NOTE}.")))
     return finish(section, out)
 
 
-def main(argv=None) -> int:
-    return script_main(__doc__, make, add_arguments, argv)
+def main(argv=None, prog: str | None = None) -> int:
+    return script_main(__doc__, make, add_arguments, argv, prog)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""`fedsim run | validate | sweep`: the command line. Bad input exits 2 with one line on stderr, no traceback."""
+"""`fedsim run | validate | sweep | report | plot`: the command line. Bad input exits 2 with one line on stderr,
+no traceback. `report` and `plot` run the analysis package (`fedsim_analysis`, the checkout's `analysis/`)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -64,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     swp.add_argument("--cluster", default=None, metavar="ADDRESS|local[:N]",
                      help="run the runs as tasks on a Dask cluster: a scheduler address, or local:N worker "
                           "processes; the sweep directory must be on a filesystem every worker sees")
+
+    # report and plot hand their arguments to the analysis package, which parses them (see main)
+    sub.add_parser("report", help="one HTML page of a run, a sweep or a folder of runs: DIR/report.html "
+                                  "(fedsim report DIR --help)")
+    sub.add_parser("plot", help="one kind of figure and its tables, into DIR/analysis: accuracy, deadline, pareto, "
+                                "layers, depths, gantt, paper-check (fedsim plot KIND DIR --help)")
 
     val = sub.add_parser("validate", help="check a scenario file and print a summary")
     val.add_argument("scenario", type=Path)
@@ -171,7 +180,53 @@ def _cmd_sweep(args) -> int:
     return 0 if result.failed == 0 else 1
 
 
+def _analysis():
+    """The analysis package: installed as `fedsim_analysis`; from a checkout that is not installed, the
+    `analysis/` folder next to `fedsim/`, loaded under that same name (never an unrelated `analysis`)."""
+    try:
+        return importlib.import_module("fedsim_analysis")
+    except ModuleNotFoundError as exc:
+        if exc.name != "fedsim_analysis":
+            raise
+    folder = Path(__file__).resolve().parent.parent / "analysis"
+    if not (folder / "__init__.py").is_file():
+        raise FedsimError("report and plot need the fedsim_analysis package; reinstall fedsim (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("fedsim_analysis", folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["fedsim_analysis"] = package
+    spec.loader.exec_module(package)
+    return package
+
+
+def _cmd_study(command: str, rest: list[str]) -> int:
+    """`fedsim report ...` and `fedsim plot KIND ...`: the analysis module's own command line."""
+    package = _analysis()
+    if command == "report":
+        return importlib.import_module(f"{package.__name__}.report").main(rest, prog="fedsim report")
+    kinds = package.KINDS
+    if not rest or rest[0] in ("-h", "--help"):
+        print("usage: fedsim plot KIND DIR [--out OUT] [options]  (fedsim plot KIND --help)\n"
+              f"kinds: {', '.join(kinds)}")
+        return 0
+    if rest[0] not in kinds:
+        print(f"fedsim: error: plot: unknown kind {printable(rest[0])!r}; one of {', '.join(kinds)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    module = importlib.import_module(f"{package.__name__}.{kinds[rest[0]]}")
+    return module.main(rest[1:], prog=f"fedsim plot {rest[0]}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("report", "plot"):
+        try:
+            return _cmd_study(argv[0], argv[1:])
+        except FedsimError as exc:
+            print(f"fedsim: error: {printable(str(exc))}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print("fedsim: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:         # --help, --version, or a usage error already printed as one line

@@ -19,14 +19,14 @@ from fedsim.sim.async_engine import AsyncServer, serve_async
 from fedsim.sim.engine import run_events, serve_rounds
 from fedsim.output.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_server, save_checkpoint
 from fedsim.errors import ScenarioError, TraceError
-from fedsim.output.rundir import (RunStatus, open_run_dir, prepare_run_dir, read_status, write_atomic, write_marker,
-                           write_status)
+from fedsim.output.rundir import (RunStatus, open_run_dir, prepare_run_dir, read_status, resolved_scenario,
+                                  scenario_identity, write_atomic, write_marker, write_status)
 from fedsim.spec.scenario import Scenario, parse_scenario
 from fedsim.sim.server import Server
 from fedsim.policies import FixedDeadline, is_asynchronous
 from fedsim.output.trace import SCHEMA_VERSION, TraceWriter
 
-__all__ = ["RunSummary", "run_scenario", "resume_run", "trace_metadata"]
+__all__ = ["RunSummary", "run_scenario", "resume_run", "trace_metadata", "trace_description"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,24 @@ def trace_metadata(scn: Scenario) -> dict[str, str]:
     }
 
 
+def trace_description(scn: Scenario) -> dict:
+    """`trace.json`: the trace metadata as JSON values, the resolved scenario and its identity (the hashes
+    of fedsim-run.json: `scenario` with the seed, `group` without)."""
+    deadline = scn.policy.deadline_s
+    return {
+        "fedsim_version": __version__,
+        "torch_version": torch.__version__,
+        "run_seed": scn.run.seed,
+        "policy": scn.policy.describe(),
+        "deadline_s": None if deadline is None else float(deadline),
+        "scenario_source": scn.source,
+        "scenario_overrides": list(scn.overrides),
+        "scenario_text": scn.text,
+        "scenario": resolved_scenario(scn.text, scn.overrides),
+        "identity": scenario_identity(scn.text, scn.overrides),
+    }
+
+
 ProgressFn = Callable[[int, float, float | None], None]
 
 
@@ -80,7 +98,7 @@ def run_scenario(scn: Scenario, run_dir: Path, progress: ProgressFn | None = Non
         with prepare_run_dir(run_dir, force=force):
             write_marker(run_dir, scn, base_dir)
             write_status(run_dir, RunStatus.RUNNING, rounds_done=0, pid=os.getpid())
-            trace = TraceWriter(run_dir, trace_metadata(scn))
+            trace = TraceWriter(run_dir, trace_metadata(scn), description=trace_description(scn))
             return _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state=None,
                             grads=grads)
 
@@ -113,7 +131,8 @@ def resume_run(run_dir: Path, progress: ProgressFn | None = None, checkpoint_eve
             write_status(run_dir, RunStatus.RUNNING, rounds_done=next_round, pid=os.getpid(),
                          **({} if state is None else {"checkpoint_round": next_round}))
             keep = {"events": 0, "devices": 0, "rounds": 0} if state is None else state["rows"]
-            trace = TraceWriter(run_dir, trace_metadata(scn), keep_rows=keep)
+            trace = TraceWriter(run_dir, trace_metadata(scn), keep_rows=keep,
+                                  description=trace_description(scn))
             return _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, state, grads=grads)
 
 

@@ -152,7 +152,11 @@ def test_sweep_on_cluster_equals_local_sweep_and_resumes(tmp_path, capsys, clien
     index = pq.read_table(local / "index.parquet")
     assert pq.read_table(dask / "index.parquet").equals(index, check_metadata=True)
     assert index.column("status").to_pylist() == ["completed"] * 2
+    # the same Hive layout on the cluster: runs/KEY=VALUE/seed=S/
+    assert index.column("run_dir").to_pylist() == ["runs/policy.name=salf/seed=3", "runs/policy.name=drop/seed=3"]
+    assert all((dask / d / "status.json").is_file() for d in index.column("run_dir").to_pylist())
     assert (dask / "sweep.json").read_text() == (local / "sweep.json").read_text()
+    assert (dask / "partitioning.parquet").read_bytes() == (local / "partitioning.parquet").read_bytes()
     for run_dir in index.column("run_dir").to_pylist():
         for name in TRACES:       # bit for bit: one torch thread per run on both sides
             assert pq.read_table(dask / run_dir / f"{name}.parquet").equals(

@@ -8,7 +8,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import BASE_TOML
+from conftest import BASE_TOML, REPO
 from fedsim.cli import main
 from fedsim.errors import FedsimError
 from fedsim.sweep import parse_grid, plan_sweep
@@ -16,7 +16,7 @@ from fedsim.sweep import parse_grid, plan_sweep
 GRID = ["--grid", "policy.name=salf,drop", "--grid", "policy.deadline_s=0.05,0.1"]
 SEEDS = [3, 4]                    # BASE_TOML has run.seed = 3; --seeds 2 gives base + 0, base + 1
 TARGET = 0.3
-IDS = [f"policy.name={p},policy.deadline_s={d},seed={s}"
+IDS = [f"policy.name={p}/policy.deadline_s={d}/seed={s}"           # Hive partition paths under runs/
        for p in ("salf", "drop") for d in ("0.05", "0.1") for s in SEEDS]
 
 
@@ -37,7 +37,7 @@ def sweep(tmp_path_factory):
 
 def test_run_directories_and_index(sweep):
     scenario, out = sweep
-    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(IDS)
+    assert sorted(str(p.parent.relative_to(out / "runs")) for p in (out / "runs").rglob("status.json")) == sorted(IDS)
     for run_id in IDS:
         run_dir = out / "runs" / run_id
         assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
@@ -54,13 +54,13 @@ def test_run_directories_and_index(sweep):
     index = pq.read_table(out / "index.parquet")
     assert index.column_names[:5] == ["run_id", "policy.name", "policy.deadline_s", "seed", "status"]
     assert index.schema.field("policy.name").type == "string"
-    assert index.schema.field("policy.deadline_s").type == "string"
+    assert index.schema.field("policy.deadline_s").type == "double"           # typed, not text
     rows = index.to_pylist()
     assert [r["run_id"] for r in rows] == IDS
     assert all(r["status"] == "completed" and r["error"] is None for r in rows)
     for r in rows:
-        params = f"policy.name={r['policy.name']},policy.deadline_s={r['policy.deadline_s']}"
-        assert r["run_id"] == f"{params},seed={r['seed']}"
+        params = f"policy.name={r['policy.name']}/policy.deadline_s={r['policy.deadline_s']}"
+        assert r["run_id"] == f"{params}/seed={r['seed']}"
         assert r["run_dir"] == f"runs/{r['run_id']}"
     assert json.loads((out / "sweep.json").read_text())["grid"] == {"policy.name": ["salf", "drop"],
                                                                     "policy.deadline_s": ["0.05", "0.1"]}
@@ -122,8 +122,8 @@ def test_resume_redoes_only_missing_or_unfinished_runs(sweep, tmp_path, capsys):
     assert "run/s" in captured.err or "s/run" in captured.err or "8/8" in captured.err
 
     for path, mtime in before.items():
-        run_id = path.parts[1] if path.parts[0] == "runs" else None
-        if run_id in (deleted, crashed) or path.name in ("index.parquet", "sweep.json"):
+        run_id = "/".join(path.parts[1:4]) if path.parts[0] == "runs" else None
+        if run_id in (deleted, crashed) or path.name in ("index.parquet", "sweep.json", "partitioning.parquet"):
             continue
         assert (out / path).stat().st_mtime_ns == mtime, path           # untouched
     for run_id in (deleted, crashed):
@@ -206,7 +206,119 @@ def test_grid_values_and_run_ids(tmp_path):
     runs = plan_sweep(scenario, grid, 1, ["run.seed=10"])
     assert [r.seed for r in runs] == [10, 10]
     ids = [r.run_id for r in runs]
-    assert len(set(ids)) == 2
-    assert all("/" not in i and " " not in i and '"' not in i for i in ids)
-    assert ids[0].startswith("fleet.classes_1_.speed_flops=1e7,seed=10-")      # sanitised + hash
+    assert ids == ["fleet.classes[1].speed_flops=10000000.0/seed=10",        # canonical value text
+                   "fleet.classes[1].speed_flops=%7B%20dist%20%3D%20%22fixed%22%2C%20value%20%3D%2030000000.0%20%7D"
+                   "/seed=10"]                                              # percent-encoded, as Hive does
     assert ids == [r.run_id for r in plan_sweep(scenario, grid, 1, ["run.seed=10"])]   # stable
+
+
+# -- reading a sweep as one dataset ----------------------------------------------------------------
+
+def test_runs_read_as_one_hive_partitioned_dataset(sweep):
+    """pyarrow reads every run's rounds.parquet as one table, the grid keys and the seed typed columns
+    (types from partitioning.parquet), each row's partition values those its run recorded."""
+    import pyarrow.dataset as ds
+
+    _, out = sweep
+    files = sorted((out / "runs").glob("**/rounds.parquet"))
+    assert len(files) == len(IDS)
+    part = ds.partitioning(pq.read_schema(out / "partitioning.parquet"), flavor="hive")
+    rounds = ds.dataset(files, partitioning=part, partition_base_dir=str(out / "runs")).to_table()
+    assert rounds.schema.field("policy.name").type == "string"
+    assert rounds.schema.field("policy.deadline_s").type == "double"
+    assert rounds.schema.field("seed").type == "int64"
+    assert rounds.num_rows == len(IDS) * 4
+    seen = set()
+    for row in rounds.select(["policy.name", "policy.deadline_s", "seed", "policy"]).to_pylist():
+        assert row["policy"] == ("salf(mean)" if row["policy.name"] == "salf" else "drop")
+        seen.add((row["policy.name"], row["policy.deadline_s"], row["seed"]))
+    assert seen == {(p, d, s) for p in ("salf", "drop") for d in (0.05, 0.1) for s in SEEDS}
+    # the partition values are what each run was given: its trace records them
+    for path in files:
+        meta = pq.read_schema(path).metadata
+        overrides = json.loads(meta[b"scenario.overrides"])
+        parts = dict(seg.split("=", 1) for seg in path.parent.relative_to(out / "runs").parts)
+        assert overrides[-3:] == [f"policy.name={parts['policy.name']}",
+                                  f"policy.deadline_s={parts['policy.deadline_s']}", f"run.seed={parts['seed']}"]
+
+
+def test_the_readmes_pyarrow_query_reads_a_sweep(sweep):
+    """The README's pyarrow block, run as written on this sweep (its pandas line only where pandas is installed)."""
+    import importlib.util
+    import re
+
+    _, out = sweep
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    block = next(b for b in blocks if "ds.dataset(" in b)
+    assert 'Path("sweeps/qs")' in block
+    code = block.replace('Path("sweeps/qs")', f"Path({str(out)!r})")
+    if importlib.util.find_spec("pandas") is None:
+        code = "\n".join(line for line in code.splitlines() if "to_pandas" not in line)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    rounds = namespace["rounds"]
+    assert rounds.num_rows == len(IDS) * 4
+    assert [str(rounds.schema.field(k).type) for k in ("policy.name", "policy.deadline_s", "seed")] == [
+        "string", "double", "int64"]
+    if "df" in namespace:
+        assert set(namespace["df"]["policy.deadline_s"]) == {0.05, 0.1}
+
+
+def test_trace_json_is_the_metadata_as_typed_json(sweep):
+    _, out = sweep
+    run_dir = out / "runs" / IDS[0]
+    body = json.loads((run_dir / "trace.json").read_text(encoding="utf-8"))
+    meta = {k.decode(): v.decode() for k, v in pq.read_schema(run_dir / "rounds.parquet").metadata.items()}
+    marker = json.loads((run_dir / "fedsim-run.json").read_text())
+    assert body["schema_version"] == meta["fedsim.schema_version"] == "1"
+    assert body["fedsim_version"] == meta["fedsim.version"] and body["torch_version"] == meta["torch.version"]
+    assert body["run_seed"] == int(meta["run.seed"]) == 3
+    assert body["deadline_s"] == float(meta["policy.deadline_s"]) == 0.05
+    assert body["policy"] == meta["policy"] and body["scenario_text"] == meta["scenario.text"]
+    assert body["scenario_overrides"] == json.loads(meta["scenario.overrides"])
+    assert body["identity"] == marker["identity"]
+    resolved = body["scenario"]
+    assert resolved["policy"] == {"name": "salf", "deadline_s": 0.05}           # overrides applied, typed
+    assert resolved["run"]["rounds"] == 4 and resolved["run"]["seed"] == 3
+    assert resolved["fleet"]["classes"][0]["speed_flops"]["median"] == 2.0e6
+
+
+def test_grid_values_are_typed_and_equal_values_share_a_run_key():
+    from fedsim.sweep import run_key
+    from fedsim.sweep.index import grid_types
+    from fedsim.sweep.plan import SweepRun
+
+    assert run_key((("policy.deadline_s", "0.10"),), 1) == run_key((("policy.deadline_s", "0.1"),), 1) \
+        == "policy.deadline_s=0.1/seed=1"
+    assert run_key((("policy.name", "salf"), ("policy.name2", '"salf"')), 0) == "policy.name=salf/policy.name2=salf/seed=0"
+    assert run_key((), 5) == "seed=5"
+    with pytest.raises(FedsimError, match=r"--grid policy.deadline_s: 0.5 and 5e-1 are the same value"):
+        parse_grid(["policy.deadline_s=0.5,5e-1"])
+    grid = {"a.int": ["1", "2"], "a.num": ["1", "0.5"], "a.flag": ["true", "false"], "a.name": ["x", '"y"'],
+            "a.mixed": ["1", "x"], "a.table": ["{ v = 1 }", "[1, 2]"]}
+    plan = [SweepRun("r", tuple((k, v[i]) for k, v in grid.items()), 0, ()) for i in range(2)]
+    types = grid_types(plan, list(grid))
+    assert {k: str(t) for k, t in types.items()} == {"a.int": "int64", "a.num": "double", "a.flag": "bool",
+                                                     "a.name": "string", "a.mixed": "string", "a.table": "string"}
+    assert plan[0].values == {"a.int": 1, "a.num": 1, "a.flag": True, "a.name": "x", "a.mixed": 1,
+                              "a.table": {"v": 1}}
+
+
+def test_a_journal_reads_back_with_pyarrow_as_documented(tmp_path):
+    """The README's way to read a run's journal while it runs or after a crash: an Arrow IPC stream."""
+    import pyarrow as pa
+
+    from fedsim.output.trace import EventKind, TraceWriter, read_journal
+
+    trace = TraceWriter(tmp_path, {"run.seed": "3"})
+    trace.event(0, 0.5, 2, EventKind.DOWNLOAD_END, nbytes=100)
+    trace.event(0, 0.75, -1, EventKind.ROUND_END)
+    trace.end_round()
+    with pa.ipc.open_stream(tmp_path / "events.arrows") as reader:
+        table = reader.read_all()
+    assert table.column("event").to_pylist() == ["download_end", "round_end"]
+    assert table.schema.metadata[b"run.seed"] == b"3"
+    with open(tmp_path / "events.arrows", "ab") as fh:         # a crash in the middle of the next batch
+        fh.write(b"\xff\xff\xff\xff\x10\x00")
+    assert read_journal(tmp_path / "events.arrows").equals(table)
+    trace.close(complete=False)

@@ -32,7 +32,7 @@ from pathlib import Path
 from fedsim.errors import FedsimError, TraceError
 
 __all__ = ["RunStatus", "RunLock", "write_atomic", "write_status", "read_status", "prepare_run_dir",
-           "open_run_dir", "run_state", "read_marker", "write_marker", "scenario_identity",
+           "open_run_dir", "run_state", "read_marker", "write_marker", "scenario_identity", "resolved_scenario",
            "clear_run_files", "clear_temporaries", "STATUS_FILE", "MARKER_FILE", "FEDSIM_FILES"]
 
 STATUS_FILE = "status.json"
@@ -42,7 +42,8 @@ MARKER_FORMAT = 1
 # in this order: the checkpoint before the journals it points into, the marker last, so a crash while
 # clearing leaves a directory that is still recognised as fedsim's.
 FEDSIM_FILES = ("checkpoint.pt", "status.json", "events.parquet", "rounds.parquet", "devices.parquet",
-                "events.arrows", "rounds.arrows", "devices.arrows", "model.pt", "params.json", MARKER_FILE)
+                "events.arrows", "rounds.arrows", "devices.arrows", "model.pt", "params.json", "trace.json",
+                MARKER_FILE)
 
 
 class RunStatus(enum.Enum):
@@ -102,6 +103,11 @@ def _effective_tree(text: str, overrides) -> dict:
 
 def _digest(tree: dict) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+def resolved_scenario(text: str, overrides) -> dict:
+    """The scenario as one JSON-able tree: the TOML text with the overrides applied (dates as text)."""
+    return json.loads(json.dumps(_effective_tree(text, overrides), default=str))
 
 
 def scenario_identity(text: str, overrides) -> dict[str, str]:

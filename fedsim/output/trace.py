@@ -2,7 +2,9 @@
 
 A run directory holds `events.parquet`, `rounds.parquet` and `devices.parquet`. Columns carry their unit
 in the name. Every file's key-value metadata holds the schema version, the scenario text and overrides,
-the seed and the fedsim and torch versions, so any trace can be re-run. Rows are buffered as columns,
+the seed and the fedsim and torch versions, so any trace can be re-run. The same metadata, with typed
+values, the scenario as resolved and its identity, is `trace.json` (JSON text, for readers that see
+Parquet key-value metadata only as binary). Rows are buffered as columns,
 journaled at least once per round (see `TableWriter`), and compacted to Parquet when the run completes
 (the journals are removed only after the final status is written).
 """
@@ -10,6 +12,7 @@ journaled at least once per round (see `TableWriter`), and compacted to Parquet 
 from __future__ import annotations
 
 import enum
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,12 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedsim.errors import TraceError
+from fedsim.output.rundir import write_atomic
 
 __all__ = ["EventKind", "DeviceStatus", "SCHEMA_VERSION", "EVENTS_SCHEMA", "ROUNDS_SCHEMA",
-           "DEVICES_SCHEMA", "TableWriter", "TraceWriter", "SERVER", "read_journal"]
+           "DEVICES_SCHEMA", "TableWriter", "TraceWriter", "SERVER", "read_journal", "TRACE_JSON"]
 
 SCHEMA_VERSION = "1"
 SERVER = -1          # the `device` value of server-side events
+TRACE_JSON = "trace.json"
 
 
 class EventKind(enum.Enum):
@@ -242,8 +247,13 @@ def _fsync(path: Path) -> None:
 class TraceWriter:
     """The three tables of a run directory."""
 
-    def __init__(self, run_dir: Path, metadata: dict[str, str], keep_rows: dict[str, int] | None = None):
+    def __init__(self, run_dir: Path, metadata: dict[str, str], keep_rows: dict[str, int] | None = None,
+                 description: dict | None = None):
+        """`description`: the metadata as JSON values, written to `trace.json` before any row."""
         meta = {"fedsim.schema_version": SCHEMA_VERSION, **metadata}
+        if description is not None:
+            body = {"schema_version": SCHEMA_VERSION, **description}
+            write_atomic(Path(run_dir) / TRACE_JSON, (json.dumps(body, indent=2) + "\n").encode())
         keep = keep_rows or {}
         self.events = TableWriter(run_dir / "events.parquet", EVENTS_SCHEMA, meta, keep_rows=keep.get("events"))
         self.devices = TableWriter(run_dir / "devices.parquet", DEVICES_SCHEMA, meta, keep_rows=keep.get("devices"))

@@ -5,31 +5,36 @@ same run ids, run directories and index; the sweep directory must be on a filesy
 
 Layout of a sweep directory:
 
-    DIR/sweep.json           the sweep's settings (scenario, grid, seeds, --set, target accuracy)
-    DIR/index.parquet        one row per run: run id, grid parameters, seed, status, headline metrics
-    DIR/runs/<run-id>/       an ordinary run directory (see fedsim.output.trace) plus params.json
+    DIR/sweep.json             the sweep's settings (scenario, grid as given, seeds, --set, target accuracy)
+    DIR/index.parquet          one row per run: run id, grid values (typed), seed, status, headline metrics
+    DIR/partitioning.parquet   no rows: its schema types the partition columns of runs/ (grid keys, seed)
+    DIR/runs/KEY=VALUE/.../seed=S/   an ordinary run directory (see fedsim.output.trace) plus params.json
+
+`runs/` is Hive-partitioned: each grid key, in command-line order, then the seed, is one directory level
+(`runs/policy.name=salf/policy.deadline_s=0.1/seed=3/`), so pyarrow, polars and DuckDB read every run's
+`rounds.parquet` as one table with the grid keys and the seed as columns. The path is a pure function of the
+grid point and the seed (`fedsim.sweep.plan.run_key`): values are parsed as TOML and written canonically
+(strings as they are, numbers as Python writes them, `0.10` as `0.1`; other characters than letters, digits
+and `._-` percent-encoded; a directory name over 120 bytes cut and given a hash). The run id is that path.
 
 Seeds: `--seeds N` runs every grid point with `run.seed = base + i` for i = 0 .. N-1, where `base` is the
 scenario's `run.seed` after `--set`. So `--seeds 1` reproduces `fedsim run` exactly, and
 `--set run.seed=100` moves the whole sweep to other seeds. `run.seed` cannot be a grid key.
-
-Run ids are readable: the grid's `key=value` pairs in command-line order, then `seed=S`, joined by commas
-(`policy.name=salf,policy.deadline_s=0.5,seed=1`). Characters other than letters, digits and `._=,+-`
-become `_`; if that changed anything (or the id is long) an 8-hex hash of the exact parameters is
-appended, so ids stay unique.
 
 Resuming: a run is skipped when its `status.json` says completed and the scenario its trace records (text
 plus overrides, compared as parsed TOML, so comments do not matter) equals the one planned now;
 anything else (missing, running, failed, stale) is deleted and redone. Every grid point's scenario is
 validated before anything is written, so bad input leaves no output directory.
 
-Index columns: `run_id`, one string column per grid key, `seed`, `status` (`completed`, `failed`, or after
-an interrupted sweep `pending` / `running`; the index is rewritten after every run), `policy` (as the trace names
-it), `rounds`, `final_accuracy` (last evaluated), `best_accuracy`, `sim_time_s` (end of the last round),
-`energy_j` (fleet energy, all rounds), `mean_delivered` / `mean_completed` (participants per round that
-delivered at least one layer / every layer), `time_to_target_s`, `energy_to_target_j`,
-`rounds_to_target` (first evaluated round reaching `--target-accuracy`; null if not given or not reached),
-`error`, `run_dir` (relative to DIR). Metrics are computed from `rounds.parquet` only.
+Index columns: `run_id`, one column per grid key (bool, int64 or float64 when every value of the key is
+one, integers and floats together as float64, else string: the value's text), `seed`, `status`
+(`completed`, `failed`, or after an interrupted sweep `pending` / `running`; the index is rewritten after
+every run), `policy` (as the trace names it), `rounds`, `final_accuracy` (last evaluated), `best_accuracy`,
+`sim_time_s` (end of the last round), `energy_j` (fleet energy, all rounds), `mean_delivered` /
+`mean_completed` (participants per round that delivered at least one layer / every layer),
+`time_to_target_s`, `energy_to_target_j`, `rounds_to_target` (first evaluated round reaching
+`--target-accuracy`; null if not given or not reached), `error`, `run_dir` (relative to DIR). Metrics are
+computed from `rounds.parquet` only.
 """
 
 from __future__ import annotations
@@ -45,12 +50,13 @@ from pathlib import Path
 from fedsim.errors import FedsimError
 from fedsim.output.rundir import RunStatus, clear_run_files, write_atomic, write_status
 from fedsim.spec.scenario import load_scenario, parse_scenario
-from fedsim.sweep.index import (INDEX_FILE, PARAMS_FILE, RUNS_DIR, SWEEP_FILE, _index_row, _index_table, _up_to_date,
-                                 _write_index, read_index, run_metrics)
-from fedsim.sweep.plan import SweepRun, parse_grid, plan_sweep
+from fedsim.sweep.index import (INDEX_FILE, PARAMS_FILE, PARTITIONING_FILE, RUNS_DIR, SWEEP_FILE, _index_row,
+                                 _index_table, _up_to_date, _write_index, _write_partitioning, grid_types, read_index,
+                                 run_metrics)
+from fedsim.sweep.plan import SweepRun, parse_grid, plan_sweep, run_key
 
-__all__ = ["SweepRun", "SweepResult", "parse_grid", "plan_sweep", "run_sweep", "run_metrics",
-           "read_index", "INDEX_FILE", "SWEEP_FILE", "PARAMS_FILE", "RUNS_DIR", "default_jobs"]
+__all__ = ["SweepRun", "SweepResult", "parse_grid", "plan_sweep", "run_key", "run_sweep", "run_metrics",
+           "read_index", "INDEX_FILE", "SWEEP_FILE", "PARAMS_FILE", "PARTITIONING_FILE", "RUNS_DIR", "default_jobs"]
 
 
 @dataclass(frozen=True)
@@ -172,11 +178,12 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
     if remote is not None:
         remote.open()                           # connect before anything is written: errors leave no output
 
-    grid_keys = [k for k, _ in grid]
+    types = grid_types(plan, [k for k, _ in grid])
     settings = {"scenario": str(scenario), "grid": dict(grid), "seeds": seeds, "base_seed": plan[0].seed,
                 "set": sets, "target_accuracy": target_accuracy}
     (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
     write_atomic(out / SWEEP_FILE, (json.dumps(settings, indent=2) + "\n").encode())
+    _write_partitioning(out, types)
 
     scenario_text = scenario.read_text(encoding="utf-8")
     rows: dict[str, dict] = {}
@@ -186,15 +193,15 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
         if _up_to_date(run_dir, run, scenario_text):
             if not (run_dir / PARAMS_FILE).exists():
                 write_atomic(run_dir / PARAMS_FILE, (json.dumps(run.params_json(scenario), indent=2) + "\n").encode())
-            rows[run.run_id] = _index_row(out, run, target_accuracy)
+            rows[run.run_id] = _index_row(out, run, target_accuracy, types=types)
         else:
             if run_dir.is_dir():
                 clear_run_files(run_dir)      # unfinished, failed or stale: redo from scratch (fedsim's files only)
             todo.append(run)
-            rows[run.run_id] = _index_row(out, run, target_accuracy) | {"status": "pending"}
+            rows[run.run_id] = _index_row(out, run, target_accuracy, types=types) | {"status": "pending"}
 
     def write_index() -> None:
-        _write_index(out, _index_table([rows[r.run_id] for r in plan], grid_keys, settings))
+        _write_index(out, _index_table([rows[r.run_id] for r in plan], types, settings))
 
     skipped = len(plan) - len(todo)
     failed = 0
@@ -207,7 +214,7 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
             execution = remote.execute(scenario, out, todo)
         with closing(execution) as results:     # closing: the pool shuts down, queued cluster tasks are cancelled
             for run, status, error in results:
-                rows[run.run_id] = _index_row(out, run, target_accuracy, error)
+                rows[run.run_id] = _index_row(out, run, target_accuracy, error, types)
                 if status != RunStatus.COMPLETED.value:
                     failed += 1
                     rows[run.run_id]["status"] = RunStatus.FAILED.value
@@ -218,7 +225,7 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
         bar.close()
         for run in todo:                        # interrupted: what the run directories say
             if rows[run.run_id]["status"] == "pending":
-                row = _index_row(out, run, target_accuracy)
+                row = _index_row(out, run, target_accuracy, types=types)
                 rows[run.run_id] = row if row["status"] != "missing" else row | {"status": "pending"}
         write_index()
         if remote is not None:

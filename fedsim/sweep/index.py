@@ -1,4 +1,5 @@
-"""A sweep directory's files: the settings, each run's parameters and metrics, the index of every run."""
+"""A sweep directory's files: the settings, each run's parameters and metrics, the index of every run, and
+the types of the partition columns of `runs/`."""
 
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ import pyarrow.parquet as pq
 from fedsim.errors import FedsimError, TraceError
 from fedsim.output.rundir import RunStatus, read_status, write_atomic
 from fedsim.spec.overrides import apply_overrides
-from fedsim.sweep.plan import SweepRun
+from fedsim.sweep.plan import SweepRun, value_text
 
-__all__ = ["INDEX_FILE", "SWEEP_FILE", "PARAMS_FILE", "RUNS_DIR", "METRIC_COLUMNS", "run_metrics", "read_index"]
+__all__ = ["INDEX_FILE", "SWEEP_FILE", "PARAMS_FILE", "RUNS_DIR", "PARTITIONING_FILE", "METRIC_COLUMNS", "run_metrics",
+           "read_index", "grid_types"]
 
 INDEX_FILE = "index.parquet"
 SWEEP_FILE = "sweep.json"
 PARAMS_FILE = "params.json"
 RUNS_DIR = "runs"
+PARTITIONING_FILE = "partitioning.parquet"     # no rows: its schema is the partition columns of runs/, typed
 METRIC_COLUMNS = [
     ("policy", pa.string()),
     ("rounds", pa.int64()),
@@ -84,7 +87,29 @@ def run_metrics(run_dir: Path, target_accuracy: float | None = None) -> dict:
     return out
 
 
-def _index_row(out: Path, run: SweepRun, target_accuracy: float | None, error: str | None = None) -> dict:
+def _column_type(values: list) -> pa.DataType:
+    if all(isinstance(v, bool) for v in values):
+        return pa.bool_()
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return pa.int64()
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return pa.float64()
+    return pa.string()          # text, or values of mixed or nested types (as inline TOML)
+
+
+def grid_types(plan: list[SweepRun], grid_keys: list[str]) -> dict[str, pa.DataType]:
+    """The column type of each grid key: bool, int64, float64 (integers and floats together), else string."""
+    return {k: _column_type([run.values[k] for run in plan]) for k in grid_keys}
+
+
+def _typed(value, kind: pa.DataType):
+    if kind == pa.string():
+        return value_text(value)
+    return float(value) if kind == pa.float64() else value
+
+
+def _index_row(out: Path, run: SweepRun, target_accuracy: float | None, error: str | None = None,
+               types: dict[str, pa.DataType] | None = None) -> dict:
     """The index row of one run, from its status.json and rounds.parquet."""
     run_dir = out / RUNS_DIR / run.run_id
     try:
@@ -94,12 +119,14 @@ def _index_row(out: Path, run: SweepRun, target_accuracy: float | None, error: s
     metrics = {name: None for name, _ in METRIC_COLUMNS}
     if status["status"] == RunStatus.COMPLETED.value:
         metrics = run_metrics(run_dir, target_accuracy)
-    return {"run_id": run.run_id, **dict(run.params), "seed": run.seed, "status": status["status"], **metrics,
+    values = {k: _typed(v, (types or {}).get(k, pa.string())) for k, v in run.values.items()}
+    return {"run_id": run.run_id, **values, "seed": run.seed, "status": status["status"], **metrics,
             "error": status.get("error", error), "run_dir": f"{RUNS_DIR}/{run.run_id}"}
 
 
-def _index_table(rows: list[dict], grid_keys: list[str], settings: dict) -> pa.Table:
-    fields = ([("run_id", pa.string())] + [(k, pa.string()) for k in grid_keys]
+def _index_table(rows: list[dict], types: dict[str, pa.DataType], settings: dict) -> pa.Table:
+    grid_keys = list(types)
+    fields = ([("run_id", pa.string())] + list(types.items())
               + [("seed", pa.int64()), ("status", pa.string())] + METRIC_COLUMNS
               + [("error", pa.string()), ("run_dir", pa.string())])
     meta = {"fedsim.sweep.params": json.dumps(grid_keys),
@@ -114,9 +141,13 @@ def _write_index(out: Path, table: pa.Table) -> None:
     write_atomic(out / INDEX_FILE, buf.getvalue())
 
 
+def _write_partitioning(out: Path, types: dict[str, pa.DataType]) -> None:
+    """`partitioning.parquet`: no rows, the schema of the partition columns of `runs/` (grid keys, seed)."""
+    schema = pa.schema([*types.items(), ("seed", pa.int64())])
+    buf = io.BytesIO()
+    pq.write_table(schema.empty_table(), buf)
+    write_atomic(out / PARTITIONING_FILE, buf.getvalue())
+
+
 def read_index(out: Path) -> pa.Table:
     return pq.read_table(Path(out) / INDEX_FILE)
-
-
-# -- running -------------------------------------------------------------------------------------
-

@@ -1,30 +1,90 @@
-"""A sweep's plan: the grid of `--grid` overrides x seeds, one `SweepRun` (and run id) per point."""
+"""A sweep's plan: the grid of `--grid` overrides x seeds, one `SweepRun` per point and seed.
+
+Where a run lives is a pure function of its grid point and seed, `run_key`: the Hive partition path
+`KEY=VALUE/.../seed=S` (grid keys in command-line order), so `runs/` of a sweep reads as one partitioned
+dataset. Values are parsed as TOML (`0.10` and `0.1` are the same value) and written in a canonical text:
+strings as they are, numbers as Python writes them, anything else as inline TOML.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 from fedsim.errors import FedsimError, ScenarioError
+from fedsim.spec.overrides import parse_value
 from fedsim.spec.scenario import load_scenario
 
-__all__ = ["SweepRun", "parse_grid", "plan_sweep"]
+__all__ = ["SweepRun", "parse_grid", "plan_sweep", "run_key", "value_text", "Point"]
 
-_SAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
-_MAX_ID = 120
+Point = tuple[tuple[str, str], ...]          # a grid point: (key, value text) in command-line order
+_MAX_SEGMENT = 120                           # bytes of a partition directory name before it is cut and hashed
+_BARE = re.compile(r"[A-Za-z0-9_-]+")          # a TOML bare key
+
 
 @dataclass(frozen=True)
 class SweepRun:
-    run_id: str
-    params: tuple[tuple[str, str], ...]     # grid key -> value text, in command-line order
+    run_id: str                             # the run key: its directory under runs/ (see run_key)
+    params: Point                           # grid key -> value text, in command-line order
     seed: int
     overrides: tuple[str, ...]              # --set, then the grid point, then run.seed
 
+    @property
+    def values(self) -> dict[str, Any]:
+        """The grid values, typed (TOML)."""
+        return {k: parse_value(v) for k, v in self.params}
+
     def params_json(self, scenario: Path) -> dict:
-        return {"run_id": self.run_id, "params": dict(self.params), "seed": self.seed,
+        return {"run_id": self.run_id, "params": self.values, "seed": self.seed,
                 "scenario": str(scenario), "overrides": list(self.overrides)}
+
+
+def _inline(value: Any) -> str:
+    """A value as inline TOML (the text of a non-string grid value)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k if _BARE.fullmatch(k) else _inline(k)} = {_inline(v)}"
+                                for k, v in value.items()) + " }"
+    return str(value)                        # TOML dates and times print as TOML writes them
+
+
+def value_text(value: Any) -> str:
+    """The canonical text of a typed grid value: a string as it is, anything else as inline TOML."""
+    return value if isinstance(value, str) else _inline(value)
+
+
+def _segment(key: str, value: Any) -> str:
+    """One `key=value` directory name; characters other than letters, digits and `._-` (and `[]` in keys)
+    are percent-encoded, as Hive does; a name over 120 bytes is cut and given a hash of the whole."""
+    name = f"{quote(key, safe='._-[]')}={quote(value_text(value), safe='._-')}"
+    if len(name) > _MAX_SEGMENT:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        cut = _MAX_SEGMENT - 9
+        cut -= next((i for i in (1, 2) if name[cut - i] == "%"), 0)      # never half of a %XX escape
+        name = f"{name[:cut]}-{digest}"
+    return name
+
+
+def run_key(point: Point, seed: int) -> str:
+    """Where the run of `point` and `seed` lives under runs/: `k1=v1/k2=v2/seed=S` (a Hive partition path).
+    Equal values give equal keys (`0.10` and `0.1`), so two grid points can map to the same run."""
+    return "/".join([_segment(k, parse_value(v)) for k, v in point] + [f"seed={seed}"])
 
 
 def _split_values(text: str) -> list[str]:
@@ -62,23 +122,19 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
         values = _split_values(values_text)
         if any(v == "" for v in values):
             raise FedsimError(f"--grid {key}: empty value in {values_text!r}")
-        if len(set(values)) != len(values):
-            raise FedsimError(f"--grid {key}: repeated value in {values_text!r}")
+        seen: dict[str, str] = {}
+        for v in values:
+            canonical = _segment(key, parse_value(v))
+            if canonical in seen:
+                same = "repeated value" if seen[canonical] == v else f"{seen[canonical]} and {v} are the same value"
+                raise FedsimError(f"--grid {key}: {same} in {values_text!r}")
+            seen[canonical] = v
         grid.append((key, values))
     return grid
 
 
-def _run_id(params: tuple[tuple[str, str], ...], seed: int) -> str:
-    raw = ",".join([f"{k}={v}" for k, v in params] + [f"seed={seed}"])
-    safe = _SAFE.sub("_", raw)
-    if safe != raw or len(safe) > _MAX_ID:
-        digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
-        safe = f"{safe[:_MAX_ID]}-{digest}"
-    return safe
-
-
-def _grid_points(grid: list[tuple[str, list[str]]]) -> list[tuple[tuple[str, str], ...]]:
-    points: list[tuple[tuple[str, str], ...]] = [()]
+def _grid_points(grid: list[tuple[str, list[str]]]) -> list[Point]:
+    points: list[Point] = [()]
     for key, values in grid:
         points = [p + ((key, v),) for p in points for v in values]
     return points
@@ -115,12 +171,10 @@ def plan_sweep(scenario: Path, grid: list[tuple[str, list[str]]], seeds: int,
                 load_scenario(scenario, list(overrides))
             except ScenarioError as exc:
                 raise _blame(scenario, sets, point, exc) from None
-            runs.append(SweepRun(_run_id(point, seed), point, seed, overrides))
+            runs.append(SweepRun(run_key(point, seed), point, seed, overrides))
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
-        raise FedsimError("two grid points map to the same run id; give distinct values")
+        same = sorted({i for i in ids if ids.count(i) > 1})[0]
+        raise FedsimError(f"two grid points map to the same run directory runs/{same}; give distinct values")
     return runs
-
-
-# -- resuming ------------------------------------------------------------------------------------
 
