@@ -51,20 +51,25 @@ def trace_metadata(scn: Scenario) -> dict[str, str]:
         "policy": scn.policy.describe(),
         # the fixed deadline in force (empty for policies without one, or whose deadline changes each round):
         # what analysis draws on timelines
-        "policy.deadline_s": repr(float(scn.policy.deadline_s)) if isinstance(scn.policy, FixedDeadline) else "",
+        "policy.deadline_s": "" if _fixed_deadline_s(scn) is None else repr(_fixed_deadline_s(scn)),
     }
+
+
+def _fixed_deadline_s(scn: Scenario) -> float | None:
+    """The deadline of every round, for policies with a fixed one (None: no deadline, or one per round)."""
+    return float(scn.policy.deadline_s) if isinstance(scn.policy, FixedDeadline) else None
 
 
 def trace_description(scn: Scenario) -> dict:
     """`trace.json`: the trace metadata as JSON values, the resolved scenario and its identity (the hashes
     of fedsim-run.json: `scenario` with the seed, `group` without)."""
-    deadline = scn.policy.deadline_s
+    deadline = _fixed_deadline_s(scn)
     return {
         "fedsim_version": __version__,
         "torch_version": torch.__version__,
         "run_seed": scn.run.seed,
         "policy": scn.policy.describe(),
-        "deadline_s": None if deadline is None else float(deadline),
+        "deadline_s": deadline,
         "scenario_source": scn.source,
         "scenario_overrides": list(scn.overrides),
         "scenario_text": scn.text,
