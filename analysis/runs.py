@@ -94,9 +94,19 @@ class Run:
 
     @cached_property
     def tree(self) -> dict:
-        """The resolved scenario: trace.json's, else the marker's text with its overrides applied."""
+        """The resolved scenario: trace.json's without the fields the run ignored (a `wait` run's deadline), else
+        the marker's text with its overrides applied."""
         try:
-            return json.loads((self.path / TRACE_JSON).read_text(encoding="utf-8"))["scenario"]
+            described = json.loads((self.path / TRACE_JSON).read_text(encoding="utf-8"))
+            tree = described["scenario"]
+            for path in described.get("ignored", []):
+                *tables, key = path.split(".")
+                node = tree
+                for name in tables:
+                    node = node.get(name, {}) if isinstance(node, dict) else {}
+                if isinstance(node, dict):
+                    node.pop(key, None)
+            return tree
         except (OSError, ValueError, KeyError):
             scenario = self.marker["scenario"]
             return resolve(scenario["text"], list(scenario.get("overrides", [])))

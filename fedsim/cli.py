@@ -175,8 +175,10 @@ def _cmd_sweep(args) -> int:
         remote = ClusterSweep(args.cluster)
     result = run_sweep(args.scenario, args.grid, args.seeds, args.overrides, args.out, args.jobs,
                        args.target_accuracy, progress=not args.quiet, remote=remote)
-    print(f"{result.out}: {result.total} runs: {result.skipped} already done, {result.completed} completed now, "
-          f"{result.failed} failed; index {result.out / INDEX_FILE}")
+    shared = result.points - result.total
+    also = f" ({result.points} grid points x seeds; {shared} differ only in ignored fields)" if shared else ""
+    print(f"{result.out}: {result.total} runs{also}: {result.skipped} already done, {result.completed} completed "
+          f"now, {result.failed} failed; index {result.out / INDEX_FILE}")
     return 0 if result.failed == 0 else 1
 
 

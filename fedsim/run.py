@@ -74,7 +74,8 @@ def trace_description(scn: Scenario) -> dict:
         "scenario_overrides": list(scn.overrides),
         "scenario_text": scn.text,
         "scenario": resolved_scenario(scn.text, scn.overrides),
-        "identity": scenario_identity(scn.text, scn.overrides),
+        "identity": scenario_identity(scn.text, scn.overrides, scn.all_ignored),
+        "ignored": list(scn.all_ignored),      # fields given that have no effect on this run
     }
 
 

@@ -204,3 +204,17 @@ def test_a_policy_registered_by_an_installed_package_is_named_by_its_name(tmp_pa
 
     with pytest.raises(ScenarioError, match=r"policy\.name: unknown policy 'fastes' \(did you mean 'fastest'\?\)"):
         scenario('policy.name="fastes"')
+
+
+def test_ignored_fields_do_not_change_a_runs_identity():
+    """Analysis groups by identity: wait written with two deadlines is one scenario; salf with two is two."""
+    from conftest import BASE_TOML
+    from fedsim.output.rundir import scenario_identity
+
+    def identity(*overrides):
+        scn = scenario(*overrides)
+        return scenario_identity(BASE_TOML, list(overrides), scn.all_ignored)
+
+    assert identity('policy.name="wait"', "policy.deadline_s=0.1") == identity('policy.name="wait"', "policy.deadline_s=0.2")
+    assert identity("policy.deadline_s=0.1") != identity("policy.deadline_s=0.2")
+    assert identity('policy.name="wait"', "run.seed=4")["group"] == identity('policy.name="wait"')["group"]

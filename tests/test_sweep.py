@@ -322,3 +322,42 @@ def test_a_journal_reads_back_with_pyarrow_as_documented(tmp_path):
         fh.write(b"\xff\xff\xff\xff\x10\x00")
     assert read_journal(tmp_path / "events.arrows").equals(table)
     trace.close(complete=False)
+
+
+def test_points_differing_only_in_ignored_fields_run_once(tmp_path, capsys):
+    """The issue's sweep: salf and wait x two deadlines x two seeds is 8 grid points but 6 runs, since wait
+    ignores policy.deadline_s. wait's run has a null deadline partition; the index keeps a row per point."""
+    import glob
+
+    import pyarrow.dataset as ds
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(BASE_TOML)
+    out = tmp_path / "out"
+    argv = ["sweep", str(scenario), "--grid", "policy.name=salf,wait", "--grid", "policy.deadline_s=0.1,0.2",
+            "--seeds", "2", "--set", "run.rounds=2", "--jobs", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    assert "6 runs (8 grid points x seeds; 2 differ only in ignored fields): 0 already done, 6 completed" in \
+        capsys.readouterr().out
+    runs = sorted(str(p.parent.relative_to(out / "runs")) for p in (out / "runs").rglob("status.json"))
+    assert runs == sorted([f"policy.name=salf/policy.deadline_s={d}/seed={s}" for d in ("0.1", "0.2") for s in SEEDS]
+                          + [f"policy.name=wait/policy.deadline_s=__HIVE_DEFAULT_PARTITION__/seed={s}" for s in SEEDS])
+    wait_dir = out / "runs" / f"policy.name=wait/policy.deadline_s=__HIVE_DEFAULT_PARTITION__/seed={SEEDS[0]}"
+    params = json.loads((wait_dir / "params.json").read_text())
+    assert params["ignored"] == ["policy.deadline_s"] and len(params["points"]) == 2
+    assert not any("deadline_s" in o for o in params["overrides"])         # the run's scenario leaves it out
+    rows = pq.read_table(out / "index.parquet").to_pylist()
+    assert len(rows) == 8
+    waits = [r for r in rows if r["policy.name"] == "wait"]
+    assert sorted((r["policy.deadline_s"], r["seed"]) for r in waits) == [(0.1, 3), (0.1, 4), (0.2, 3), (0.2, 4)]
+    assert len({r["run_id"] for r in waits}) == 2 and all(r["ignored"] == ["policy.deadline_s"] for r in waits)
+    assert all(r["ignored"] == [] for r in rows if r["policy.name"] == "salf")
+    # as one dataset: wait's deadline reads as null
+    files = sorted(glob.glob(str(out / "runs" / "**" / "rounds.parquet"), recursive=True))
+    part = ds.partitioning(pq.read_schema(out / "partitioning.parquet"), flavor="hive")
+    table = ds.dataset(files, partitioning=part, partition_base_dir=str(out / "runs")).to_table()
+    pairs = {(n, d) for n, d in zip(table["policy.name"].to_pylist(), table["policy.deadline_s"].to_pylist())}
+    assert pairs == {("salf", 0.1), ("salf", 0.2), ("wait", None)}
+    # a second sweep finds every run done
+    assert main(argv) == 0
+    assert "0 completed now" in capsys.readouterr().out

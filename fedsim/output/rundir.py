@@ -110,10 +110,19 @@ def resolved_scenario(text: str, overrides) -> dict:
     return json.loads(json.dumps(_effective_tree(text, overrides), default=str))
 
 
-def scenario_identity(text: str, overrides) -> dict[str, str]:
+def scenario_identity(text: str, overrides, ignored: tuple[str, ...] = ()) -> dict[str, str]:
     """Hashes of the parsed scenario (TOML after overrides; comments and layout do not count): `scenario`
-    identifies the run exactly, `group` the same scenario with any seed (what analysis aggregates over)."""
+    identifies the run exactly, `group` the same scenario with any seed (what analysis aggregates over).
+    Fields in `ignored` (dotted paths: fields the run's policy or data set does not read) do not count, so
+    `wait` runs written with different deadlines are one scenario."""
     tree = _effective_tree(text, overrides)
+    for path in ignored:
+        *tables, key = path.split(".")
+        node = tree
+        for name in tables:
+            node = node.get(name, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(key, None)
     unseeded = json.loads(json.dumps(tree, default=repr))
     unseeded.get("run", {}).pop("seed", None)
     return {"scenario": _digest(tree), "group": _digest(unseeded)}
@@ -129,7 +138,7 @@ def write_marker(run_dir: Path, scenario, base_dir: Path | None) -> None:
         "run_name": scenario.run.name,
         "scenario": {"source": scenario.source, "text": scenario.text, "overrides": list(scenario.overrides),
                      "base_dir": None if base_dir is None else str(Path(base_dir).resolve())},
-        "identity": scenario_identity(scenario.text, scenario.overrides),
+        "identity": scenario_identity(scenario.text, scenario.overrides, scenario.all_ignored),
     }
     write_atomic(Path(run_dir) / MARKER_FILE, (json.dumps(body, indent=2) + "\n").encode())
 

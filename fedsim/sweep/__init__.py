@@ -33,8 +33,12 @@ every run), `policy` (as the trace names it), `rounds`, `final_accuracy` (last e
 `sim_time_s` (end of the last round), `energy_j` (fleet energy, all rounds), `mean_delivered` /
 `mean_completed` (participants per round that delivered at least one layer / every layer),
 `time_to_target_s`, `energy_to_target_j`, `rounds_to_target` (first evaluated round reaching
-`--target-accuracy`; null if not given or not reached), `error`, `run_dir` (relative to DIR). Metrics are
-computed from `rounds.parquet` only.
+`--target-accuracy`; null if not given or not reached), `error`, `run_dir` (relative to DIR), `ignored` (the
+grid keys the run's policy or data set ignores). Metrics are computed from `rounds.parquet` only.
+
+One row per grid point and seed. Points that differ only in fields their scenario ignores (`wait` at three
+deadlines) share one run, run once: their rows have the same `run_id` and `run_dir`, whose path holds
+`KEY=__HIVE_DEFAULT_PARTITION__` (null when read as a partition) for each ignored key.
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ from fedsim.errors import FedsimError
 from fedsim.output.rundir import RunStatus, clear_run_files, write_atomic, write_status
 from fedsim.spec.scenario import load_scenario, parse_scenario
 from fedsim.sweep.index import (INDEX_FILE, PARAMS_FILE, PARTITIONING_FILE, RUNS_DIR, SWEEP_FILE, _index_row,
-                                 _index_table, _up_to_date, _write_index, _write_partitioning, grid_types, read_index,
-                                 run_metrics)
+                                 _index_table, _up_to_date, _write_index, _write_partitioning, grid_types, point_rows,
+                                 read_index, run_metrics)
 from fedsim.sweep.plan import SweepRun, parse_grid, plan_sweep, run_key
 
 __all__ = ["SweepRun", "SweepResult", "parse_grid", "plan_sweep", "run_key", "run_sweep", "run_metrics",
@@ -66,6 +70,7 @@ class SweepResult:
     skipped: int
     completed: int
     failed: int
+    points: int = 0          # grid points x seeds: more than `total` when some differ only in ignored fields
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -201,7 +206,8 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
             rows[run.run_id] = _index_row(out, run, target_accuracy, types=types) | {"status": "pending"}
 
     def write_index() -> None:
-        _write_index(out, _index_table([rows[r.run_id] for r in plan], types, settings))
+        _write_index(out, _index_table([row for r in plan for row in point_rows(r, rows[r.run_id], types)],
+                                       types, settings))
 
     skipped = len(plan) - len(todo)
     failed = 0
@@ -230,7 +236,7 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
         write_index()
         if remote is not None:
             remote.close()
-    return SweepResult(out, len(plan), skipped, len(todo) - failed, failed)
+    return SweepResult(out, len(plan), skipped, len(todo) - failed, failed, sum(len(r.points) for r in plan))
 
 
 def _execute(scenario: Path, out: Path, todo: list[SweepRun], jobs: int):

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from fedsim.errors import FedsimError, TraceError
 from fedsim.output.rundir import RunStatus, read_status, write_atomic
-from fedsim.spec.overrides import apply_overrides
+from fedsim.spec.overrides import apply_overrides, parse_value
 from fedsim.sweep.plan import SweepRun, value_text
 
 __all__ = ["INDEX_FILE", "SWEEP_FILE", "PARAMS_FILE", "RUNS_DIR", "PARTITIONING_FILE", "METRIC_COLUMNS", "run_metrics",
@@ -99,7 +99,8 @@ def _column_type(values: list) -> pa.DataType:
 
 def grid_types(plan: list[SweepRun], grid_keys: list[str]) -> dict[str, pa.DataType]:
     """The column type of each grid key: bool, int64, float64 (integers and floats together), else string."""
-    return {k: _column_type([run.values[k] for run in plan]) for k in grid_keys}
+    values = [{k: parse_value(v) for k, v in point} for run in plan for point in (run.points or (run.params,))]
+    return {k: _column_type([v[k] for v in values]) for k in grid_keys}
 
 
 def _typed(value, kind: pa.DataType):
@@ -121,14 +122,21 @@ def _index_row(out: Path, run: SweepRun, target_accuracy: float | None, error: s
         metrics = run_metrics(run_dir, target_accuracy)
     values = {k: _typed(v, (types or {}).get(k, pa.string())) for k, v in run.values.items()}
     return {"run_id": run.run_id, **values, "seed": run.seed, "status": status["status"], **metrics,
-            "error": status.get("error", error), "run_dir": f"{RUNS_DIR}/{run.run_id}"}
+            "error": status.get("error", error), "run_dir": f"{RUNS_DIR}/{run.run_id}",
+            "ignored": list(run.ignored)}
+
+
+def point_rows(run: SweepRun, row: dict, types: dict[str, pa.DataType]) -> list[dict]:
+    """The index rows of every grid point `run` stands for: its row, with each point's own grid values."""
+    return [row | {k: _typed(parse_value(v), types.get(k, pa.string())) for k, v in point}
+            for point in (run.points or (run.params,))]
 
 
 def _index_table(rows: list[dict], types: dict[str, pa.DataType], settings: dict) -> pa.Table:
     grid_keys = list(types)
     fields = ([("run_id", pa.string())] + list(types.items())
               + [("seed", pa.int64()), ("status", pa.string())] + METRIC_COLUMNS
-              + [("error", pa.string()), ("run_dir", pa.string())])
+              + [("error", pa.string()), ("run_dir", pa.string()), ("ignored", pa.list_(pa.string()))])
     meta = {"fedsim.sweep.params": json.dumps(grid_keys),
             "fedsim.sweep.target_accuracy": json.dumps(settings["target_accuracy"]),
             "fedsim.sweep.settings": json.dumps(settings, sort_keys=True)}

@@ -4,6 +4,11 @@ Where a run lives is a pure function of its grid point and seed, `run_key`: the 
 `KEY=VALUE/.../seed=S` (grid keys in command-line order), so `runs/` of a sweep reads as one partitioned
 dataset. Values are parsed as TOML (`0.10` and `0.1` are the same value) and written in a canonical text:
 strings as they are, numbers as Python writes them, anything else as inline TOML.
+
+Grid points that differ only in fields their scenario ignores (`policy.deadline_s` for `wait`; see
+`Scenario.all_ignored`) are one run: its key has Hive's null value, `KEY=__HIVE_DEFAULT_PARTITION__`, for
+each ignored grid key, its scenario leaves those keys out, and `SweepRun.points` lists every grid point it
+stands for.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,6 +28,7 @@ from fedsim.spec.scenario import load_scenario
 __all__ = ["SweepRun", "parse_grid", "plan_sweep", "run_key", "value_text", "Point"]
 
 Point = tuple[tuple[str, str], ...]          # a grid point: (key, value text) in command-line order
+NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"     # a grid key the run's scenario ignores (read as null)
 _MAX_SEGMENT = 120                           # bytes of a partition directory name before it is cut and hashed
 _BARE = re.compile(r"[A-Za-z0-9_-]+")          # a TOML bare key
 
@@ -32,7 +38,9 @@ class SweepRun:
     run_id: str                             # the run key: its directory under runs/ (see run_key)
     params: Point                           # grid key -> value text, in command-line order
     seed: int
-    overrides: tuple[str, ...]              # --set, then the grid point, then run.seed
+    overrides: tuple[str, ...]              # --set, then the grid point (less ignored keys), then run.seed
+    ignored: tuple[str, ...] = ()           # grid keys the run's scenario ignores (null in its key)
+    points: tuple[Point, ...] = ()          # every grid point this run stands for (params first)
 
     @property
     def values(self) -> dict[str, Any]:
@@ -41,7 +49,8 @@ class SweepRun:
 
     def params_json(self, scenario: Path) -> dict:
         return {"run_id": self.run_id, "params": self.values, "seed": self.seed,
-                "scenario": str(scenario), "overrides": list(self.overrides)}
+                "scenario": str(scenario), "overrides": list(self.overrides), "ignored": list(self.ignored),
+                "points": [{k: parse_value(v) for k, v in p} for p in self.points]}
 
 
 def _inline(value: Any) -> str:
@@ -81,10 +90,12 @@ def _segment(key: str, value: Any) -> str:
     return name
 
 
-def run_key(point: Point, seed: int) -> str:
-    """Where the run of `point` and `seed` lives under runs/: `k1=v1/k2=v2/seed=S` (a Hive partition path).
-    Equal values give equal keys (`0.10` and `0.1`), so two grid points can map to the same run."""
-    return "/".join([_segment(k, parse_value(v)) for k, v in point] + [f"seed={seed}"])
+def run_key(point: Point, seed: int, ignored: tuple[str, ...] = ()) -> str:
+    """Where the run of `point` and `seed` lives under runs/: `k1=v1/k2=v2/seed=S` (a Hive partition path),
+    with `k=__HIVE_DEFAULT_PARTITION__` for each key in `ignored`. Equal values give equal keys (`0.10` and
+    `0.1`), so two grid points can map to the same run."""
+    return "/".join([f"{quote(k, safe='._-[]')}={NULL_PARTITION}" if k in ignored else _segment(k, parse_value(v))
+                     for k, v in point] + [f"seed={seed}"])
 
 
 def _split_values(text: str) -> list[str]:
@@ -161,20 +172,29 @@ def plan_sweep(scenario: Path, grid: list[tuple[str, list[str]]], seeds: int,
         if key in set_keys:
             raise FedsimError(f"--grid {key}: also given with --set; keep one")
     base_seed = load_scenario(scenario, sets).run.seed       # errors here name the --set key
-    runs: list[SweepRun] = []
+    runs: dict[str, SweepRun] = {}
     for point in _grid_points(grid):
         grid_overrides = [f"{k}={v}" for k, v in point]
         for i in range(seeds):
             seed = base_seed + i
             overrides = (*sets, *grid_overrides, f"run.seed={seed}")
             try:
-                load_scenario(scenario, list(overrides))
+                scn = load_scenario(scenario, list(overrides))
             except ScenarioError as exc:
                 raise _blame(scenario, sets, point, exc) from None
-            runs.append(SweepRun(run_key(point, seed), point, seed, overrides))
-    ids = [r.run_id for r in runs]
-    if len(set(ids)) != len(ids):
-        same = sorted({i for i in ids if ids.count(i) > 1})[0]
-        raise FedsimError(f"two grid points map to the same run directory runs/{same}; give distinct values")
-    return runs
+            ignored = tuple(k for k, _ in point if k in scn.all_ignored)
+            key = run_key(point, seed, ignored)
+            if key in runs:                  # differs from a planned run only in fields its scenario ignores
+                if _shown(runs[key].params, ignored) != _shown(point, ignored):
+                    raise FedsimError(f"two grid points map to the same run directory runs/{key}; give "
+                                      "distinct values")
+                runs[key] = replace(runs[key], points=runs[key].points + (point,))
+                continue
+            kept = (*sets, *(f"{k}={v}" for k, v in point if k not in ignored), f"run.seed={seed}")
+            runs[key] = SweepRun(key, point, seed, kept, ignored, (point,))
+    return list(runs.values())
 
+
+def _shown(point: Point, ignored: tuple[str, ...]) -> tuple:
+    """The values of `point` that make its run, as compared: parsed, ignored keys left out."""
+    return tuple((k, value_text(parse_value(v))) for k, v in point if k not in ignored)
