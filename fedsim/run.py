@@ -19,8 +19,8 @@ from fedsim.sim.async_engine import AsyncServer, serve_async
 from fedsim.sim.engine import run_events, serve_rounds
 from fedsim.output.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_server, save_checkpoint
 from fedsim.errors import ScenarioError, TraceError
-from fedsim.output.rundir import (RunStatus, open_run_dir, prepare_run_dir, read_status, resolved_scenario,
-                                  scenario_identity, write_atomic, write_marker, write_status)
+from fedsim.output.rundir import (MARKER_FILE, RunStatus, open_run_dir, prepare_run_dir, read_marker, read_status,
+                                  resolved_scenario, scenario_identity, write_atomic, write_marker, write_status)
 from fedsim.spec.scenario import Scenario, parse_scenario
 from fedsim.sim.server import Server
 from fedsim.policies import FixedDeadline, is_asynchronous
@@ -109,6 +109,24 @@ def run_scenario(scn: Scenario, run_dir: Path, progress: ProgressFn | None = Non
                             grads=grads)
 
 
+def _marked_scenario(marker: dict) -> tuple[Scenario, Path | None]:
+    """The scenario a run directory's marker records, and the folder its relative paths start from."""
+    meta = marker["scenario"]
+    base_dir = None if meta["base_dir"] is None else Path(meta["base_dir"])
+    return parse_scenario(meta["text"], meta["source"], meta["overrides"], base_dir=base_dir), base_dir
+
+
+def resume_scenario(run_dir: Path) -> Scenario:
+    """The scenario of the run in `run_dir` (what `resume_run` continues), read without locking it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TraceError(f"{run_dir}: no such run directory")
+    marker = read_marker(run_dir)
+    if marker is None:
+        raise TraceError(f"{run_dir}: not a fedsim run directory (no readable {MARKER_FILE})")
+    return _marked_scenario(marker)[0]
+
+
 def resume_run(run_dir: Path, progress: ProgressFn | None = None, checkpoint_every: int | None = None,
                gradients=None) -> RunSummary:
     """Continue an interrupted or failed run; the result is identical to an uninterrupted run.
@@ -128,9 +146,7 @@ def resume_run(run_dir: Path, progress: ProgressFn | None = None, checkpoint_eve
             raise TraceError(f"{run_dir}: the run already completed; nothing to resume")
         has_checkpoint = (run_dir / CHECKPOINT_FILE).exists()
         state = load_checkpoint(run_dir) if has_checkpoint else None
-        meta = marker["scenario"]
-        base_dir = None if meta["base_dir"] is None else Path(meta["base_dir"])
-        scn = parse_scenario(meta["text"], meta["source"], meta["overrides"], base_dir=base_dir)
+        scn, base_dir = _marked_scenario(marker)
         comp = build_components(scn)
         with _gradients(gradients, scn, comp) as grads:
             next_round = 0 if state is None else int(state["next_round"])

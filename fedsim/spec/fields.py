@@ -70,6 +70,10 @@ def show_key(key: str) -> str:
 class Fields:
     """A read-only view of one TOML table at `path` inside `source`."""
 
+    # When a set: every field path read (present or not) is added to it; the scenario reference's test
+    # (tests/test_reference.py) collects the fields the readers know this way.
+    seen: set[str] | None = None
+
     def __init__(self, table: Any, source: str, path: str):
         if not isinstance(table, dict):
             raise ScenarioError(source, path, f"must be a table, got {_show(table)}")
@@ -99,6 +103,8 @@ class Fields:
 
     def raw(self, key: str, default: Any = MISSING) -> Any:
         self._read.add(key)
+        if Fields.seen is not None:
+            Fields.seen.add(self.field(key))
         if key not in self.table:
             if default is MISSING:
                 typo = self._typo_of(key, set(self.table) - self._read)

@@ -1,0 +1,5 @@
+import sys
+
+from fedsim.cli.main import main
+
+sys.exit(main())
