@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pyarrow.parquet as pq
@@ -361,3 +362,24 @@ def test_points_differing_only_in_ignored_fields_run_once(tmp_path, capsys):
     # a second sweep finds every run done
     assert main(argv) == 0
     assert "0 completed now" in capsys.readouterr().out
+
+
+def test_sweep_progress_names_the_runs_under_way_and_their_round(tmp_path, capsys, monkeypatch):
+    """Not on a terminal: plain lines, one per finished run, and the runs under way with the rounds they have
+    done (reported by the worker processes after each round)."""
+    from fedsim.sweep import progress as mod
+    from fedsim.sweep import run_sweep
+
+    assert mod.short_id("policy.name=salf/policy.deadline_s=0.1/seed=3") == "salf,0.1,s3"
+    assert mod.short_id("policy.name=wait/policy.deadline_s=__HIVE_DEFAULT_PARTITION__/seed=3") == "wait,-,s3"
+    monkeypatch.setattr(mod, "PLAIN_EVERY_S", 0.0)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(BASE_TOML)
+    run_sweep(scenario, ["policy.name=salf,wait"], 1, ["run.rounds=3"], tmp_path / "out", 2, None, progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert "\r" not in "".join(lines)
+    ended = [ln for ln in lines if "runs (" in ln]
+    assert sorted(ln.split("(")[1] for ln in ended) == ["salf,s3 done)", "wait,s3 done)"]
+    assert ended[-1].startswith("out: 2/2 runs (")
+    rounds = {int(m) for ln in lines if "under way" in ln for m in re.findall(r" r(\d+)", ln)}
+    assert rounds and rounds <= {1, 2, 3}

@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import sys
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ from fedsim.sweep.index import (INDEX_FILE, PARAMS_FILE, PARTITIONING_FILE, RUNS
                                  _index_table, _up_to_date, _write_index, _write_partitioning, grid_types, point_rows,
                                  read_index, run_metrics)
 from fedsim.sweep.plan import SweepRun, parse_grid, plan_sweep, run_key
+from fedsim.sweep.progress import SweepProgress
 
 __all__ = ["SweepRun", "SweepResult", "parse_grid", "plan_sweep", "run_key", "run_sweep", "run_metrics",
            "read_index", "INDEX_FILE", "SWEEP_FILE", "PARAMS_FILE", "PARTITIONING_FILE", "RUNS_DIR", "default_jobs"]
@@ -115,11 +115,12 @@ def _die_with(pid: int) -> None:
 
 
 def _run_one(scenario: str, overrides: tuple[str, ...], run_dir: str, params: dict, text: str | None = None,
-             base_dir: str | None = None) -> tuple[str, str | None]:
+             base_dir: str | None = None, rounds=None) -> tuple[str, str | None]:
     """Worker: run one scenario into `run_dir`; never raises, reports ("completed"|"failed", error).
 
     On a Dask cluster the scenario comes as `text` (with its folder `base_dir`) under its name `scenario`:
     a worker may not share the driver's working directory, and the trace must record the same name.
+    `rounds`: a queue that gets (run id, rounds done) after each round, for the sweep's progress.
     """
     from fedsim.run import run_scenario
 
@@ -127,7 +128,13 @@ def _run_one(scenario: str, overrides: tuple[str, ...], run_dir: str, params: di
     try:
         scn = (load_scenario(scenario, list(overrides)) if text is None
                else parse_scenario(text, scenario, list(overrides), base_dir=Path(base_dir)))
-        run_scenario(scn, run_path, force=True)
+        report = None
+        if rounds is not None:
+            run_id = params.get("run_id", run_dir)
+
+            def report(done: int, sim_s: float, acc: float | None) -> None:
+                rounds.put((run_id, done))
+        run_scenario(scn, run_path, report, force=True)
         result: tuple[str, str | None] = (RunStatus.COMPLETED.value, None)
     except Exception as exc:           # a failed run must not stop the sweep; status.json records it
         error = f"{type(exc).__name__}: {exc}"
@@ -162,7 +169,6 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
     `open()` (called before anything is written), `execute(scenario, out, todo)` yielding (run, status,
     error) as each finishes, and `close()`; `fedsim.cluster.sweep.ClusterSweep` runs them on a Dask cluster.
     """
-    from tqdm import tqdm
 
     scenario = Path(scenario)
     sets = list(sets)
@@ -211,11 +217,10 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
 
     skipped = len(plan) - len(todo)
     failed = 0
-    bar = tqdm(total=len(plan), initial=skipped, unit="run", desc=out.name, file=sys.stderr,
-               dynamic_ncols=True, disable=not progress)
+    bar = SweepProgress(out.name, len(plan), skipped, progress)
     try:
         if remote is None:
-            execution = _execute(scenario, out, todo, jobs)
+            execution = _execute(scenario, out, todo, jobs, on_round=bar.round_done if progress else None)
         else:
             execution = remote.execute(scenario, out, todo)
         with closing(execution) as results:     # closing: the pool shuts down, queued cluster tasks are cancelled
@@ -224,8 +229,7 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
                 if status != RunStatus.COMPLETED.value:
                     failed += 1
                     rows[run.run_id]["status"] = RunStatus.FAILED.value
-                    bar.write(f"fedsim: run {run.run_id} failed: {error}", file=sys.stderr)
-                bar.update(1)
+                bar.run_ended(run.run_id, None if status == RunStatus.COMPLETED.value else error)
                 write_index()                   # an interrupted sweep still leaves a usable index
     finally:
         bar.close()
@@ -239,31 +243,44 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
     return SweepResult(out, len(plan), skipped, len(todo) - failed, failed, sum(len(r.points) for r in plan))
 
 
-def _execute(scenario: Path, out: Path, todo: list[SweepRun], jobs: int):
+def _execute(scenario: Path, out: Path, todo: list[SweepRun], jobs: int, on_round=None):
     """Run `todo` in worker processes; yield (run, status, error) as each finishes.
 
     At most `jobs` runs are submitted at a time, so on Ctrl-C no queued run starts after the interrupt.
+    `on_round(run_id, rounds_done)` hears of the runs under way (about once a second, from this process).
     """
+    import queue as queues
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     if not todo:
         return
     queue = iter(todo)
     in_flight: dict = {}
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=_mp_context(),
+    ctx = _mp_context()
+    manager = ctx.Manager() if on_round is not None else None
+    rounds = manager.Queue() if manager is not None else None
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx,
                                initializer=_init_worker, initargs=(os.getpid(),))
 
     def submit_next() -> None:
         run = next(queue, None)
         if run is not None:
             in_flight[pool.submit(_run_one, str(scenario), run.overrides, str(out / RUNS_DIR / run.run_id),
-                                  run.params_json(scenario))] = run
+                                  run.params_json(scenario), None, None, rounds)] = run
+
+    def drain() -> None:
+        while rounds is not None:
+            try:
+                on_round(*rounds.get_nowait())
+            except (queues.Empty, OSError, EOFError):
+                return
 
     try:
         for _ in range(min(jobs, len(todo))):
             submit_next()
         while in_flight:
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            done, _ = wait(in_flight, timeout=1.0, return_when=FIRST_COMPLETED)
+            drain()
             for future in done:
                 run = in_flight.pop(future)
                 try:
@@ -274,3 +291,5 @@ def _execute(scenario: Path, out: Path, todo: list[SweepRun], jobs: int):
                 yield run, status, error
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if manager is not None:
+            manager.shutdown()
