@@ -19,7 +19,7 @@ from fedsim.sim.async_engine import AsyncServer, serve_async
 from fedsim.sim.engine import run_events, serve_rounds
 from fedsim.output.checkpoint import CHECKPOINT_FILE, load_checkpoint, restore_server, save_checkpoint
 from fedsim.errors import ScenarioError, TraceError
-from fedsim.output.rundir import (MARKER_FILE, RunStatus, open_run_dir, prepare_run_dir, read_marker, read_status,
+from fedsim.output.rundir import (RunStatus, existing_marker, open_run_dir, prepare_run_dir, read_status,
                                   resolved_scenario, scenario_identity, write_atomic, write_marker, write_status)
 from fedsim.spec.scenario import Scenario, parse_scenario
 from fedsim.sim.server import Server
@@ -118,13 +118,7 @@ def _marked_scenario(marker: dict) -> tuple[Scenario, Path | None]:
 
 def resume_scenario(run_dir: Path) -> Scenario:
     """The scenario of the run in `run_dir` (what `resume_run` continues), read without locking it."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise TraceError(f"{run_dir}: no such run directory")
-    marker = read_marker(run_dir)
-    if marker is None:
-        raise TraceError(f"{run_dir}: not a fedsim run directory (no readable {MARKER_FILE})")
-    return _marked_scenario(marker)[0]
+    return _marked_scenario(existing_marker(run_dir))[0]
 
 
 def resume_run(run_dir: Path, progress: ProgressFn | None = None, checkpoint_every: int | None = None,

@@ -86,22 +86,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("report", "plot"):
-        try:
-            return cmd_study(argv[0], argv[1:])
-        except FedsimError as exc:
-            _say(f"fedsim: error: {printable(str(exc))}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except KeyboardInterrupt:
-            _say("fedsim: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
+    if argv and argv[0] in ("report", "plot"):      # the analysis package parses its own arguments
+        return _guarded(lambda: cmd_study(argv[0], argv[1:]), own_exit=True)
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:         # --help, --version, or a usage error already printed as one line
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     handlers = {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "policies": cmd_policies}
+    return _guarded(lambda: handlers[args.command](args))
+
+
+def _guarded(command, own_exit: bool = False) -> int:
+    """Run `command`, turning every expected failure into one line on stderr and an exit code.
+    `own_exit`: the command may end with sys.exit (an argument parser's --help or usage error)."""
     try:
-        return handlers[args.command](args)
+        return command()
     except FedsimError as exc:
         _say(f"fedsim: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -111,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("fedsim: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except SystemExit as exc:       # the handlers return their code: this came from user code (a model, a loss)
+    except SystemExit as exc:
+        if own_exit:
+            return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+        # the handlers return their code: this came from user code (a model, a loss)
         _say(f"fedsim: error: user code called sys.exit({exc.code!r}); the run was stopped", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RecursionError:

@@ -32,7 +32,7 @@ from pathlib import Path
 from fedsim.errors import FedsimError, TraceError
 
 __all__ = ["RunStatus", "RunLock", "write_atomic", "write_status", "read_status", "prepare_run_dir",
-           "open_run_dir", "run_state", "read_marker", "write_marker", "scenario_identity", "resolved_scenario",
+           "existing_marker", "open_run_dir", "run_state", "read_marker", "write_marker", "scenario_identity", "resolved_scenario",
            "clear_run_files", "clear_temporaries", "STATUS_FILE", "MARKER_FILE", "FEDSIM_FILES"]
 
 STATUS_FILE = "status.json"
@@ -293,14 +293,21 @@ def prepare_run_dir(run_dir: Path, force: bool = False) -> RunLock:
     return lock
 
 
-def open_run_dir(run_dir: Path) -> tuple[RunLock, dict]:
-    """Lock an existing run directory to resume it; returns the lock and the marker."""
+def existing_marker(run_dir: Path) -> dict:
+    """The marker of an existing run directory; TraceError if there is no directory or it is not fedsim's."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise TraceError(f"{run_dir}: no such run directory")
     marker = read_marker(run_dir)
     if marker is None:
         raise TraceError(f"{run_dir}: not a fedsim run directory (no readable {MARKER_FILE})")
+    return marker
+
+
+def open_run_dir(run_dir: Path) -> tuple[RunLock, dict]:
+    """Lock an existing run directory to resume it; returns the lock and the marker."""
+    run_dir = Path(run_dir)
+    marker = existing_marker(run_dir)
     lock = RunLock(run_dir)
     try:
         clear_temporaries(run_dir)
