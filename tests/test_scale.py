@@ -76,3 +76,34 @@ def test_sample_batches_checks_its_arguments():
         partition.sample_batches(np.array([0, 4]), 2, 1, np.random.default_rng(0))
     with pytest.raises(DataError, match="batch_size"):
         partition.sample_batches(np.array([0]), 0, 1, np.random.default_rng(0))
+
+
+def _synthetic_whole(alpha, beta, n, spd, tpd, rng, dim=60, num_classes=10):
+    """The synthetic generator as it was: every device's W, b and v drawn whole, then the samples (the oracle
+    of the chunked generator, which must give the same numbers from the same stream)."""
+    u = rng.normal(0.0, np.sqrt(alpha), n)
+    shift = rng.normal(0.0, np.sqrt(beta), n)
+    weights = u[:, None, None] + rng.standard_normal((n, num_classes, dim))
+    biases = u[:, None] + rng.standard_normal((n, num_classes))
+    means = shift[:, None] + rng.standard_normal((n, dim))
+    x_std = np.arange(1, dim + 1, dtype=np.float64) ** -0.6
+    xs = means[:, None, :] + rng.standard_normal((n, spd + tpd, dim)) * x_std
+    y = (xs @ weights.transpose(0, 2, 1) + biases[:, None, :]).argmax(axis=-1)
+    x = xs.astype(np.float32)
+    return (x[:, :spd].reshape(-1, dim), y[:, :spd].reshape(-1), x[:, spd:].reshape(-1, dim), y[:, spd:].reshape(-1))
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 5_000, 1 << 22])
+@pytest.mark.parametrize("n, spd, tpd, dim, classes", [(37, 10, 1, 60, 10), (5, 3, 0, 7, 2), (64, 1, 4, 20, 30)])
+def test_synthetic_data_drawn_chunk_by_chunk_equals_the_whole_draw(monkeypatch, chunk_elements, n, spd, tpd, dim,
+                                                                   classes):
+    import fedsim.learn.data as data
+
+    monkeypatch.setattr(data, "_CHUNK_ELEMENTS", chunk_elements)      # one device per chunk, a few, or one chunk
+    dataset, partition = data.make_synthetic(0.5, 0.7, n, spd, tpd, np.random.default_rng(11), dim=dim,
+                                             num_classes=classes)
+    expected = _synthetic_whole(0.5, 0.7, n, spd, tpd, np.random.default_rng(11), dim=dim, num_classes=classes)
+    got = (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)
+    for g, e in zip(got, expected):
+        assert g.numpy().dtype == e.dtype and np.array_equal(g.numpy(), e)
+    assert partition.n_devices == n and np.array_equal(partition.device_indices(n - 1), np.arange((n - 1) * spd, n * spd))
