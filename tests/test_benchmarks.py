@@ -87,3 +87,20 @@ def test_engine_benchmark(capsys):
     # The memory run: the fleet asked for, its round completed; well under the 2 GB target of 100,000 devices.
     assert r["fleet_devices"] == 2000 and r["fleet_rounds"] == r["fleet_rounds_run"] == 1
     assert 0 < r["fleet_rss_mb"] < 2048 and r["fleet_100k_rss_mb"] is None
+
+
+def test_scale_benchmark(capsys):
+    r = run_benchmark("scale", capsys)
+    sizes = [(f["devices"], f["participants"]) for f in r["fleets"]]
+    assert sizes == [(1_000, 100), (10_000, 100), (1_000, 1_000)] and r["rounds"] == 2
+    for f in r["fleets"]:
+        # SALF, 3 layers, star network, ideal uploads: a participant's round is at most download, forward and
+        # 3 backward timeouts, plus a few events of the round itself, and never less than its download
+        assert f["participants"] <= f["events_per_round"] <= 5 * f["participants"] + 10
+        assert f["import_s"] > 0 and f["build_s"] > 0 and f["ms_per_round"] > 0 and f["simpy_ms_per_round"] > 0
+        assert f["rss_mb"] > 50
+    assert r["build_s_1m"] is None and r["rss_mb_1m"] is None     # --quick leaves the million out
+    assert r["ms_per_round_k1000"] == round(r["fleets"][2]["ms_per_round"], 3)
+    # n flows of 1..n kB on one 8 Mbit/s link end one by one; the last when every bit has crossed the link
+    n = r["shared_link_flows"]
+    assert n == 200 and r["shared_link_end_s"] == pytest.approx(8e3 * n * (n + 1) / 2 / 8e6, rel=1e-12)

@@ -87,6 +87,21 @@ class Partition:
             return own[rng.permutation(own.size)]
         return own[rng.choice(own.size, size=batch_size, replace=False)]
 
+    def sample_batches(self, devices: np.ndarray, batch_size: int, steps: int,
+                       rng: np.random.Generator) -> list[list[np.ndarray]]:
+        """`steps` batches of each of `devices`: the draws of `sample_batch` called `steps` times per device, in
+        that order, from `rng`, with one check for all instead of one per call."""
+        _require_ints(batch_size=(batch_size, 1), steps=(steps, 0))
+        devices = np.asarray(devices, dtype=np.int64)
+        for bad in devices[(devices < 0) | (devices >= self.n_devices)][:1]:
+            raise DataError(f"Partition: device {int(bad)} out of range 0..{self.n_devices - 1}")
+        out, permutation, choice = [], rng.permutation, rng.choice
+        for lo, hi in zip(self.offsets[devices].tolist(), self.offsets[devices + 1].tolist()):
+            own, size = self.indices[lo:hi], hi - lo
+            out.append([own[permutation(size)] if size <= batch_size else
+                        own[choice(size, size=batch_size, replace=False)] for _ in range(steps)])
+        return out
+
     @classmethod
     def blocks(cls, n_devices: int, size: int) -> Partition:
         """Device k owns samples k*size .. (k+1)*size - 1."""
@@ -246,34 +261,40 @@ def make_synthetic(alpha: float, beta: float, n_devices: int, samples_per_device
     _require_number("alpha", alpha, 0, strict=False)
     _require_number("beta", beta, 0, strict=False)
     _require_ints(n_devices=(n_devices, 1), samples_per_device=(samples_per_device, 1),
-                  test_samples_per_device=(test_samples_per_device, 0), dim=(dim, 1),
-                  num_classes=(num_classes, 2))
+                  test_samples_per_device=(test_samples_per_device, 0), dim=(dim, 1), num_classes=(num_classes, 2))
     u = rng.normal(0.0, math.sqrt(alpha), n_devices)
     shift = rng.normal(0.0, math.sqrt(beta), n_devices)
-    weights = u[:, None, None] + rng.standard_normal((n_devices, num_classes, dim))
-    biases = u[:, None] + rng.standard_normal((n_devices, num_classes))
-    means = shift[:, None] + rng.standard_normal((n_devices, dim))
+    spd, tpd, per_device = samples_per_device, test_samples_per_device, samples_per_device + test_samples_per_device
+    step = max(1, _CHUNK_ELEMENTS // (max(per_device, num_classes) * dim))    # devices per chunk
+    chunks = [(lo, min(lo + step, n_devices)) for lo in range(0, n_devices, step)]
+    # W comes first in the stream but is needed only with each chunk's samples, drawn last: the stream is walked
+    # past W chunk by chunk, keeping where each chunk starts, and each chunk is redrawn from there to label its
+    # samples (the same numbers as W drawn whole, without 8 * num_classes * dim bytes held per device).
+    weight_states = []
+    for lo, hi in chunks:
+        weight_states.append(rng.bit_generator.state)
+        rng.standard_normal((hi - lo, num_classes, dim))
+    biases = rng.standard_normal((n_devices, num_classes)) + u[:, None]
+    means = rng.standard_normal((n_devices, dim)) + shift[:, None]
     x_std = np.arange(1, dim + 1, dtype=np.float64) ** -0.6  # sqrt of the variance j^-1.2
-
-    spd, per_device = samples_per_device, samples_per_device + test_samples_per_device
-    x = np.empty((n_devices, per_device, dim), dtype=np.float32)
-    y = np.empty((n_devices, per_device), dtype=np.int64)
-    step = max(1, _CHUNK_ELEMENTS // (per_device * dim))
-    for lo in range(0, n_devices, step):
-        hi = min(lo + step, n_devices)
+    x_train, x_test = (np.empty((n_devices * m, dim), dtype=np.float32) for m in (spd, tpd))
+    y_train, y_test = (np.empty(n_devices * m, dtype=np.int64) for m in (spd, tpd))
+    replay = np.random.Generator(type(rng.bit_generator)())
+    for (lo, hi), state in zip(chunks, weight_states):
+        replay.bit_generator.state = state
+        weights = replay.standard_normal((hi - lo, num_classes, dim)) + u[lo:hi, None, None]
         xs = means[lo:hi, None, :] + rng.standard_normal((hi - lo, per_device, dim)) * x_std
         with np.errstate(over="ignore", invalid="ignore"):   # checked next, with a message naming beta
-            y[lo:hi] = (xs @ weights[lo:hi].transpose(0, 2, 1) + biases[lo:hi, None, :]).argmax(axis=-1)
-            x[lo:hi] = xs
-        if not np.isfinite(x[lo:hi]).all():
+            ys = (xs @ weights.transpose(0, 2, 1) + biases[lo:hi, None, :]).argmax(axis=-1)
+            xs = xs.astype(np.float32)
+        if not np.isfinite(xs).all():
             raise DataError(f"beta = {beta!r} makes synthetic inputs too large for float32 (non-finite "
                             "values); use a smaller beta")
+        x_train[lo * spd : hi * spd], y_train[lo * spd : hi * spd] = xs[:, :spd].reshape(-1, dim), ys[:, :spd].ravel()
+        x_test[lo * tpd : hi * tpd], y_test[lo * tpd : hi * tpd] = xs[:, spd:].reshape(-1, dim), ys[:, spd:].ravel()
 
-    def flat(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a.reshape(-1, *a.shape[2:])))
-
-    dataset = Dataset(flat(x[:, :spd]), flat(y[:, :spd]), flat(x[:, spd:]), flat(y[:, spd:]),
-                      input_shape=(dim,), num_classes=num_classes)
+    dataset = Dataset(*map(torch.from_numpy, (x_train, y_train, x_test, y_test)), input_shape=(dim,),
+                      num_classes=num_classes)
     return dataset, Partition.blocks(n_devices, spd)
 
 

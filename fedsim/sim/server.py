@@ -31,7 +31,7 @@ from fedsim.world.timing import max_depth_fitting
 from fedsim.output.trace import DeviceStatus, TraceWriter
 from fedsim.sim.health import NumericalHealth, require_finite, devices_text
 from fedsim.seeds import KEYED_STREAMS, component_rng, keyed_rng
-from fedsim.sim.records import device_row, round_row
+from fedsim.sim.records import device_columns, round_row
 
 __all__ = ["Server", "ServerBase", "round_rng", "ROUND_STREAM"]
 
@@ -140,7 +140,7 @@ class Server(ServerBase):
     # -- engine callbacks -------------------------------------------------------------------------
     def candidates(self, now_at: float) -> np.ndarray:
         """Devices that can be selected at `now_at`: the online ones."""
-        return self.availability.online_devices(now_at).astype(np.int64)
+        return self.availability.online_devices(now_at).astype(np.int64, copy=False)
 
     def wait_for_devices(self, env: simpy.Environment):
         """If nobody is online, idle until the first device comes back (a round needs participants)."""
@@ -178,8 +178,7 @@ class Server(ServerBase):
         if hasattr(self.grads, "begin_round"):      # a sharded engine sends each device's work where its data is
             self.grads.begin_round(devices, round_=round_)
         t = self.scenario.training
-        step_batches = [[self.partition.sample_batch(int(d), t.batch_size, rng) for _ in range(t.local_steps)]
-                        for d in devices]
+        step_batches = self.partition.sample_batches(devices, t.batch_size, t.local_steps, rng)
         slowdown = self.fleet.sample_slowdown(devices, rng)
         samples = np.array([len(b[0]) for b in step_batches], dtype=np.int64)
         mode = self.scenario.network.upload_mode
@@ -336,15 +335,14 @@ class Server(ServerBase):
         """The round's devices rows; returns the fleet's energy in the round (joules)."""
         plan = setup.plan
         assert setup.context is not None
-        slowdown = setup.context.slowdown
         n_layers = self.profile.n_layers
-        total_j = 0.0
-        for i, o in enumerate(outcomes):
-            device = int(plan.devices[i])
-            status = DeviceStatus.NONFINITE if o.nonfinite else o.status(n_layers)
-            row, energy_j = device_row(setup.round, device, setup.powers[i], status, o.depth, int(plan.samples[i]),
-                                       float(self.fleet.speed_flops[device] / slowdown[i]), o,
-                                       max(0.0, end_at - o.active_until_at))
-            total_j += energy_j
-            self.trace.devices.append(row)
+        devices = plan.devices
+        statuses = [DeviceStatus.NONFINITE if o.nonfinite else o.status(n_layers) for o in outcomes]
+        active_until = np.fromiter((o.active_until_at for o in outcomes), np.float64, len(outcomes))
+        idle = end_at - active_until
+        speed_flops = self.fleet.speed_flops[devices] / setup.context.slowdown
+        columns, total_j = device_columns(setup.round, devices, self.fleet.class_of[devices], self.fleet.classes,
+                                          statuses, plan.samples, speed_flops, outcomes,
+                                          np.where(idle > 0.0, idle, 0.0))      # max(0.0, idle), as a row does
+        self.trace.devices.extend(**columns)
         return total_j

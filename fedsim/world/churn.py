@@ -66,6 +66,15 @@ class Availability(abc.ABC):
 class AlwaysOnline(Availability):
     def __init__(self, n_devices: int):
         self.n_devices = int(n_devices)
+        self._everyone: np.ndarray | None = None
+
+    def online_devices(self, at: float) -> np.ndarray:
+        """Every device, as one read-only int64 array made once: a round's selection pool costs nothing
+        however large the fleet is."""
+        if self._everyone is None:
+            self._everyone = np.arange(self.n_devices, dtype=np.int64)
+            self._everyone.flags.writeable = False
+        return self._everyone
 
     def online_mask(self, devices, at):
         return np.ones(len(devices), dtype=bool)

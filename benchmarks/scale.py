@@ -1,0 +1,280 @@
+"""Large fleets, big rounds and crowded links.
+
+    python -m benchmarks.scale [--quick] [--rounds R] [--no-million]
+
+1. Fleets of N devices with K participants per round: the paper MLP on synthetic data (10 samples per
+   device, one test sample, one torch thread), SALF with a 0.1 s deadline, the real `Server`, trace and gradients. Each size
+   runs in a fresh subprocess, which reports the seconds its imports took, the build (`build_components` and
+   the `Server`), the median wall time of a round (the first round, which warms torch up, left out), its
+   events per round and its own peak RSS (`ru_maxrss`).
+2. The reference of a round: bare SimPy scheduling the same number of events as the round did, as K
+   chains of timeouts whose callbacks schedule the next (how fedsim's device rounds work), nothing else.
+3. A crowded link: 1,000 flows of sizes 1, 2, ..., 1,000 kB start together on one access point's link
+   (8 Mbit/s, no private links), so they end one at a time and every end re-shares the others; the wall
+   time of the whole run. With SimGrid's Python bindings on the system Python (Debian `python3-simgrid`),
+   the same run in SimGrid (one link, `Comm.sendto_async`) is timed in the same run of the benchmark.
+
+The last line is one JSON object; `build_s_1m`, `rss_mb_1m`, `ms_per_round_k1000`, `simpy_ms_per_round_k1000`
+and `shared_link_1000_s` are the headline figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import REPO, emit, print_table
+
+SCALE_TOML = """
+[run]
+name = "scale"
+seed = 0
+rounds = {rounds}
+eval_every = 1000000
+
+[model]
+name = "mlp"
+
+[data]
+name = "synthetic"
+samples_per_device = 10
+test_samples_per_device = 1
+
+[training]
+batch_size = 10
+lr = 0.1
+
+[fleet]
+participants = {participants}
+
+[[fleet.classes]]
+name = "phone"
+count = {devices}
+speed_flops = {{ dist = "lognormal", median = 2.0e7, sigma = 0.3 }}
+slowdown = {{ dist = "uniform", low = 1.0, high = 3.0 }}
+downlink_bps = 5.0e7
+uplink_bps = 1.0e7
+latency_s = 0.01
+
+[policy]
+name = "salf"
+deadline_s = 0.1
+"""
+
+SIZES = ((1_000, 100), (100_000, 100), (1_000_000, 100), (2_000, 1_000))
+QUICK_SIZES = ((1_000, 100), (10_000, 100), (1_000, 1_000))
+
+
+def fleet_child(devices: int, participants: int, rounds: int) -> None:
+    """Run in a fresh subprocess: imports, build, `rounds` + 1 rounds; print the figures as JSON."""
+    start = time.perf_counter()
+    import simpy
+
+    from fedsim.output.trace import TraceWriter
+    from fedsim.sim.build import build_components
+    from fedsim.sim.engine import run_events, serve_rounds
+    from fedsim.sim.server import Server
+    from fedsim.spec.scenario import parse_scenario
+    import_s = time.perf_counter() - start
+    import torch
+
+    torch.set_num_threads(1)        # as `fedsim run` and the sweep runner: one thread per process
+
+    start = time.perf_counter()
+    scn = parse_scenario(SCALE_TOML.format(devices=devices, participants=participants, rounds=rounds + 1),
+                         "benchmarks/scale.py")
+    comp = build_components(scn)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = TraceWriter(Path(tmp), {})
+        server = Server(scn, comp.model, comp.profile, comp.fleet, comp.partition, comp.dataset, trace)
+        build_s = time.perf_counter() - start
+        ends = [time.perf_counter()]
+        env = simpy.Environment()
+        env.process(serve_rounds(env, server, rounds + 1, on_round=lambda _done: ends.append(time.perf_counter())))
+        run_events(env)
+        events = next(env._eid)     # SimPy numbers every scheduled event from 0
+        trace.close()
+    per_round = [b - a for a, b in zip(ends[1:], ends[2:])]      # round 0 warms torch up
+    events_per_round = events / (rounds + 1)
+    print(json.dumps({
+        "devices": devices, "participants": participants, "rounds": rounds, "import_s": import_s,
+        "build_s": build_s, "ms_per_round": statistics.median(per_round) * 1e3,
+        "events_per_round": events_per_round,
+        "simpy_ms_per_round": bare_simpy_round_ms(participants, round(events_per_round), rounds),
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))     # Linux: kilobytes
+
+
+def bare_simpy_round_ms(chains: int, events: int, rounds: int) -> float:
+    """Median ms of a round of bare SimPy: `events` timeouts in `chains` callback chains (a fresh environment
+    per round, as fedsim's rounds each start afresh), nothing else."""
+    import random
+
+    import simpy
+
+    times = []
+    rnd = random.Random(0)
+    lengths = [events // chains + (i < events % chains) for i in range(chains)]
+    for _ in range(rounds):
+        delays = [[rnd.random() for _ in range(n)] for n in lengths]
+        start = time.perf_counter()
+        env = simpy.Environment()
+        for chain in delays:
+            _chain(env, chain, 0)
+        env.run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _chain(env, delays: list[float], i: int) -> None:
+    if i < len(delays):
+        env.timeout(delays[i]).callbacks.append(lambda _event: _chain(env, delays, i + 1))
+
+
+def fleet(devices: int, participants: int, rounds: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--child", str(devices), str(participants),
+                          "--rounds", str(rounds)], cwd=REPO, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"scale subprocess (N={devices}, K={participants}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- a crowded link -----------------------------------------------------------------------------------------
+
+SHARED_LINK = """
+[[network.nodes]]
+name = "server"
+kind = "server"
+[[network.nodes]]
+name = "ap"
+kind = "ap"
+[[network.links]]
+a = "ap"
+b = "server"
+bandwidth_bps = {capacity}
+[network.classes.phones]
+attach = "ap"
+access = "none"
+"""
+
+
+def shared_link_s(flows: int, capacity_bps: float = 8e6) -> tuple[float, float]:
+    """(wall seconds, simulated end of the last flow): `flows` flows of 1..flows kB on one link, one run."""
+    import tomllib
+
+    import numpy as np
+    import simpy
+
+    from fedsim.spec.fields import Fields
+    from fedsim.spec.network import Direction, read_network_spec
+    from fedsim.world.network import Network, Transfer, build_topology
+
+    raw = tomllib.loads(SHARED_LINK.format(capacity=capacity_bps))
+    spec = read_network_spec(Fields(raw["network"], "benchmarks/scale.py", "network"), ["phones"], ())
+    topo = build_topology(spec, class_of=np.zeros(flows, dtype=np.int64), downlink_bps=np.full(flows, np.inf),
+                          uplink_bps=np.full(flows, np.inf), latency_s=np.zeros(flows), rng=np.random.default_rng(0))
+    ends: list[float] = []
+    start = time.perf_counter()
+    env = simpy.Environment()
+    net = Network(env, topo)
+    for d in range(flows):
+        Transfer(net, d, Direction.DOWN, 1000.0 * (d + 1), None, lambda result: ends.append(result.end_at)).start()
+    env.run()
+    wall = time.perf_counter() - start
+    assert len(ends) == flows
+    return wall, max(ends)
+
+
+SIMGRID_SCRIPT = r"""
+import json, sys, time
+from simgrid import Actor, Comm, Engine, Host
+flows, capacity = int(sys.argv[1]), float(sys.argv[2])
+e = Engine(["sg", "--log=root.thr:critical", "--cfg=network/model:CM02", "--cfg=network/crosstraffic:0",
+            "--cfg=network/weight-S:0", "--cfg=network/latency-factor:1", "--cfg=network/bandwidth-factor:1"])
+from simgrid import NetZone, LinkInRoute
+zone = NetZone.create_full_zone("zone")
+server, ap = zone.create_host("server", 1e9), zone.create_host("ap", 1e9)
+link = zone.create_link("shared", capacity / 8.0).seal()
+zone.add_route(server.netpoint, ap.netpoint, None, None, [LinkInRoute(link)], True)
+zone.seal()
+ends = []
+def sender():
+    comms = [Comm.sendto_async(server, ap, 1000 * (d + 1)) for d in range(flows)]
+    for c in comms:
+        c.wait()
+    ends.append(Engine.clock)
+Actor.create("sender", server, sender)
+start = time.perf_counter()
+e.run()
+print(json.dumps({"wall_s": time.perf_counter() - start, "end_s": max(ends)}))
+"""
+
+
+def simgrid_shared_link_s(flows: int, capacity_bps: float = 8e6) -> dict | None:
+    """The same crowded link in SimGrid (system Python with `python3-simgrid`), or None if it is missing."""
+    try:
+        out = subprocess.run(["/usr/bin/python3", "-c", SIMGRID_SCRIPT, str(flows), str(capacity_bps)],
+                             capture_output=True, text=True, check=False, timeout=600)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        print(f"  (SimGrid not run: {out.stderr.strip().splitlines()[-1:] or out.returncode})")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- main -------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small fleets, 2 rounds, 200 flows")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds timed per fleet (default 10; --quick 2)")
+    ap.add_argument("--no-million", action="store_true", help="leave out the N = 1,000,000 fleet")
+    ap.add_argument("--child", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 10)
+    if args.child is not None:
+        fleet_child(*args.child, rounds)
+        return {}
+    sizes = QUICK_SIZES if args.quick else tuple(s for s in SIZES if not (args.no_million and s[0] == 1_000_000))
+    print(f"benchmarks.scale: paper MLP on synthetic data, SALF, {rounds} rounds timed per fleet")
+    runs = [fleet(n, k, rounds) for n, k in sizes]
+    print_table("fleets (each in its own process)",
+                ["N", "K", "import s", "build s", "ms/round", "bare SimPy ms/round", "events/round", "peak RSS MB"],
+                [[r["devices"], r["participants"], r["import_s"], r["build_s"], r["ms_per_round"],
+                  r["simpy_ms_per_round"], round(r["events_per_round"]), r["rss_mb"]] for r in runs])
+    n_flows = 200 if args.quick else 1_000
+    wall, end_s = shared_link_s(n_flows)
+    simgrid = simgrid_shared_link_s(n_flows)
+    link_rows = [["fedsim", wall, end_s]]
+    if simgrid is not None:
+        link_rows.append(["SimGrid (python3-simgrid)", simgrid["wall_s"], simgrid["end_s"]])
+    print_table(f"{n_flows} flows of 1..{n_flows} kB on one 8 Mbit/s access-point link",
+                ["simulator", "wall s", "simulated end s"], link_rows)
+
+    def pick(n: int, k: int, key: str):
+        return next((round(r[key], 3) for r in runs if (r["devices"], r["participants"]) == (n, k)), None)
+
+    k1000 = next(r for r in runs if r["participants"] == 1_000)
+    result = {"benchmark": "scale", "quick": args.quick, "rounds": rounds,
+              "fleets": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in runs],
+              "build_s_1m": pick(1_000_000, 100, "build_s"), "rss_mb_1m": pick(1_000_000, 100, "rss_mb"),
+              "ms_per_round_1m": pick(1_000_000, 100, "ms_per_round"),
+              "ms_per_round_1k": pick(1_000, 100, "ms_per_round"),
+              "ms_per_round_k1000": round(k1000["ms_per_round"], 3),
+              "simpy_ms_per_round_k1000": round(k1000["simpy_ms_per_round"], 3),
+              "shared_link_flows": n_flows, "shared_link_1000_s": round(wall, 4) if n_flows == 1_000 else None,
+              "shared_link_s": round(wall, 4), "shared_link_end_s": end_s,
+              "simgrid_shared_link_s": None if simgrid is None else round(simgrid["wall_s"], 4)}
+    emit(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

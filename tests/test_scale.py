@@ -1,0 +1,109 @@
+"""The vectorised paths of large rounds against the per-row versions they replace: a round's device columns
+equal its rows built one by one (every value, bit for bit), and batches sampled for many devices at once
+equal `sample_batch` called device by device on the same stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedsim.learn.data import Partition
+from fedsim.output.trace import DeviceStatus
+from fedsim.sim.device_round import DeviceOutcome, StopCause
+from fedsim.sim.records import device_columns, device_row
+from conftest import REPO
+from fedsim.spec.scenario import load_scenario
+
+
+
+def _outcomes(rng: np.random.Generator, n: int) -> list[DeviceOutcome]:
+    out = []
+    for _ in range(n):
+        o = DeviceOutcome(depth=int(rng.integers(0, 4)), layers_computed=int(rng.integers(0, 4)),
+                          download_s=float(rng.exponential()), compute_s=float(rng.exponential() / 3),
+                          upload_s=float(rng.exponential() * 7), active_until_at=float(rng.uniform(0, 2)))
+        if rng.random() < 0.2:
+            o.stopped = StopCause.OFFLINE
+        out.append(o)
+    return out
+
+
+@pytest.mark.parametrize("n", [0, 1, 57])
+def test_device_columns_equal_the_rows_built_one_by_one(n):
+    classes = load_scenario(REPO / "scenarios" / "quickstart.toml").fleet.classes    # two classes, other powers
+    rng = np.random.default_rng(n)
+    devices = rng.integers(0, 10**6, n)
+    class_index = rng.integers(0, len(classes), n)
+    outcomes = _outcomes(rng, n)
+    statuses = [DeviceStatus.NONFINITE if rng.random() < 0.1 else o.status(3) for o in outcomes]
+    samples = rng.integers(1, 33, n)
+    speed = rng.lognormal(16, 1, n) / rng.uniform(1, 3, n)
+    end_at = 1.5
+    idle = np.array([max(0.0, end_at - o.active_until_at) for o in outcomes])
+    columns, total_j = device_columns(4, devices, class_index, classes, statuses, samples, speed, outcomes, idle)
+    rows, expected_j = [], 0.0
+    for i, o in enumerate(outcomes):
+        row, energy_j = device_row(4, int(devices[i]), classes[class_index[i]], statuses[i], o.depth, int(samples[i]),
+                                   float(speed[i]), o, max(0.0, end_at - o.active_until_at))
+        rows.append(row)
+        expected_j += energy_j
+    assert list(columns) == list(device_row(0, 0, classes[0], DeviceStatus.NOTHING, 0, 1, 1.0, DeviceOutcome(),
+                                            0.0)[0])
+    assert [dict(zip(columns, values)) for values in zip(*columns.values())] == rows
+    for column in columns.values():         # the same Python types as the rows (Arrow converts both alike)
+        assert all(type(v) in (int, float, str) for v in column)
+    assert total_j == expected_j           # summed device by device: the same float, not merely close
+
+
+def test_batches_of_many_devices_draw_what_sample_batch_draws_device_by_device():
+    sizes = [0, 1, 5, 8, 9, 40, 3, 8]
+    partition = Partition.from_lists([np.arange(s) + 100 * k for k, s in enumerate(sizes)])
+    devices = np.array([7, 2, 5, 5, 0, 1, 3, 6, 4])
+    for batch, steps in ((8, 1), (1, 3), (50, 2), (8, 0)):
+        many = partition.sample_batches(devices, batch, steps, np.random.default_rng(3))
+        rng = np.random.default_rng(3)
+        one_by_one = [[partition.sample_batch(int(d), batch, rng) for _ in range(steps)] for d in devices]
+        assert len(many) == len(one_by_one)
+        for a, b in zip(many, one_by_one):
+            assert len(a) == len(b) == steps and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_sample_batches_checks_its_arguments():
+    from fedsim.errors import DataError
+
+    partition = Partition.blocks(4, 3)
+    with pytest.raises(DataError, match="device 4 out of range 0..3"):
+        partition.sample_batches(np.array([0, 4]), 2, 1, np.random.default_rng(0))
+    with pytest.raises(DataError, match="batch_size"):
+        partition.sample_batches(np.array([0]), 0, 1, np.random.default_rng(0))
+
+
+def _synthetic_whole(alpha, beta, n, spd, tpd, rng, dim=60, num_classes=10):
+    """The synthetic generator as it was: every device's W, b and v drawn whole, then the samples (the oracle
+    of the chunked generator, which must give the same numbers from the same stream)."""
+    u = rng.normal(0.0, np.sqrt(alpha), n)
+    shift = rng.normal(0.0, np.sqrt(beta), n)
+    weights = u[:, None, None] + rng.standard_normal((n, num_classes, dim))
+    biases = u[:, None] + rng.standard_normal((n, num_classes))
+    means = shift[:, None] + rng.standard_normal((n, dim))
+    x_std = np.arange(1, dim + 1, dtype=np.float64) ** -0.6
+    xs = means[:, None, :] + rng.standard_normal((n, spd + tpd, dim)) * x_std
+    y = (xs @ weights.transpose(0, 2, 1) + biases[:, None, :]).argmax(axis=-1)
+    x = xs.astype(np.float32)
+    return (x[:, :spd].reshape(-1, dim), y[:, :spd].reshape(-1), x[:, spd:].reshape(-1, dim), y[:, spd:].reshape(-1))
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 5_000, 1 << 22])
+@pytest.mark.parametrize("n, spd, tpd, dim, classes", [(37, 10, 1, 60, 10), (5, 3, 0, 7, 2), (64, 1, 4, 20, 30)])
+def test_synthetic_data_drawn_chunk_by_chunk_equals_the_whole_draw(monkeypatch, chunk_elements, n, spd, tpd, dim,
+                                                                   classes):
+    import fedsim.learn.data as data
+
+    monkeypatch.setattr(data, "_CHUNK_ELEMENTS", chunk_elements)      # one device per chunk, a few, or one chunk
+    dataset, partition = data.make_synthetic(0.5, 0.7, n, spd, tpd, np.random.default_rng(11), dim=dim,
+                                             num_classes=classes)
+    expected = _synthetic_whole(0.5, 0.7, n, spd, tpd, np.random.default_rng(11), dim=dim, num_classes=classes)
+    got = (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)
+    for g, e in zip(got, expected):
+        assert g.numpy().dtype == e.dtype and np.array_equal(g.numpy(), e)
+    assert partition.n_devices == n and np.array_equal(partition.device_indices(n - 1), np.arange((n - 1) * spd, n * spd))
