@@ -595,6 +595,11 @@ def no_miss_cases(draw):
 @given(fleet=fleets, model=st.sampled_from(MODELS), granularity=st.sampled_from(["module", "tensor"]),
        rounds=st.integers(1, 3), momentum=st.sampled_from([0.0, 0.5]), shared_ap=st.one_of(st.none(), _log10(5.0, 7.0)),
        seed=st.integers(0, 1000), case=no_miss_cases(), slack=st.one_of(st.just(1.0), st.floats(1.0 + 1e-6, 3.0)))
+# devices that went offline (churn) and a deadline exactly at the round's end: nobody was cut, no `deadline` event
+@example(fleet=[Device(s, 1526000.0, 116100.0, 0.004, 3.0) for s in (179700.0, 190000.0, 190900.0, 110300.0,
+                                                                      77800.0, 131100.0)],
+         model="test_properties:chain4", granularity="tensor", rounds=1, momentum=0.0, shared_ap=None, seed=986,
+         case=("drop:mean", "streaming", (0.3, 0.05)), slack=1.0)
 def test_deadline_nobody_misses_equals_wait(fleet, model, granularity, rounds, momentum, shared_ap, seed, case, slack):
     other, upload, churn = case
     options = dict(model=model, granularity=granularity, rounds=rounds, momentum=momentum, upload=upload,

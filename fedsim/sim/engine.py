@@ -73,7 +73,9 @@ def run_round(env: simpy.Environment, server: RoundServer):
     server.unwatch()
     server.active = {}
     outcomes = [device_round.out for device_round in rounds]
-    if deadline_at is not None and env.now >= deadline_at and any(o.done_at is None for o in outcomes):
+    # the deadline ended the round only if it cut a device still working (not one that had left: churn)
+    if deadline_at is not None and env.now >= deadline_at and any(o.done_at is None and o.stopped is None
+                                                                  for o in outcomes):
         trace.event(r, env.now, SERVER, EventKind.DEADLINE)
     trace.event(r, env.now, SERVER, EventKind.ROUND_END)
     server.finish_round(setup, start_at, env.now, outcomes)
