@@ -57,7 +57,7 @@ def trace_metadata(scn: Scenario) -> dict[str, str]:
 
 def _fixed_deadline_s(scn: Scenario) -> float | None:
     """The deadline of every round, for policies with a fixed one (None: no deadline, or one per round)."""
-    return float(scn.policy.deadline_s) if isinstance(scn.policy, FixedDeadline) else None
+    return scn.policy.fixed_deadline_s if isinstance(scn.policy, FixedDeadline) else None
 
 
 def trace_description(scn: Scenario) -> dict:
@@ -188,7 +188,7 @@ def _execute(scn, comp, run_dir, trace, progress, checkpoint_every, base_dir, st
         # Finalisation: every file goes to a temporary name and is renamed; the journals and the checkpoint
         # stay until the final status is written, so a crash at any instant before it leaves a run that
         # `resume_run` continues, and one after it leaves a completed run.
-        trace.close()
+        trace.close(last_round=server.last_row_values())
         buf = io.BytesIO()
         torch.save(comp.model.state_dict(), buf)
         write_atomic(run_dir / "model.pt", buf.getvalue())

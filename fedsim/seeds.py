@@ -29,12 +29,15 @@ COMPONENT_STREAMS: dict[str, int] = {
     "fleet": 3,         # per-device speeds and link rates (measured phones, FLASH users)
     "churn": 4,         # availability (on/off) periods
     "network": 5,       # the network model: wireless distances of the devices
+    "adel": 15,         # ADEL-FL's Monte Carlo sample of device-rounds (policy.deadline_s optimize = "adel")
 }
 
 KEYED_STREAMS: dict[str, int] = {
     "round": 7,         # round r of a synchronous run: participants, mini-batches, slowdowns
     "job": 11,          # job j of an asynchronous run: its mini-batch, then its slowdown
     "select": 12,       # the k-th choice of idle devices of an asynchronous run
+    "layer_time": 13,   # round r's per-layer backward multipliers (fleet.classes[i].layer_time, when not 1)
+    "job_layer_time": 14,   # the same for job j of an asynchronous run
 }
 
 

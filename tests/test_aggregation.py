@@ -115,6 +115,8 @@ def test_long_deadline_salf_drop_wait_identical(tmp_path):
     for p in ("drop", "wait"):
         a, b = dict(tables["salf"]), dict(tables[p])
         assert a.pop("policy") != b.pop("policy")
+        assert a.pop("deadline_s") == [1000.0] * len(a["round"])
+        assert b.pop("deadline_s") == ([None] * len(a["round"]) if p == "wait" else [1000.0] * len(a["round"]))
         assert a == b
 
 

@@ -621,6 +621,7 @@ def test_deadline_nobody_misses_equals_wait(fleet, model, granularity, rounds, m
     assert run.devices == wait.devices
     a, b = dict(run.rounds), dict(wait.rounds)
     assert a.pop("policy") != b.pop("policy")
+    assert b.pop("deadline_s") == [None] * len(b["round"]) and None not in a.pop("deadline_s")
     assert a == b
 
 

@@ -25,7 +25,7 @@ def cmd_validate(args) -> int:
     print(f"  data      {scn.data.name}, {scn.data.partition}, {scn.data.samples_per_device} samples/device")
     print(f"  fleet     {fleet.n_devices} devices in {len(fleet.classes)} classes, participants "
           f"{'all' if fleet.participants is None else fleet.participants}")
-    deadline = getattr(scn.policy, "deadline_s", None)
+    deadline = getattr(scn.policy, "deadline_s", None)    # a number, or a schedule (printed as such)
     print(f"  policy    {scn.policy.describe()}, "
           f"{'no fixed deadline' if deadline is None else f'deadline {deadline} s'}, upload {scn.network.upload_mode.value}")
     planned = preview(scn, comp)

@@ -95,6 +95,7 @@ ROUNDS_SCHEMA = pa.schema([
     ("start_s", pa.float64()),
     ("end_s", pa.float64()),
     ("duration_s", pa.float64()),
+    ("deadline_s", pa.float64()),       # the round's deadline (null: none, or an asynchronous run)
     ("participants", pa.int32()),
     ("delivered_any", pa.int32()),      # participants that delivered at least one layer
     ("completed", pa.int32()),          # participants that delivered every layer
@@ -103,6 +104,7 @@ ROUNDS_SCHEMA = pa.schema([
     ("test_loss", pa.float64()),        # null when the round was not evaluated
     ("test_accuracy", pa.float64()),
     ("energy_j", pa.float64()),         # fleet energy of the round, all phases
+    ("ended_by", pa.string()),          # last row only: the limit that ended the run (see TraceWriter.close)
 ])
 
 
@@ -197,6 +199,11 @@ class TableWriter:
         if len(self) >= self.flush_rows:
             self.flush()
 
+    def truncate(self, rows: int) -> None:
+        """Forget the rows buffered after the first `rows` (rows already flushed stay)."""
+        for col in self.columns.values():
+            del col[rows:]
+
     def flush(self) -> None:
         n = len(self)
         if n == 0 or self._writer is None:
@@ -208,8 +215,9 @@ class TableWriter:
         for col in self.columns.values():
             col.clear()
 
-    def close(self, complete: bool = True) -> None:
-        """Stop writing; if the run completed, write the Parquet file from the journal.
+    def close(self, complete: bool = True, last_row: dict[str, Any] | None = None) -> None:
+        """Stop writing; if the run completed, write the Parquet file from the journal, with the values of
+        `last_row` in its last row (what is known only once the run has ended).
 
         The journal is kept: it is removed by `discard_journal` only after the run's final status is on
         disk, so a crash anywhere in finalisation leaves a run that can be resumed.
@@ -223,6 +231,12 @@ class TableWriter:
         self._writer = None
         if complete:
             table = read_journal(self.journal, self._plain).cast(self.schema)
+            if last_row and table.num_rows:
+                for name, value in last_row.items():
+                    i = table.schema.get_field_index(name)
+                    column = table.column(i).to_pylist()
+                    column[-1] = value
+                    table = table.set_column(i, table.schema.field(i), pa.array(column, table.schema.field(i).type))
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             try:
                 pq.write_table(table, tmp, row_group_size=65_536, compression="zstd")
@@ -288,9 +302,12 @@ class TraceWriter:
         for table in (self.events, self.devices, self.rounds):
             table.flush()
 
-    def close(self, complete: bool = True) -> None:
-        for table in (self.events, self.devices, self.rounds):
+    def close(self, complete: bool = True, last_round: dict[str, Any] | None = None) -> None:
+        """`last_round`: values of the last rounds.parquet row known only at the end (`ended_by`, the final
+        evaluation of a run that a time budget ended)."""
+        for table in (self.events, self.devices):
             table.close(complete)
+        self.rounds.close(complete, last_round)
 
     def discard_journals(self) -> None:
         """After the run's final status is written: the Parquet files are the trace now."""

@@ -60,6 +60,7 @@ class HeteroFL(FixedDeadline):
         return cls(deadline_s=deadline, widths=widths)
 
     def check(self, scenario: Scenario) -> None:
+        super().check(scenario)
         if scenario.model.name not in ("mlp", "cnn"):
             raise ScenarioError(scenario.source, "policy.name",
                                 f"heterofl needs a model whose width can be scaled (mlp, cnn), got {scenario.model.name!r}")
@@ -89,6 +90,8 @@ class HeteroFL(FixedDeadline):
         up_bps = mean(spec.uplink_bps, run.fleet.uplink_bps)
         speed_flops = mean(spec.speed_flops, run.fleet.speed_flops)
         training = run.scenario.training
+        schedule = self.schedule(run)       # with deadlines that change: the widths fit the shortest one
+        deadline_s = min(schedule) if schedule is not None else self.deadline_s
         for width in AUTO_WIDTHS:
             profile = run.submodel(width)[1]
             flops = (profile.fwd_flops_per_sample + profile.bwd_flops_per_sample) * training.batch_size * training.local_steps
@@ -96,7 +99,7 @@ class HeteroFL(FixedDeadline):
             time_s += flops * spec.slowdown.mean / speed_flops
             if run.scenario.network.upload_mode is not UploadMode.IDEAL:
                 time_s += spec.latency_s + 8 * profile.total_bytes / up_bps
-            if time_s <= self.deadline_s:
+            if time_s <= deadline_s:
                 return width
         return AUTO_WIDTHS[-1]
 

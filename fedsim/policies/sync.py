@@ -9,7 +9,8 @@
     aggregate(inputs, grads)         the global update from what each participant delivered
     observe(state, inputs)           what the policy has learned from the round (its next `PolicyState`)
 
-and `start(run)` once, before the first round, for the initial state. Only `read` and `aggregate` must be
+and `start(run)` and `schedule(run)` once, before the first round, for the initial state and the deadlines
+chosen ahead for every round (handed to each round as `ctx.schedule`). Only `read` and `aggregate` must be
 written; the other hooks default to a plain synchronous round (everyone selected, or `k` of them uniformly;
 the whole mini-batch; no early end; no state). A policy is a frozen value: everything that changes during a
 run is in `ctx.state` (`RoundContext`), which `observe` returns anew.
@@ -61,6 +62,8 @@ class RoundContext:
     batch_size: int
     submodel: Submodel
     state: PolicyState | None    # what the policy has learned before this round
+    schedule: tuple[float, ...] | None = None   # every round's deadline, if chosen before the first round
+    layer_time: np.ndarray | None = None   # (n, L) backward multipliers this round, backward order (None: 1)
 
     def plan(self, rows: np.ndarray | None = None, profile: ModelProfile | None = None,
              samples: np.ndarray | None = None, steps: np.ndarray | None = None) -> RoundPlan:
@@ -71,7 +74,8 @@ class RoundContext:
         return plan_round(profile or self.profile, d, f.speed_flops[d], self.slowdown[rows],
                           self.samples[rows] if samples is None else samples,
                           self.steps[rows] if steps is None else steps,
-                          f.downlink_bps[d], f.uplink_bps[d], f.latency_s[d])
+                          f.downlink_bps[d], f.uplink_bps[d], f.latency_s[d],
+                          layer_time=None if self.layer_time is None else self.layer_time[rows])
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,10 @@ class SyncPolicy(PolicyBase):
 
     def start(self, run: RunContext) -> PolicyState | None:
         """The state before the first round (None: the policy learns nothing)."""
+        return None
+
+    def schedule(self, run: RunContext) -> tuple[float, ...] | None:
+        """Every round's deadline, chosen before the first round (None: `deadline` decides round by round)."""
         return None
 
     def select(self, candidates: np.ndarray, k: int | None, rng: np.random.Generator) -> np.ndarray:

@@ -24,7 +24,7 @@ delivered, or left in the buffer at the end) cost nothing. Old versions are kept
 holds them, and at most max_staleness of them: memory is bounded by min(max_concurrency, max_staleness)
 parameter snapshots, never one model per device.
 
-Stopping. The run stops at policy.duration_s of simulated time, or when run.rounds server updates have
+Stopping. The run stops at policy.duration_s (or run.time_budget_s, if sooner), or when run.rounds updates have
 been applied, whichever comes first. Updates arriving at the stop instant are not applied (the stop
 timer was scheduled first). Jobs still running are interrupted (`stopped` events carry the energy of the
 unfinished phase, as for a round's quorum); buffered updates not yet applied are dropped.
@@ -173,7 +173,9 @@ class AsyncServer(AsyncTrace, ServerBase):
         f = self.fleet
         plan = plan_round(self.profile, devices, f.speed_flops[devices], slowdown,
                           np.array([len(batch)], dtype=np.int64), np.ones(1, dtype=np.int64),
-                          f.downlink_bps[devices], f.uplink_bps[devices], f.latency_s[devices])
+                          f.downlink_bps[devices], f.uplink_bps[devices], f.latency_s[devices],
+                          layer_time=f.sample_layer_time(devices, self.profile.n_layers, keyed_rng(
+                              self.scenario.run.seed, "job_layer_time", j)))
         setup = RoundSetup(self.current_round, plan, None, self.scenario.network.upload_mode,
                            [f.class_spec(device)])
         job = Job(j, device, self.current_round, batch, float(slowdown[0]), setup)
@@ -376,9 +378,13 @@ class AsyncServer(AsyncTrace, ServerBase):
 
 
 def serve_async(env: simpy.Environment, server: AsyncServer, on_update: Callable[[int], None] | None = None):
-    """The server process of an asynchronous run: start the jobs, stop at duration_s or run.rounds steps."""
-    # scheduled before any job event: an update arriving exactly at duration_s is not applied
-    stop = env.timeout(server.policy.duration_s)
+    """The server process of an asynchronous run: start the jobs, stop at duration_s (or run.time_budget_s,
+    whichever comes first) or after run.rounds steps."""
+    # scheduled before any job event: an update arriving exactly at the stop is not applied
+    budget_s = server.time_budget_s
+    by_budget = budget_s is not None and budget_s <= server.policy.duration_s
+    stop = env.timeout(budget_s if by_budget else server.policy.duration_s)
+    server.ended_by = "time_budget_s" if by_budget else "duration_s"
     server.start(env, on_update)
     watcher = None
     if server.is_online is not None:
@@ -387,7 +393,7 @@ def serve_async(env: simpy.Environment, server: AsyncServer, on_update: Callable
     try:
         yield stop
     except simpy.Interrupt:
-        pass                                  # run.rounds server steps reached first
+        server.ended_by = "rounds"            # run.rounds server steps reached first
     if watcher is not None and watcher.is_alive:
         watcher.interrupt()
     server.finish(env)

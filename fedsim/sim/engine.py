@@ -29,6 +29,8 @@ class RoundServer(Protocol):
     current_round: int
     trace: TraceWriter
     active: dict[int, DeviceRound]     # device id -> its round under way
+    time_budget_s: float | None        # no round may end after this simulated time
+    ended_by: str | None               # the limit that ended the run, once it has ended
 
     def setup_round(self, round_: int, env: simpy.Environment) -> RoundSetup: ...
     def wait_for_devices(self, env: simpy.Environment): ...
@@ -36,14 +38,16 @@ class RoundServer(Protocol):
     def unwatch(self) -> None: ...
     def finish_round(self, setup: RoundSetup, start_at: float, end_at: float,
                      outcomes: list[DeviceOutcome]) -> None: ...
+    def out_of_time(self, round_: int, end_at: float) -> None: ...
 
 
 def run_round(env: simpy.Environment, server: RoundServer):
     """One synchronous round: dispatch every participant, wait for delivery, the deadline or the quorum."""
     r = server.current_round
+    trace = server.trace
+    events_before = len(trace.events)
     setup = server.setup_round(r, env)
     start_at = env.now
-    trace = server.trace
     trace.event(r, start_at, SERVER, EventKind.ROUND_START)
     deadline_at = None if setup.deadline_s is None else start_at + setup.deadline_s
     deadline = None if setup.deadline_s is None else env.timeout(setup.deadline_s)
@@ -73,6 +77,12 @@ def run_round(env: simpy.Environment, server: RoundServer):
     server.unwatch()
     server.active = {}
     outcomes = [device_round.out for device_round in rounds]
+    if server.time_budget_s is not None and env.now > server.time_budget_s:
+        # the round would end after the time budget: the run ends with the round before; this one's events
+        # (buffered since the last round's flush) are forgotten and nothing is aggregated
+        trace.events.truncate(events_before)
+        server.out_of_time(r, env.now)
+        return
     # the deadline ended the round only if it cut a device still working (not one that had left: churn)
     if deadline_at is not None and env.now >= deadline_at and any(o.done_at is None and o.stopped is None
                                                                   for o in outcomes):
@@ -83,13 +93,17 @@ def run_round(env: simpy.Environment, server: RoundServer):
 
 def serve_rounds(env: simpy.Environment, server: RoundServer, rounds: int,
                  on_round: Callable[[int], None] | None = None):
-    """The server process: `rounds` synchronous rounds back to back."""
+    """The server process: `rounds` synchronous rounds back to back, or as many as end within the time
+    budget (`server.ended_by` says which limit ended the run)."""
     while server.current_round < rounds:
         yield from server.wait_for_devices(env)
         yield from run_round(env, server)
+        if server.ended_by is not None:
+            return
         server.current_round += 1
         if on_round is not None:
             on_round(server.current_round)
+    server.ended_by = "rounds"
 
 
 def run_events(env: simpy.Environment) -> None:

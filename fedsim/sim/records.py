@@ -91,13 +91,15 @@ def device_columns(round_: int, devices: np.ndarray, class_index: np.ndarray, cl
 
 def round_row(round_: int, policy: str, start_s: float, end_s: float, participants: int, delivered_any: int,
               completed: int, contributors: np.ndarray | list[int], train_loss: float | None,
-              evaluation: Evaluation | None, energy_j: float) -> dict[str, Any]:
-    """A rounds.parquet row (an update or evaluation row in an asynchronous run)."""
+              evaluation: Evaluation | None, energy_j: float, deadline_s: float | None = None) -> dict[str, Any]:
+    """A rounds.parquet row (an update or evaluation row in an asynchronous run); `ended_by` is set on the
+    last row when the run completes (`fedsim.output.trace.TraceWriter.close`)."""
     return {
         "round": round_, "policy": policy, "start_s": start_s, "end_s": end_s, "duration_s": end_s - start_s,
+        "deadline_s": deadline_s,
         "participants": participants, "delivered_any": delivered_any, "completed": completed,
         "contributors": np.asarray(contributors).astype(np.int32).tolist(), "train_loss": train_loss,
         "test_loss": None if evaluation is None else evaluation.loss,
         "test_accuracy": None if evaluation is None else evaluation.accuracy,
-        "energy_j": energy_j,
+        "energy_j": energy_j, "ended_by": None,
     }

@@ -89,6 +89,16 @@ class ServerBase:
         self.last_eval: Evaluation | None = None
         self.active: dict[int, DeviceRound] = {}    # device id -> its round under way
         self.health = NumericalHealth(t.divergence_factor, self.num_classes, self.step_unit)
+        self.time_budget_s = scenario.run.time_budget_s
+        self.ended_by: str | None = None       # "rounds", "time_budget_s" or "duration_s" once the run ends
+        self.final_eval: Evaluation | None = None   # an evaluation made after the last row was written
+
+    def last_row_values(self) -> dict:
+        """What the last rounds.parquet row holds that is known only when the run has ended."""
+        values: dict = {"ended_by": self.ended_by}
+        if self.final_eval is not None:
+            values.update(test_loss=self.final_eval.loss, test_accuracy=self.final_eval.accuracy)
+        return values
 
     def warnings(self) -> dict:
         """What a run that completes should report (non-finite updates dropped, no update applied), as
@@ -134,8 +144,9 @@ class Server(ServerBase):
         self._submodels: dict[float, tuple[torch.nn.Module, ModelProfile]] = {}
         self.policy: SyncPolicy = scenario.policy
         # what the policy has learned so far: replaced after every round, saved in checkpoints
-        self.policy_state: PolicyState | None = self.policy.start(RunContext(scenario, self.fleet, profile,
-                                                                             self.submodel))
+        run = RunContext(scenario, self.fleet, profile, self.submodel)
+        self.policy_state: PolicyState | None = self.policy.start(run)
+        self.schedule = self.policy.schedule(run)      # deadlines chosen before the first round, or None
 
     # -- engine callbacks -------------------------------------------------------------------------
     def candidates(self, now_at: float) -> np.ndarray:
@@ -184,7 +195,9 @@ class Server(ServerBase):
         mode = self.scenario.network.upload_mode
         ctx = RoundContext(round_, self.profile, self.fleet, devices, slowdown, samples,
                            np.full(len(devices), t.local_steps, dtype=np.int64), mode, t.batch_size,
-                           self.submodel, self.policy_state)
+                           self.submodel, self.policy_state, self.schedule,
+                           self.fleet.sample_layer_time(devices, self.profile.n_layers,
+                                                        keyed_rng(self.scenario.run.seed, "layer_time", round_)))
         deadline_s = self.policy.deadline(round_, ctx)
         if deadline_s is not None and not (deadline_s > 0 and np.isfinite(deadline_s)):
             raise FedsimError(f"{self.scenario.source}: policy.name: {self.policy.describe()} set round "
@@ -235,13 +248,26 @@ class Server(ServerBase):
         energy_j = self._write_devices(setup, end_at, outcomes)
         self.trace.rounds.append(round_row(
             setup.round, self.policy.describe(), start_at, end_at, plan.n, int((depths > 0).sum()),
-            int((depths == n_layers).sum()), update.contributors, update.train_loss, evaluation, energy_j))
+            int((depths == n_layers).sum()), update.contributors, update.train_loss, evaluation, energy_j,
+            deadline_s=setup.deadline_s))
         self.trace.end_round()          # the round is in the trace even when it ends the run
         if error is not None:
             raise error
         self.health.record(setup.round, update.train_loss, [int(plan.devices[i]) for i in dropped])
         if setup.round + 1 >= self.scenario.run.rounds:
             self.health.finish(setup.round, evaluation)
+
+    def out_of_time(self, round_: int, end_at: float) -> None:
+        """Round `round_` would end at `end_at`, after run.time_budget_s: the run ends with the round before
+        (evaluated now if it was not, the value going into its row when the trace is closed)."""
+        if round_ == 0:
+            raise FedsimError(f"{self.scenario.source}: run.time_budget_s: round 0 would end at {end_at:g} s, "
+                              f"after the budget of {self.time_budget_s:g} s; no round fits")
+        self.ended_by = "time_budget_s"
+        last = round_ - 1
+        if not self._eval_due(last):
+            self.last_eval = self.final_eval = evaluate(self.model, self.x_test, self.y_test, loss=self.loss)
+        self.health.finish(last, self.last_eval)
 
     def submodel(self, width: float):
         """The global architecture at `width` (HeteroFL) and its profile, built once per width."""

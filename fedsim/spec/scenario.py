@@ -54,6 +54,7 @@ class RunSpec:
     seed: int
     rounds: int
     eval_every: int
+    time_budget_s: float | None = None   # simulated seconds: no round may end after it
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,12 @@ class DeviceClassSpec:
     flash_bandwidth: bool = False            # link rates from the FLASH per-user measurements
     availability: ChurnSpec | None = None    # alternating online/offline periods
     dvfs: DvfsSpec | None = None
+    layer_time: Dist = Dist(DistKind.FIXED, 1.0)   # multiplier on each layer's backward, per device, round, layer
+
+    @property
+    def layer_time_varies(self) -> bool:
+        """False for the default multiplier 1 (fixed): then nothing is drawn."""
+        return not (self.layer_time.kind is DistKind.FIXED and self.layer_time.a == 1.0)
 
 
 @dataclass(frozen=True)
@@ -220,6 +227,7 @@ def _read_run(f: Fields) -> RunSpec:
         seed=f.integer("seed", low=0, high=2**63 - 1),
         rounds=f.integer("rounds", low=1, high=MAX_ROUNDS),
         eval_every=f.integer("eval_every", 1, low=1),
+        time_budget_s=f.optional_number("time_budget_s", low=0.0, low_open=True),
     )
     _check_run_name(f, spec.name)
     f.finish()
@@ -305,6 +313,7 @@ def _read_device_class(f: Fields, index: int, traces_dir: Path | None) -> Device
         flash_bandwidth=flash,
         availability=read_churn_spec(f, "availability"),
         dvfs=dvfs,
+        layer_time=read_dist(f, "layer_time", 1.0),
     )
     f.finish()
     return spec

@@ -43,6 +43,21 @@ class Fleet:
         return out
 
 
+    def sample_layer_time(self, devices: np.ndarray, n_layers: int, rng: np.random.Generator) -> np.ndarray | None:
+        """(n, L) multipliers on each participant's per-layer backward durations (backward order), drawn class
+        by class in class order, a device's row in backward order; None when every class has the default 1
+        (nothing is drawn then)."""
+        if not any(spec.layer_time_varies for spec in self.classes):
+            return None
+        out = np.ones((len(devices), n_layers))
+        cls = self.class_of[devices]
+        for c, spec in enumerate(self.classes):
+            mask = cls == c
+            if mask.any() and spec.layer_time_varies:
+                out[mask] = spec.layer_time.sample(rng, int(mask.sum()) * n_layers).reshape(-1, n_layers)
+        return out
+
+
 def build_fleet(spec: FleetSpec, rng: np.random.Generator, source: str = "<scenario>") -> Fleet:
     """Per-device parameters, class by class in class order, each quantity from the same stream."""
     class_of = np.concatenate([np.full(c.count, i, dtype=np.int32) for i, c in enumerate(spec.classes)])

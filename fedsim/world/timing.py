@@ -36,8 +36,12 @@ class RoundPlan:
 
 def plan_round(profile: ModelProfile, devices: np.ndarray, speed_flops: np.ndarray, slowdown: np.ndarray,
                samples: np.ndarray, steps: np.ndarray, downlink_bps: np.ndarray, uplink_bps: np.ndarray,
-               latency_s: np.ndarray, fwd_flops_scale: np.ndarray | None = None) -> RoundPlan:
+               latency_s: np.ndarray, fwd_flops_scale: np.ndarray | None = None,
+               layer_time: np.ndarray | None = None) -> RoundPlan:
     """Durations for each participant from the model profile and the device's speed in this round.
+
+    `layer_time` (n, L), in backward order: a multiplier on each layer's backward duration in this round
+    (`fleet.classes[i].layer_time`); None is 1 everywhere.
 
     With several local steps, every step but the last is a whole forward+backward counted into
     `forward_s`; only the last step's backward is split per layer, because only it produces the update
@@ -53,6 +57,8 @@ def plan_round(profile: ModelProfile, devices: np.ndarray, speed_flops: np.ndarr
     full_step = (fwd.sum() + bwd.sum()) * per_sample
     forward_s = fwd.sum() * per_sample + (steps - 1) * full_step
     backward_s = per_sample[:, None] * bwd[None, :]
+    if layer_time is not None:
+        backward_s = backward_s * layer_time
     download_s = latency_s + profile.total_bytes * 8.0 / downlink_bps
     upload_s = latency_s[:, None] + sizes[None, :] * 8.0 / uplink_bps[:, None]
     n_layers = len(order)
