@@ -35,6 +35,8 @@ ENTRIES: tuple[Entry, ...] = (
     _e("run.seed", "int >= 0", "the only seed; every random stream derives from it"),
     _e("run.rounds", "int >= 1", "synchronous rounds (asynchronous policies: an upper bound on server updates)"),
     _e("run.eval_every", "int, 1", "evaluate on the test set every N rounds (and after the last)"),
+    _e("run.time_budget_s", 'float > 0, none',
+       "simulated seconds: a synchronous run ends with the last round that ends at or before it (the first round that would end after it is simulated, then forgotten: none of its events, rows or update are kept; the last round kept is evaluated if it was not); an asynchronous run stops at it (or at `policy.duration_s`, if sooner). The last `rounds.parquet` row's `ended_by` names the limit that ended the run. Round ends are sums of float durations: 30 rounds of 0.1 s end at 3.0000000000000013 s, after a budget of 3"),
     _e("model.name", "`mlp`, `cnn`, a registered name, or `\"package.module:function\"`",
        "`mlp`: the paper's 784-32-16-10 ReLU MLP; `cnn`: conv5x5(6)-pool-conv5x5(6)-pool-fc50-fc10; otherwise a "
        "factory called as `function(input_shape, num_classes)`, named by import path or by the name an installed "
@@ -90,6 +92,8 @@ ENTRIES: tuple[Entry, ...] = (
        "phone model from the AI-Benchmark list (`benchmark_file`, by default the one under `fleet.traces_dir`), "
        "scaled by its CPU score relative to `reference_phone`"),
     _e("fleet.classes[i].slowdown", f"{DIST}, 1", "per-round multiplier on compute durations (background load)"),
+    _e("fleet.classes[i].layer_time", 'distribution, 1',
+       'multiplier on each layer\'s backward duration, drawn per device, round and layer (ADEL-FL\'s model: `{ dist = "exponential", mean = 1 }`; jitter: a lognormal of median 1). Drawn from its own stream (`layer_time`, keyed by round; asynchronous jobs `job_layer_time`); the default 1 draws nothing. A device plans with its drawn durations, as it does with its slowdown'),
     _e("fleet.classes[i].downlink_bps, fleet.classes[i].uplink_bps", DIST,
        "link rates in bit/s, drawn once per device"),
     _e("fleet.classes[i].flash_bandwidth", "false", "instead: each device is a FLASH user, rates drawn from that "
@@ -141,8 +145,10 @@ ENTRIES: tuple[Entry, ...] = (
     _e("network.classes.NAME.fading", "`rayleigh`", "`wireless`: small-scale fading drawn per round, or `none`"),
     _e("policy.name", "see *Policies*", "the straggler policy: a built-in name, a registered name (entry-point "
        "group `fedsim.policies`) or `\"package.module:Class\"`"),
-    _e("policy.deadline_s", "float > 0", "seconds from a round's start after which the server aggregates what "
-       "arrived"),
+    _e("policy.deadline_s", "float > 0, a list or a table", "seconds from a round's start after which the server "
+       "aggregates what arrived: one number for every round, a list (one per round, the last repeated), "
+       "`{ schedule = \"linear\" | \"geometric\", start, end }`, or ADEL-FL's optimised schedule `{ optimize = "
+       "\"adel\", total_s, min_s }` (see *Deadlines that change over the run*)"),
     _e("policy.aggregation", "`mean`", "salf: `mean` | `unbiased` | `all`; drop: `mean` | `all` (see *Policies*)"),
     _e("policy.widths, policy.widths.CLASS", "`\"auto\"`", "heterofl: `{ CLASS = ratio }` per device class (1 for "
        "classes not named), or `auto`"),
