@@ -35,6 +35,7 @@ KEYED_STREAMS: dict[str, int] = {
     "round": 7,         # round r of a synchronous run: participants, mini-batches, slowdowns
     "job": 11,          # job j of an asynchronous run: its mini-batch, then its slowdown
     "select": 12,       # the k-th choice of idle devices of an asynchronous run
+    "flower": 13,       # round r of the flower policy: seeds Python's and NumPy's global generators for the strategy
 }
 
 
