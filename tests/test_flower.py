@@ -284,3 +284,22 @@ def test_proximal_term_matches_its_definition():
         w = {n: (p - 0.3 * gi).detach().requires_grad_(True) for (n, p), gi in zip(w.items(), g)}
     for n in w0:
         torch.testing.assert_close(got.delta[n], w0[n] - w[n].detach())
+
+
+def test_a_sweep_over_strategies(tmp_path):
+    """Sweeps grid over the strategy like any field; another policy in the grid ignores it (one run)."""
+    import pyarrow.parquet as pq
+
+    from fedsim.cli import main
+
+    path = tmp_path / "s.toml"
+    path.write_text(FLOWER.replace("momentum = 0.5", "momentum = 0.0") + "deadline_s = 0.1\n")
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(path), "--grid", "policy.name=flower,drop", "--grid",
+            "policy.strategy=flwr.serverapp.strategy:FedAvg,flwr.serverapp.strategy:FedAdam",
+            "--set", "run.rounds=2", "--jobs", "1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    index = pq.read_table(out / "index.parquet").to_pydict()
+    assert index["status"] == ["completed"] * 4
+    assert index["policy"] == ["flower(FedAvg)", "flower(FedAdam)", "drop", "drop"]
+    assert len(set(index["run_id"])) == 3                     # drop ignores policy.strategy: one run
