@@ -85,7 +85,8 @@ class Flower(SyncPolicy):
         fm = _flower(source, "policy.name")
         return load_plugin(self.strategy, group=None, builtins={}, source=source, field="policy.strategy",
                            kind="Flower strategy", form="package.module:Class", check=fm.is_strategy_class,
-                           expected="a subclass of flwr.serverapp.strategy.Strategy (Flower's message API)")
+                           expected="a subclass of flwr.serverapp.strategy.Strategy (Flower's message API; "
+                                    "the legacy flwr.server.strategy API is not supported)")
 
     def _new_strategy(self, source: str):
         klass = self._strategy_class(source)
