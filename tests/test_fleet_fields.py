@@ -3,6 +3,8 @@ comparison set that runs every policy on the same fleet and seed."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from conftest import BASE_TOML, TRACES_DIR, run, scenario, table
@@ -62,7 +64,9 @@ ASYNC = ["policy.duration_s=0.5", "policy.eval_every_s=0.25", "run.rounds=100000
 COMPARISON = {
     "salf": [], "drop": [], "wait": [], "partial": [], "heterofl": [], "overselect": ["policy.k=6"],
     "fedasync": ASYNC, "fedbuff": ASYNC + ["policy.buffer_size=4"],
+    "flower": ['policy.strategy="flwr.serverapp.strategy:FedAvg"', "training.momentum=0"],
 }
+HAS_FLOWER = importlib.util.find_spec("flwr") is not None       # the flower policy needs fedsim[flower]
 
 
 def test_every_policy_runs_on_the_same_fleet_and_seed(tmp_path):
@@ -77,6 +81,8 @@ def test_every_policy_runs_on_the_same_fleet_and_seed(tmp_path):
     base = build_components(scenario()).fleet.speed_flops
     assert base[4:].tolist() == [2e7] * 4
     for name, extra in COMPARISON.items():
+        if name == "flower" and not HAS_FLOWER:
+            continue
         out = run(tmp_path, f'policy.name="{name}"', *extra, name=name)
         rounds = table(out, "rounds")
         assert any(a is not None for a in rounds["test_accuracy"]), name

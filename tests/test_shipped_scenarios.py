@@ -23,11 +23,13 @@ INPUT_SHAPES = {"mnist": (1, 28, 28), "synthetic": (60,)}
 
 
 def test_the_shipped_scenarios_are_found():
-    assert {"quickstart", "paper_mnist_mlp", "paper_mnist_cnn", "phones"} <= {p.stem for p in SCENARIOS}
+    assert {"quickstart", "paper_mnist_mlp", "paper_mnist_cnn", "phones", "flower_fedavg"} <= {p.stem for p in SCENARIOS}
 
 
 def _overrides(path, request) -> list[str]:
     raw = tomllib.loads(path.read_text())
+    if raw.get("policy", {}).get("name") == "flower":
+        pytest.importorskip("flwr", reason='Flower is not installed (pip install "fedsim[flower]")')
     overrides = [f"run.rounds={ROUNDS}", f"run.eval_every={ROUNDS}"]
     if raw.get("data", {}).get("name") == "mnist":
         overrides.append(f"data.dir={str(request.getfixturevalue('mnist_dir'))!r}")

@@ -45,18 +45,25 @@ class LocalTrainer:
         self.lr = lr
 
     def train(self, step_batches: list[np.ndarray], submodel: nn.Module | None = None,
-              device: int = -1) -> LocalResult:
-        """Local SGD over `step_batches` (one index array per step); returns the parameter change."""
+              device: int = -1, start: dict[str, torch.Tensor] | None = None,
+              prox_mu: float = 0.0) -> LocalResult:
+        """Local SGD over `step_batches` (one index array per step); returns the parameter change.
+
+        `start`: the parameters to start from (default: the global model's); `prox_mu` > 0 adds FedProx's
+        proximal term `prox_mu / 2 * ||w - start||^2` to every step's loss."""
         net = self.model if submodel is None else submodel
-        start = {}
-        for name, p in self.model.named_parameters():
-            shape = dict(net.named_parameters())[name].shape
-            start[name] = p.detach()[leading_slice(shape)]
+        if start is None:
+            start = {}
+            for name, p in self.model.named_parameters():
+                shape = dict(net.named_parameters())[name].shape
+                start[name] = p.detach()[leading_slice(shape)]
         params = {n: t.clone().requires_grad_(True) for n, t in start.items()}
         first_loss = float("nan")
         for s, idx in enumerate(step_batches):
             index = torch.from_numpy(np.asarray(idx))
             loss = self.loss.mean(functional_call(net, params, (self.x[index],)), self.y[index])
+            if prox_mu > 0:
+                loss = loss + prox_mu / 2 * sum(((p - start[n]) ** 2).sum() for n, p in params.items())
             if not torch.isfinite(loss):
                 raise NumericalError(f"non-finite loss ({loss.item()}) on device {device}, local step {s}")
             grads = torch.autograd.grad(loss, list(params.values()))

@@ -2,7 +2,8 @@
 
 `fedsim.sim.server.Server` asks, in this order, each round:
 
-    select(candidates, k, rng)       which online devices take part
+    select(candidates, k, rng)       which online devices take part (called by `select_round(round, candidates,
+                                     k, rng, state, model)`, which may also update the state for the round)
     deadline(round, ctx)             the round's deadline in seconds from its start, or None (no deadline)
     plan(ctx, deadline_s)            the work each participant attempts (a `RoundPlan`)
     quorum(n_selected, k)            end the round once this many participants are done (None: never early)
@@ -118,6 +119,10 @@ class RoundUpdate:
     contributors: np.ndarray                # devices aggregated into each layer (forward order)
     train_loss: float | None                # mean mini-batch loss over the contributing devices
     frozen: dict[str, torch.Tensor] | None = None   # entries no device held (HeteroFL): left unchanged
+    # the new global parameters, assigned as they are instead of an optimizer step (the server's optimizer,
+    # and so training.momentum, is not used for this round): policies that are their own server optimizer
+    # (flower). Every parameter must be given; `grads` is then all None.
+    weights: dict[str, torch.Tensor] | None = None
 
 
 class SyncPolicy(PolicyBase):
@@ -142,6 +147,14 @@ class SyncPolicy(PolicyBase):
         if k is None or k >= len(candidates):
             return candidates
         return np.sort(rng.choice(candidates, size=k, replace=False))
+
+    def select_round(self, round_: int, candidates: np.ndarray, k: int | None, rng: np.random.Generator,
+                     state: PolicyState | None, model: torch.nn.Module) -> tuple[np.ndarray, PolicyState | None]:
+        """The participants of round `round_` and the state the round is planned and aggregated with
+        (`RoundContext.state`), given the global `model` (read only). The default is `select`, the state
+        unchanged; a policy whose choice depends on what it has learned or on the model overrides this one
+        (flower: the strategy's `configure_train`)."""
+        return self.select(candidates, k, rng), state
 
     def deadline(self, round_: int, ctx: RoundContext) -> float | None:
         """Seconds from the round's start after which the server aggregates what arrived; None: no deadline."""

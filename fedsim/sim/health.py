@@ -16,6 +16,9 @@ def require_finite(update) -> None:
     for name, g in update.grads.items():
         if g is not None and not bool(torch.isfinite(g).all()):
             raise NumericalError(f"non-finite aggregated gradient of {name}")
+    for name, w in (update.weights or {}).items():
+        if not bool(torch.isfinite(w).all()):
+            raise NumericalError(f"non-finite aggregated weights of {name}")
 
 
 _SHOWN_DEVICES = 20      # a message lists at most this many device ids

@@ -184,7 +184,9 @@ class Server(ServerBase):
 
     def setup_round(self, round_: int, env: simpy.Environment) -> RoundSetup:
         rng = round_rng(self.scenario.run.seed, round_)
-        devices = self.policy.select(self.candidates(env.now), self.scenario.fleet.participants, rng)
+        devices, self.policy_state = self.policy.select_round(round_, self.candidates(env.now),
+                                                              self.scenario.fleet.participants, rng,
+                                                              self.policy_state, self.model)
         devices = np.asarray(devices, dtype=np.int64)
         if hasattr(self.grads, "begin_round"):      # a sharded engine sends each device's work where its data is
             self.grads.begin_round(devices, round_=round_)
@@ -230,7 +232,7 @@ class Server(ServerBase):
         for i in dropped:
             outcomes[i].nonfinite = True
         if error is None:
-            self._apply(update.grads, update.frozen)
+            self._apply(update.grads, update.frozen, update.weights)
             live = depths > 0
             live[dropped] = False
             counted = plan.devices[live].tolist()
@@ -345,8 +347,14 @@ class Server(ServerBase):
         run = self.scenario.run
         return (round_ + 1) % run.eval_every == 0 or round_ + 1 == run.rounds
 
-    def _apply(self, grads: dict[str, torch.Tensor | None], frozen: dict[str, torch.Tensor] | None = None) -> None:
+    def _apply(self, grads: dict[str, torch.Tensor | None], frozen: dict[str, torch.Tensor] | None = None,
+               weights: dict[str, torch.Tensor] | None = None) -> None:
         params = dict(self.model.named_parameters())
+        if weights is not None:          # the policy is the server optimizer (RoundUpdate.weights)
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(weights[name])
+            return
         keep = {n: params[n].detach()[m].clone() for n, m in (frozen or {}).items()}
         for name, p in params.items():
             p.grad = grads.get(name)

@@ -29,6 +29,7 @@ POLICY_PATHS: dict[str, str] = {
     "overselect": "fedsim.policies.overselect:Overselect",
     "fedasync": "fedsim.policies.fedasync:FedAsync",
     "fedbuff": "fedsim.policies.fedbuff:FedBuff",
+    "flower": "fedsim.policies.flower:Flower",
 }
 _KINDS = ("sync", "async")
 

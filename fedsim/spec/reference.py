@@ -161,6 +161,9 @@ ENTRIES: tuple[Entry, ...] = (
        "`fleet.participants`, else all)"),
     _e("policy.max_staleness", "32", "asynchronous: an update staler than this many versions is discarded"),
     _e("policy.buffer_size", "10", "fedbuff: updates per server step (K)"),
+    _e("policy.strategy", "string", "flower: the import path of a Flower message-API strategy class, e.g. "
+       "`\"flwr.serverapp.strategy:FedAvg\"` (needs `fedsim[flower]`; docs/FLOWER.md)"),
+    _e("policy.strategy_args", "table, {}", "flower: keyword arguments of the strategy's constructor"),
 )
 
 
