@@ -200,7 +200,8 @@ def _sweep_runs(sweep: Path) -> list[Path]:
         rows = pq.read_table(sweep / INDEX, columns=["run_dir"]).column("run_dir").to_pylist()
     except Exception as exc:        # noqa: BLE001  (pyarrow raises several kinds on a damaged file)
         raise AnalysisError(f"{sweep / INDEX}: unreadable sweep index ({exc})") from None
-    return [sweep / r for r in rows]
+    # grid points that differ only in ignored fields share one run: it is listed once per point
+    return [sweep / r for r in dict.fromkeys(rows)]
 
 
 def _candidates(directory: Path, top: Path) -> list[tuple[Path, Path | None]]:

@@ -362,6 +362,13 @@ def test_points_differing_only_in_ignored_fields_run_once(tmp_path, capsys):
     # a second sweep finds every run done
     assert main(argv) == 0
     assert "0 completed now" in capsys.readouterr().out
+    # analysis reads each shared run once: 6 runs in 3 groups (wait's is one, whatever its grid deadline)
+    from analysis.runs import load_runs
+    from analysis.groups import group_runs
+
+    runs = load_runs(out)
+    assert len(runs) == 6 and "counted once" not in capsys.readouterr().err
+    assert sorted(g.label for g in group_runs(runs)) == ["salf, deadline_s=0.1", "salf, deadline_s=0.2", "wait"]
 
 
 def test_sweep_progress_names_the_runs_under_way_and_their_round(tmp_path, capsys, monkeypatch):
