@@ -40,6 +40,7 @@ class RunSummary:
 
 
 def trace_metadata(scn: Scenario) -> dict[str, str]:
+    deadline = _fixed_deadline_s(scn)
     return {
         "fedsim.version": __version__,
         "fedsim.schema_version": SCHEMA_VERSION,
@@ -51,7 +52,7 @@ def trace_metadata(scn: Scenario) -> dict[str, str]:
         "policy": scn.policy.describe(),
         # the fixed deadline in force (empty for policies without one, or whose deadline changes each round):
         # what analysis draws on timelines
-        "policy.deadline_s": "" if _fixed_deadline_s(scn) is None else repr(_fixed_deadline_s(scn)),
+        "policy.deadline_s": "" if deadline is None else repr(deadline),
     }
 
 

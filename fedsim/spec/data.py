@@ -40,9 +40,14 @@ class DataSpec:
     ignored: tuple[str, ...] = ()    # [data] fields given that this data set does not read (see Scenario.notices)
 
 
+def _imported(path: str) -> Any:
+    """The object at "package.module:Name" (a built-in of this module, imported when first needed)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _is_data_source(obj: Any) -> bool:
-    module, _, name = _INTERFACE.partition(":")
-    return isinstance(obj, type) and issubclass(obj, getattr(importlib.import_module(module), name))
+    return isinstance(obj, type) and issubclass(obj, _imported(_INTERFACE))
 
 
 def read_data(f: Fields, base_dir: Path | None) -> DataSpec:
@@ -71,13 +76,11 @@ _OWN_FIELDS = ("name", "partition", "dirichlet_alpha", "samples_per_device")
 
 
 def _builtin_reads(name: str) -> frozenset[str]:
-    module, _, attr = DATASET_PATHS[name].partition(":")
-    return getattr(importlib.import_module(module), attr).reads
+    return _imported(DATASET_PATHS[name]).reads
 
 
 def _partitions_itself(source_class: type) -> bool:
-    module, _, name = _INTERFACE.partition(":")
-    return source_class.partition is not getattr(importlib.import_module(module), name).partition
+    return source_class.partition is not _imported(_INTERFACE).partition
 
 
 def check_data_memory(source: str, data: DataSpec, n_devices: int) -> None:
