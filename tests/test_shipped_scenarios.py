@@ -93,8 +93,10 @@ def test_shipped_scenario_runs_and_writes_consistent_tables(tmp_path, request, p
         assert rounds["duration_s"][r] == end - start and end > start
         if r:
             assert start >= rounds["end_s"][r - 1]
-        if scn.policy.deadline_s is not None:
-            assert end - start <= scn.policy.deadline_s * (1 + 1e-12)
+        if scn.policy.deadline_s is not None:       # the round's own deadline (a schedule's r-th)
+            assert 0 < rounds["deadline_s"][r] and end - start <= rounds["deadline_s"][r] * (1 + 1e-12)
+            if isinstance(scn.policy.deadline_s, float):
+                assert rounds["deadline_s"][r] == scn.policy.deadline_s
         rows = [i for i, rr in enumerate(devices["round"]) if rr == r]
         ids = [devices["device"][i] for i in rows]
         depths = [devices["depth"][i] for i in rows]

@@ -178,6 +178,22 @@ def test_bad_grid_exits_2_naming_the_key_and_writes_nothing(tmp_path, capsys, gr
     assert not out.exists()
 
 
+def test_a_grid_key_may_complete_a_scenario_invalid_alone(tmp_path, capsys):
+    """A schedule that cannot fit run.rounds = 1000 is replaced by every grid point: the sweep plans; a bad
+    --set value is still named as such, not blamed on a grid key."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(BASE_TOML.replace("deadline_s = ", 'deadline_s = { optimize = "adel", total_s = 1.0, '
+                                          'min_s = 0.1 }\n# ', 1))
+    runs = plan_sweep(scenario, parse_grid(["policy.deadline_s=0.05,0.1"]), 1, ["run.rounds=1000"])
+    assert [r.params for r in runs] == [(("policy.deadline_s", "0.05"),), (("policy.deadline_s", "0.1"),)]
+    with pytest.raises(FedsimError, match="policy.deadline_s.total_s"):       # no grid key replaces it
+        plan_sweep(scenario, parse_grid(["training.lr=0.1,0.2"]), 1, ["run.rounds=1000"])
+    code = main(["sweep", str(scenario), "--grid", "policy.deadline_s=0.05,0.1", "--set", "training.lr=-1",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "training.lr" in err and "--grid" not in err, err
+
+
 def test_failed_run_is_recorded_not_fatal(tmp_path, capsys):
     scenario = tmp_path / "s.toml"
     scenario.write_text(BASE_TOML)

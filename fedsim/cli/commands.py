@@ -11,6 +11,11 @@ from fedsim.errors import FedsimError
 __all__ = ["cmd_policies", "cmd_run", "cmd_sweep", "cmd_validate"]
 
 
+def _deadline(deadline) -> str:
+    """`deadline 0.1 s` for a number; a schedule names itself (`deadline adel (total 6 s, min 0.02 s)`)."""
+    return f"deadline {deadline:g} s" if isinstance(deadline, (int, float)) else f"deadline {deadline}"
+
+
 def cmd_validate(args) -> int:
     from fedsim.sim.build import build_components
     from fedsim.sim.preview import preview
@@ -27,7 +32,7 @@ def cmd_validate(args) -> int:
           f"{'all' if fleet.participants is None else fleet.participants}")
     deadline = getattr(scn.policy, "deadline_s", None)    # a number, or a schedule (printed as such)
     print(f"  policy    {scn.policy.describe()}, "
-          f"{'no fixed deadline' if deadline is None else f'deadline {deadline} s'}, upload {scn.network.upload_mode.value}")
+          f"{'no fixed deadline' if deadline is None else _deadline(deadline)}, upload {scn.network.upload_mode.value}")
     planned = preview(scn, comp)
     for line in [] if planned is None else planned.lines():
         print(line)

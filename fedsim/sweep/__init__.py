@@ -183,7 +183,7 @@ def run_sweep(scenario: Path, grid_items: list[str], seeds: int = 1, sets: list[
     grid = parse_grid(list(grid_items))
     plan = plan_sweep(scenario, grid, seeds, sets)
     if out is None:
-        out = Path("sweeps") / load_scenario(scenario, sets).run.name
+        out = Path("sweeps") / load_scenario(scenario, list(plan[0].overrides)).run.name
     out = Path(out)
     _check_out_dir(out)
     if remote is not None:

@@ -152,12 +152,21 @@ def _grid_points(grid: list[tuple[str, list[str]]]) -> list[Point]:
 
 
 def _blame(scenario: Path, sets: list[str], point, exc: ScenarioError) -> FedsimError:
-    """Name the grid key whose value is bad: the first one that fails on its own, else the whole point."""
+    """Name the grid key whose value is bad: the first one that fails on its own (with an error the scenario
+    and its --set values do not give alone), else the whole point; an error of the --set values is theirs."""
+    try:
+        load_scenario(scenario, sets)
+        base = None
+    except ScenarioError as alone:
+        base = str(alone)
+        if base == str(exc):
+            return exc
     for key, value in point:
         try:
             load_scenario(scenario, [*sets, f"{key}={value}"])
         except ScenarioError as single:
-            return FedsimError(f"--grid {key}={value}: {single}")
+            if str(single) != base:
+                return FedsimError(f"--grid {key}={value}: {single}")
     shown = ",".join(f"{k}={v}" for k, v in point)
     return FedsimError(f"--grid point {shown}: {exc}")
 
@@ -171,10 +180,15 @@ def plan_sweep(scenario: Path, grid: list[tuple[str, list[str]]], seeds: int,
     for key, _ in grid:
         if key in set_keys:
             raise FedsimError(f"--grid {key}: also given with --set; keep one")
-    base_seed = load_scenario(scenario, sets).run.seed       # errors here name the --set key
     runs: dict[str, SweepRun] = {}
+    base_seed = None
     for point in _grid_points(grid):
         grid_overrides = [f"{k}={v}" for k, v in point]
+        if base_seed is None:     # the base scenario need not be valid alone: a grid key may complete it
+            try:
+                base_seed = load_scenario(scenario, [*sets, *grid_overrides]).run.seed
+            except ScenarioError as exc:
+                raise _blame(scenario, sets, point, exc) from None
         for i in range(seeds):
             seed = base_seed + i
             overrides = (*sets, *grid_overrides, f"run.seed={seed}")
