@@ -248,3 +248,17 @@ def test_salf_aggregates_exactly_the_drawn_depths(tmp_path, granularity):
     for name, p in comp.model.named_parameters():
         want = p.detach() if expect[name] is None else p.detach() - 0.1 * expect[name]
         assert torch.allclose(final[name], want, rtol=0, atol=1e-12), name
+
+
+def test_validate_shows_the_stragglers_drawn():
+    from fedsim.sim.build import build_components
+    from fedsim.sim.preview import preview
+
+    scn = scenario(_dm("{ stragglers = 0.5 }"))
+    got = preview(scn, build_components(scn), rounds=3)
+    drawn = np.concatenate([draw_straggler_depths(DepthModelSpec(0.5, None), 8, 3, keyed_rng(3, "depth_model", r))
+                            for r in range(3)])
+    share = 100 * float((drawn >= 0).mean())
+    assert got.lines()[-1] == (f"  depths    fleet.depth_model: {share:.3g}% of participants drawn as stragglers "
+                               "(probability 0.5), depth uniform on 1..3")
+    assert preview(scenario(), build_components(scenario()), rounds=1).drawn is None
