@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     results[key] = run_one(scenario, base + policy + extra, out)
                 except Exception as exc:          # recorded too: a run that fails must keep failing the same way
-                    results[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+                    message = str(exc).replace(str(scenario), scenario.name)    # the same from any checkout
+                    results[key] = {"error": f"{type(exc).__name__}: {message.splitlines()[0][:200]}"}
                 print(f"{key:32s} " + " ".join(f"{k}={v}" for k, v in results[key].items()), flush=True)
     for note in skipped:
         print(f"skipped: {note}")

@@ -39,6 +39,7 @@ KEYED_STREAMS: dict[str, int] = {
     "layer_time": 13,   # round r's per-layer backward multipliers (fleet.classes[i].layer_time, when not 1)
     "job_layer_time": 14,   # the same for job j of an asynchronous run
     "flower": 16,       # round r of the flower policy: seeds Python's and NumPy's global generators for the strategy
+    "depth_model": 17,  # round r's stragglers and their depths (fleet.depth_model)
 }
 
 

@@ -26,6 +26,7 @@ VARIANTS = [
      "policy.staleness_exponent=1", "policy.max_staleness=4"],
     ['policy.name="fedbuff"', "policy.duration_s=1", "policy.buffer_size=2"],
     SHARED_AP, WIRELESS, CUSTOM,
+    ['fleet.depth_model={ stragglers = 0.5, depth = 2 }', "fleet.classes[0].step_overhead_s=0.001"],
     ['network.upload_mode="streaming"', 'training.loss="cross_entropy"', 'training.on_nonfinite="drop"',
      "training.divergence_factor=5", 'training.grad_path="loop"', "training.local_steps=2", 'policy.name="wait"',
      'model.granularity="tensor"', 'model.dtype="float64"', "run.eval_every=2", "fleet.participants=3"],

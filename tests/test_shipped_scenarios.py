@@ -23,7 +23,8 @@ INPUT_SHAPES = {"mnist": (1, 28, 28), "synthetic": (60,)}
 
 
 def test_the_shipped_scenarios_are_found():
-    assert {"quickstart", "paper_mnist_mlp", "paper_mnist_cnn", "phones", "flower_fedavg"} <= {p.stem for p in SCENARIOS}
+    assert {"quickstart", "paper_mnist_mlp", "paper_mnist_mlp_depths", "paper_mnist_cnn", "phones",
+                                                   "flower_fedavg"} <= {p.stem for p in SCENARIOS}
 
 
 def _overrides(path, request) -> list[str]:

@@ -42,6 +42,7 @@ class EventKind(enum.Enum):
     CUT = "cut"                        # the deadline stopped the device; energy of the unfinished phase
     OFFLINE = "offline"                # churn: the device left mid-round; energy of the unfinished phase
     STOPPED = "stopped"                # the round reached its quorum; energy of the unfinished phase
+    STRAGGLER = "straggler"            # fleet.depth_model drew the device as a straggler; `layer`: the deepest it reaches
     DEADLINE = "deadline"
     ROUND_END = "round_end"
     UPDATE_APPLIED = "update_applied"      # async: the server took a step; `round` is the update index

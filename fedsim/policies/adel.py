@@ -80,7 +80,7 @@ def miss_model(run: RunContext, samples: int):
         return plan_round(profile, devices, fleet.speed_flops[devices], slowdown,
                           np.full(n, t.batch_size, dtype=np.int64), np.full(n, t.local_steps, dtype=np.int64),
                           fleet.downlink_bps[devices], fleet.uplink_bps[devices], fleet.latency_s[devices],
-                          layer_time=layer_time)
+                          layer_time=layer_time, step_overhead_s=fleet.step_overhead_s(devices))
 
     means = {c.layer_time.a for c in classes if c.layer_time.kind is DistKind.EXPONENTIAL}
     exponential = len(means) == 1 and all(c.layer_time.kind is DistKind.EXPONENTIAL for c in classes)

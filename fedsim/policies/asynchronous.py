@@ -45,6 +45,7 @@ class AsyncPolicy(PolicyBase):
     """Base class of the asynchronous policies: its fields are its decisions (see the module docstring)."""
 
     kind: ClassVar[str] = "async"
+    depth_model_refusal: ClassVar[str | None] = "an asynchronous run has no rounds to draw stragglers in"
     duration_s: float                  # simulated time budget of the run
     eval_every_s: float                # evaluate the global model at every multiple of this
     staleness_exponent: float = 0.5    # a in s(tau) = (1 + tau)^-a; 0 weighs every update equally

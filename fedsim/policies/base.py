@@ -43,6 +43,10 @@ class PolicyBase(ABC):
     name: ClassVar[str]
     kind: ClassVar[str]                   # "sync" or "async": which engine runs the policy
     reads: ClassVar[frozenset[str]]       # the [policy] fields `read` may read (besides `name`)
+    # why the SALF authors' straggler model (`fleet.depth_model`, fedsim.world.stragglers) means nothing to this
+    # policy, or None when its rounds take stragglers that stop at a drawn depth (salf, drop)
+    depth_model_refusal: ClassVar[str | None] = ("it is defined for salf and drop, whose rounds take stragglers "
+                                                 "that stop at a drawn depth")
 
     @classmethod
     @abstractmethod

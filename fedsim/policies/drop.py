@@ -22,6 +22,7 @@ __all__ = ["Drop"]
 class Drop(FixedDeadline):
     name: ClassVar[str] = "drop"
     reads: ClassVar[frozenset[str]] = frozenset({"deadline_s", "aggregation"})
+    depth_model_refusal: ClassVar[str | None] = None     # a straggler counts only if it drew every layer
     aggregation: Aggregation = Aggregation.MEAN
 
     @classmethod

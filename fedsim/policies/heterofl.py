@@ -47,6 +47,7 @@ class ClassWidths(PolicyState):
 class HeteroFL(FixedDeadline):
     name: ClassVar[str] = "heterofl"
     reads: ClassVar[frozenset[str]] = frozenset({"deadline_s", "widths"})
+    depth_model_refusal: ClassVar[str | None] = "its stragglers train narrower sub-models, not fewer layers"
     widths: tuple[tuple[str, float], ...] | None = None     # None: automatic
 
     @classmethod

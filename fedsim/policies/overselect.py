@@ -25,6 +25,8 @@ __all__ = ["Overselect"]
 class Overselect(SyncPolicy):
     name: ClassVar[str] = "overselect"
     reads: ClassVar[frozenset[str]] = frozenset({"fraction", "k"})
+    depth_model_refusal: ClassVar[str | None] = (
+        "it keeps the first participants to finish, and a straggler that stops at its drawn depth finishes early")
     fraction: float = 1.3
     k: int | None = None
 

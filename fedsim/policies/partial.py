@@ -28,17 +28,25 @@ _SAFETY = 1.0 - 1e-9     # planned work ends strictly before the deadline despit
 
 
 def work_that_fits(ctx: RoundContext, deadline_s: float) -> tuple[np.ndarray, np.ndarray]:
-    """(samples per step, steps) each participant can finish before the deadline."""
-    one = ctx.plan(samples=np.ones(len(ctx.devices), dtype=np.int64), steps=np.ones(len(ctx.devices), dtype=np.int64))
+    """(samples per step, steps) each participant can finish before the deadline. A step costs its fixed
+    overhead (`fleet.classes[i].step_overhead_s`, times the slowdown) plus its samples' FLOPs."""
+    ones = np.ones(len(ctx.devices), dtype=np.int64)
+    one = ctx.plan(samples=ones, steps=ones, step_overhead=False)
     per_sample_s = one.forward_s + one.backward_s.sum(axis=1)          # one forward+backward of one sample
     overhead_s = one.download_s.copy()
     if ctx.upload_mode is not UploadMode.IDEAL:
         overhead_s += one.upload_s.sum(axis=1)
     avail_s = np.maximum(deadline_s * _SAFETY - overhead_s, 0.0)
     batch = ctx.samples
-    whole_steps = np.floor(avail_s / (batch * per_sample_s)).astype(np.int64)
+    step_s = ctx.step_overhead_s()
+    if step_s is None:
+        whole_steps = np.floor(avail_s / (batch * per_sample_s)).astype(np.int64)
+        prefix = np.floor(avail_s / per_sample_s)
+    else:
+        whole_steps = np.floor(avail_s / (step_s + batch * per_sample_s)).astype(np.int64)
+        prefix = np.floor(np.maximum(avail_s - step_s, 0.0) / per_sample_s)
     steps = np.clip(whole_steps, 1, ctx.steps)
-    samples = np.where(whole_steps >= 1, batch, np.minimum(batch, np.floor(avail_s / per_sample_s))).astype(np.int64)
+    samples = np.where(whole_steps >= 1, batch, np.minimum(batch, prefix)).astype(np.int64)
     return samples, steps
 
 
@@ -46,6 +54,8 @@ def work_that_fits(ctx: RoundContext, deadline_s: float) -> tuple[np.ndarray, np
 class Partial(FixedDeadline):
     name: ClassVar[str] = "partial"
     reads: ClassVar[frozenset[str]] = frozenset({"deadline_s"})
+    depth_model_refusal: ClassVar[str | None] = (
+        "its stragglers process fewer samples, not fewer layers, so a drawn depth does not say what they deliver")
 
     @classmethod
     def read(cls, fields: Fields, training: TrainingSpec) -> "Partial":

@@ -42,6 +42,7 @@ class DepthHistogram(PolicyState):
 class Salf(FixedDeadline):
     name: ClassVar[str] = "salf"
     reads: ClassVar[frozenset[str]] = frozenset({"deadline_s", "aggregation"})
+    depth_model_refusal: ClassVar[str | None] = None     # each layer over the devices that reached it
     aggregation: Aggregation = Aggregation.MEAN
 
     @classmethod

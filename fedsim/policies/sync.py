@@ -67,8 +67,10 @@ class RoundContext:
     layer_time: np.ndarray | None = None   # (n, L) backward multipliers this round, backward order (None: 1)
 
     def plan(self, rows: np.ndarray | None = None, profile: ModelProfile | None = None,
-             samples: np.ndarray | None = None, steps: np.ndarray | None = None) -> RoundPlan:
-        """`fedsim.world.timing.plan_round` for participants `rows` (all by default): the expected durations."""
+             samples: np.ndarray | None = None, steps: np.ndarray | None = None,
+             step_overhead: bool = True) -> RoundPlan:
+        """`fedsim.world.timing.plan_round` for participants `rows` (all by default): the expected durations.
+        `step_overhead` False leaves the fixed cost of each step out (the FLOPs' durations only)."""
         rows = np.arange(len(self.devices)) if rows is None else rows
         d = self.devices[rows]
         f = self.fleet
@@ -76,7 +78,14 @@ class RoundContext:
                           self.samples[rows] if samples is None else samples,
                           self.steps[rows] if steps is None else steps,
                           f.downlink_bps[d], f.uplink_bps[d], f.latency_s[d],
-                          layer_time=None if self.layer_time is None else self.layer_time[rows])
+                          layer_time=None if self.layer_time is None else self.layer_time[rows],
+                          step_overhead_s=f.step_overhead_s(d) if step_overhead else None)
+
+    def step_overhead_s(self, rows: np.ndarray | None = None) -> np.ndarray | None:
+        """Each participant's fixed seconds per local step in this round (slowdown included); None: none."""
+        rows = np.arange(len(self.devices)) if rows is None else rows
+        overhead = self.fleet.step_overhead_s(self.devices[rows])
+        return None if overhead is None else self.slowdown[rows] * overhead
 
 
 @dataclass(frozen=True)

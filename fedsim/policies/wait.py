@@ -20,6 +20,9 @@ __all__ = ["Wait"]
 class Wait(SyncPolicy):
     name: ClassVar[str] = "wait"
     reads: ClassVar[frozenset[str]] = frozenset()
+    depth_model_refusal: ClassVar[str | None] = (
+        "it has no deadline and waits for every participant to deliver every layer, so none is a straggler; "
+        "run it without fleet.depth_model (the authors' no-straggler baseline)")
 
     @classmethod
     def read(cls, fields: Fields, training: TrainingSpec) -> "Wait":

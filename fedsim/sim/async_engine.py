@@ -174,8 +174,8 @@ class AsyncServer(AsyncTrace, ServerBase):
         plan = plan_round(self.profile, devices, f.speed_flops[devices], slowdown,
                           np.array([len(batch)], dtype=np.int64), np.ones(1, dtype=np.int64),
                           f.downlink_bps[devices], f.uplink_bps[devices], f.latency_s[devices],
-                          layer_time=f.sample_layer_time(devices, self.profile.n_layers, keyed_rng(
-                              self.scenario.run.seed, "job_layer_time", j)))
+                          step_overhead_s=f.step_overhead_s(devices), layer_time=f.sample_layer_time(
+                              devices, self.profile.n_layers, keyed_rng(self.scenario.run.seed, "job_layer_time", j)))
         setup = RoundSetup(self.current_round, plan, None, self.scenario.network.upload_mode,
                            [f.class_spec(device)])
         job = Job(j, device, self.current_round, batch, float(slowdown[0]), setup)

@@ -17,6 +17,7 @@ from fedsim.seeds import component_rng
 from fedsim.spec.fields import printable
 from fedsim.spec.plugins import call_plugin
 from fedsim.world.fleet import Fleet, build_fleet
+from fedsim.world.stragglers import check_depth_model
 from fedsim.learn.grads import GradPath, resolve_paths
 from fedsim.learn.loss import check_loss, load_loss
 from fedsim.learn.models import build_model, check_model_io
@@ -89,6 +90,7 @@ def build_components(scn: Scenario) -> Components:
         raise
     except FedsimError as exc:
         raise ScenarioError(scn.source, "model.name", f"model {scn.model.name!r}: {printable(str(exc))}") from None
+    check_depth_model(scn.fleet.depth_model, profile.n_layers, scn.source)
     try:
         fleet = build_fleet(scn.fleet, component_rng(scn.run.seed, "fleet"), scn.source)
     except ScenarioError:

@@ -34,6 +34,7 @@ import simpy
 from simpy.events import Timeout
 
 from fedsim.world.network import Transfer, TransferResult
+from fedsim.world.stragglers import NOT_A_STRAGGLER, deepest_layer
 from fedsim.spec.network import Direction
 from fedsim.spec.scenario import UploadMode
 from fedsim.output.trace import DeviceStatus, EventKind, TraceWriter
@@ -242,6 +243,10 @@ class DeviceRound:
             raise RuntimeError(f"device {self.device}'s round was interrupted before it started")
         setup, cols, i = self.setup, self.setup.columns, self.i
         power = setup.powers[i]
+        drawn = setup.straggler_depth
+        if drawn is not None and drawn[i] != NOT_A_STRAGGLER:
+            self.trace.event(self.round, self.env.now, self.device, EventKind.STRAGGLER,
+                             deepest_layer(setup.plan, int(drawn[i])))
         self.trace.event(self.round, self.env.now, self.device, EventKind.DOWNLOAD_START)
         if setup.network is not None:
             self.compute.send(Direction.DOWN, _Phase.DOWNLOAD, cols.download_bytes[i], power.power_rx_w, -1,

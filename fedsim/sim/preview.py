@@ -33,6 +33,7 @@ class Preview:
     finish_s: dict[int, float]               # percentile -> expected finish of a participant's whole work, s
     deadlines_s: tuple[float | None, ...]    # each round's deadline
     straggler_share: float | None            # expected share of participants not done by the deadline
+    drawn: str | None = None                 # fleet.depth_model: the stragglers drawn in these rounds
 
     def lines(self) -> list[str]:
         """The preview as the command line prints it."""
@@ -48,6 +49,8 @@ class Preview:
             shown = ", ".join("none" if d is None else f"{d:.4g}" for d in sorted(deadlines, key=lambda d: d or 0))
             out.append(f"  deadline  {shown} s: {100 * self.straggler_share:.3g}% of participants expected "
                        "to be cut (stragglers)")
+        if self.drawn is not None:
+            out.append(f"  depths    {self.drawn}")
         return out
 
 
@@ -57,7 +60,7 @@ def preview(scn: Scenario, comp: Components, rounds: int = 10) -> Preview | None
         return None
     server = Server(scn, comp.model, comp.profile, comp.fleet, comp.partition, comp.dataset, trace=None)
     env = simpy.Environment()
-    finish, late, deadlines, sizes = [], [], [], []
+    finish, late, deadlines, sizes, drawn = [], [], [], [], []
     for r in range(min(rounds, scn.run.rounds)):
         if len(server.candidates(env.now)) == 0:
             break
@@ -69,6 +72,8 @@ def preview(scn: Scenario, comp: Components, rounds: int = 10) -> Preview | None
         finish.append(done_s)
         deadlines.append(setup.deadline_s)
         sizes.append(plan.n)
+        if setup.straggler_depth is not None:
+            drawn.append(setup.straggler_depth)
         if setup.deadline_s is not None:
             late.append(done_s > setup.deadline_s)
     every = np.concatenate(finish) if finish else np.zeros(1)
@@ -76,4 +81,16 @@ def preview(scn: Scenario, comp: Components, rounds: int = 10) -> Preview | None
     counts = np.bincount(comp.fleet.class_of, minlength=len(names))
     return Preview(len(sizes), dict(zip(names, counts.tolist())), float(np.mean(sizes)) if sizes else 0.0,
                    {p: float(np.percentile(every, p)) for p in PERCENTILES}, tuple(deadlines),
-                   float(np.concatenate(late).mean()) if late else None)
+                   float(np.concatenate(late).mean()) if late else None, _drawn(scn, drawn, comp.profile.n_layers))
+
+
+def _drawn(scn: Scenario, drawn: list[np.ndarray], n_layers: int) -> str | None:
+    """What the depth model drew in the rounds set up (None without one)."""
+    spec = scn.fleet.depth_model
+    if spec is None:
+        return None
+    every = np.concatenate(drawn) if drawn else np.zeros(0, dtype=np.int64)
+    share = float((every >= 0).mean()) if len(every) else 0.0
+    depth = f"uniform on 1..{n_layers}" if spec.depth is None else f"{spec.depth} of {n_layers} layers"
+    return (f"fleet.depth_model: {100 * share:.3g}% of participants drawn as stragglers (probability "
+            f"{spec.stragglers:g}), depth {depth}")

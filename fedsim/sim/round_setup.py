@@ -38,6 +38,7 @@ class RoundSetup:
     network: Network | None = None    # shared-link transfers; None: private links (plan durations)
     context: RoundContext | None = None   # what the policy planned the round from (None: an async job)
     step_batches: list[list[np.ndarray]] | None = None   # every participant's mini-batch of every local step
+    straggler_depth: np.ndarray | None = None   # fleet.depth_model: each participant's drawn depth, -1 if none
 
     @cached_property
     def columns(self) -> _PlanColumns:

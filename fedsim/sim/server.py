@@ -27,6 +27,7 @@ from fedsim.spec.scenario import Scenario, UploadMode
 from fedsim.learn.local import LocalTrainer
 from fedsim.learn.loss import load_loss
 from fedsim.policies import PolicyState, RoundContext, RoundInputs, RoundUpdate, RunContext, SyncPolicy
+from fedsim.world.stragglers import cap_target_depth, draw_straggler_depths
 from fedsim.world.timing import max_depth_fitting
 from fedsim.output.trace import DeviceStatus, TraceWriter
 from fedsim.sim.health import NumericalHealth, require_finite, devices_text
@@ -209,6 +210,11 @@ class Server(ServerBase):
         if mode is UploadMode.AFTER_COMPUTE and deadline_s is not None:
             fits = max_depth_fitting(plan, deadline_s, env.now)
             plan = replace(plan, target_depth=np.minimum(plan.target_depth, fits))
+        drawn = None
+        if self.scenario.fleet.depth_model is not None:      # the SALF authors' stragglers (fedsim.world.stragglers)
+            drawn = draw_straggler_depths(self.scenario.fleet.depth_model, len(devices), self.profile.n_layers,
+                                          keyed_rng(self.scenario.run.seed, "depth_model", round_))
+            plan = cap_target_depth(plan, drawn)
         powers = [self.fleet.classes[c] for c in self.fleet.class_of[devices]]
         if self.topology is not None:
             if self.network is None or self.network.env is not env:
@@ -216,7 +222,7 @@ class Server(ServerBase):
             self.network.begin_round(devices, rng)
         return RoundSetup(round_, plan, deadline_s, mode, powers,
                           self.policy.quorum(len(devices), self.scenario.fleet.participants), self.network,
-                          ctx, step_batches)
+                          ctx, step_batches, drawn)
 
     def finish_round(self, setup: RoundSetup, start_at: float, end_at: float,
                      outcomes: list[DeviceOutcome]) -> None:

@@ -4,7 +4,9 @@
   benchmark's LeNet, `fedsim.world.measurements.MnnLeNet`) gives its effective FLOP/s; the simulated model's
   durations then follow from its own FLOPs (a compute-bound scaling by the FLOP ratio). Optionally each
   device is a phone model drawn from the AI-Benchmark list, its speed scaled by its CPU score relative
-  to the measured reference phone.
+  to the measured reference phone. With `fit = "affine"` every row of the table is used: a least-squares
+  line `time = overhead + slope * batch` gives the speed (the reference model's FLOPs of one sample over
+  `slope`) and the class's `step_overhead_s` (`overhead`), instead of one row's time over its FLOPs.
 * `flash_bandwidth`: each device is mapped to a FLASH user (uniformly) and draws its link rates once
   from a lognormal with that user's measured mean and deviation.
 * `dvfs = { kappa, freq_hz, cycles_per_flop }`: energy `kappa * cycles * f^2` over `cycles / f`
@@ -32,6 +34,7 @@ class MeasuredSpec:
     spread: str                  # "none" or "ai_benchmark"
     benchmark_file: Path | None
     reference_phone: str         # the AI-Benchmark entry of the measured phone
+    fit: str = "point"           # "point": the `batch_size` row; "affine": overhead + slope * batch, every row
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def _file(fields: Fields, key: str, traces_dir: Path | None, default: str | None
 
 def read_measured(fields: Fields, key: str, traces_dir: Path | None) -> MeasuredSpec | None:
     """`measured = { time_table = "ondevice_training/XIAOMI/time_table_Lenet.csv", batch_size = 16,
-    spread = "none" | "ai_benchmark", reference_phone = "Xiaomi Mi 9" }`."""
+    spread = "none" | "ai_benchmark", reference_phone = "Xiaomi Mi 9", fit = "point" | "affine" }`."""
     if fields.raw(key, None) is None:
         return None
     sub = fields.sub(key)
@@ -73,8 +76,9 @@ def read_measured(fields: Fields, key: str, traces_dir: Path | None) -> Measured
     spread = sub.choice("spread", ["none", "ai_benchmark"], "none")
     bench = _file(sub, "benchmark_file", traces_dir, AI_BENCHMARK_FILE) if spread == "ai_benchmark" else None
     phone = sub.string("reference_phone", "Xiaomi Mi 9")
+    fit = sub.choice("fit", ["point", "affine"], "point")
     sub.finish()
-    return MeasuredSpec(table, batch, spread, bench, phone)
+    return MeasuredSpec(table, batch, spread, bench, phone, fit)
 
 
 def read_dvfs(fields: Fields, key: str) -> DvfsSpec | None:

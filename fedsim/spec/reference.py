@@ -83,6 +83,20 @@ ENTRIES: tuple[Entry, ...] = (
     _e("fleet.traces_dir", "path", "folder of measurement files, for `measured` and `flash_bandwidth`"),
     _e("fleet.availability_file", "path", "CSV or Parquet of online intervals `device, start_s, end_s` (a device "
        "absent from it is never online)"),
+    _e("fleet.depth_model", "table, none", "the SALF authors' straggler model, which draws depths instead of "
+       "times: `{ stragglers = P, depth = \"uniform\" | N }`. Every round each participant is a straggler with "
+       "probability `stragglers` (0..1), drawn from its own stream (`depth_model`, keyed by round); a straggler's "
+       "backward pass stops after the last `d` layers (at `model.granularity`; the authors count tensors, "
+       "`tensor`), `d` uniform on 1..L with `depth` = `uniform` (the authors' draw: never 0, every layer with "
+       "probability 1/L) or `d` = N (0..L; 0 delivers nothing; the authors' `--up_to_layer k` is N = L - k); "
+       "the others attempt every layer. Time runs as without it: a straggler downloads, computes and uploads its "
+       "`d` layers at the timing model's durations, then idles; the deadline still cuts whoever is not done, so a "
+       "device delivers the smaller of its drawn depth and what its speed allows (with a deadline nobody "
+       "reaches, exactly the depths drawn), and a round ends when every participant has delivered what it "
+       "intends, or at the deadline. Each straggler's round starts with a `straggler` event whose `layer` is the "
+       "deepest layer it reaches. salf and drop only (drop keeps a straggler that drew every layer); the other "
+       "policies refuse it and say why (wait has no stragglers: it is the authors' no-straggler baseline without "
+       "it). Unlike the authors' code, which picks the stragglers once per run, each round draws them anew"),
     _e("fleet.classes[i].name, fleet.classes[i].count", "string, int", "device class"),
     _e("fleet.classes[i].speed_flops", DIST, "effective training FLOP/s, drawn once per device"),
     _e("fleet.classes[i].measured", "table", "instead of `speed_flops`: `{ time_table = "
@@ -90,7 +104,14 @@ ENTRIES: tuple[Entry, ...] = (
        "reference_phone = \"Xiaomi Mi 9\", benchmark_file = ... }`: the phone's measured `time_table` for one batch "
        "(`batch_size`) of the benchmark's LeNet gives its FLOP/s; `spread` = `ai_benchmark` makes each device a "
        "phone model from the AI-Benchmark list (`benchmark_file`, by default the one under `fleet.traces_dir`), "
-       "scaled by its CPU score relative to `reference_phone`"),
+       "scaled by its CPU score relative to `reference_phone`. `fit` = `point` (default) uses that one row; "
+       "`affine` fits `time = overhead + slope * batch` to every row by least squares: the speed is the LeNet's "
+       "FLOPs of one sample over `slope` and the class's `step_overhead_s` is `overhead` (`batch_size` unused; "
+       "figures in docs/ARCHITECTURE.md)"),
+    _e("fleet.classes[i].step_overhead_s", "float >= 0, 0", "fixed seconds of every local step besides its FLOPs: "
+       "a step costs `slowdown * (step_overhead_s + FLOPs / speed)`, affine in the work (0: linear in the "
+       "batch). Charged to the forward phase (`forward_end` comes that much later per step; the per-layer "
+       "backward durations are the FLOPs' only); `partial` plans its work with it"),
     _e("fleet.classes[i].slowdown", f"{DIST}, 1", "per-round multiplier on compute durations (background load)"),
     _e("fleet.classes[i].layer_time", 'distribution, 1',
        'multiplier on each layer\'s backward duration, drawn per device, round and layer (ADEL-FL\'s model: `{ dist = "exponential", mean = 1 }`; jitter: a lognormal of median 1). Drawn from its own stream (`layer_time`, keyed by round; asynchronous jobs `job_layer_time`); the default 1 draws nothing. A device plans with its drawn durations, as it does with its slowdown'),

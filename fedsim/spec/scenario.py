@@ -15,6 +15,7 @@ from typing import Any
 from fedsim.spec.calibration import DvfsSpec, MeasuredSpec, read_dvfs, read_measured, resolve_traces_dir
 from fedsim.spec.availability import ChurnSpec, check_availability_file, read_availability_file, read_churn_spec
 from fedsim.spec.data import DataSpec, check_data_memory, read_data
+from fedsim.spec.depth_model import DepthModelSpec, read_depth_model
 from fedsim.spec.distributions import Dist, DistKind, read_dist
 from fedsim.errors import ScenarioError
 from fedsim.spec.fields import Fields, printable
@@ -94,6 +95,7 @@ class DeviceClassSpec:
     availability: ChurnSpec | None = None    # alternating online/offline periods
     dvfs: DvfsSpec | None = None
     layer_time: Dist = Dist(DistKind.FIXED, 1.0)   # multiplier on each layer's backward, per device, round, layer
+    step_overhead_s: float = 0.0             # fixed seconds of every local step, besides its FLOPs (0: none)
 
     @property
     def layer_time_varies(self) -> bool:
@@ -107,6 +109,7 @@ class FleetSpec:
     participants: int | None         # None: every online device takes part in every round
     traces_dir: Path | None = None   # folder of measurement files (time tables, FLASH, AI-Benchmark)
     availability_file: Path | None = None   # online intervals per device (CSV or Parquet)
+    depth_model: DepthModelSpec | None = None   # the SALF authors' stragglers (drawn depths); None: timing only
 
     @property
     def n_devices(self) -> int:
@@ -214,6 +217,10 @@ def _read_scenario(raw: dict, text: str, source: str, overrides, base_dir: Path 
         raise ScenarioError(source, "fleet.participants",
                             f"must be at most the number of devices ({fleet.n_devices}), got {fleet.participants}")
     scn = Scenario(source, text, tuple(overrides), run, model, data, training, fleet, network, policy, ignored)
+    refusal = getattr(policy, "depth_model_refusal", "it does not declare that it handles a depth model")
+    if fleet.depth_model is not None and refusal is not None:
+        raise ScenarioError(source, "fleet.depth_model", f"policy {policy.describe()} cannot run under the depth "
+                                                         f"model: {refusal}")
     policy.check(scn)
     if fleet.availability_file is not None:
         # read now, not when the run starts: a bad file must fail before any output exists
@@ -314,9 +321,17 @@ def _read_device_class(f: Fields, index: int, traces_dir: Path | None) -> Device
         availability=read_churn_spec(f, "availability"),
         dvfs=dvfs,
         layer_time=read_dist(f, "layer_time", 1.0),
+        step_overhead_s=_step_overhead_s(f, measured),
     )
     f.finish()
     return spec
+
+
+def _step_overhead_s(f: Fields, measured: MeasuredSpec | None) -> float:
+    """`step_overhead_s`: given, or 0; with `measured.fit = "affine"` the fit supplies it (fedsim.world.fleet)."""
+    if measured is not None and measured.fit == "affine" and f.has("step_overhead_s"):
+        raise f.error("step_overhead_s", "comes from the time table with measured.fit = \"affine\"; remove it")
+    return f.number("step_overhead_s", 0.0, low=0.0)
 
 
 def _read_fleet(f: Fields, base_dir: Path | None) -> FleetSpec:
@@ -339,8 +354,9 @@ def _read_fleet(f: Fields, base_dir: Path | None) -> FleetSpec:
     availability_file = read_availability_file(f, "availability_file", base_dir)
     if availability_file is not None and any(c.availability is not None for c in classes):
         raise f.error("availability_file", "give either per-class availability or an availability file, not both")
+    depth_model = read_depth_model(f, "depth_model")
     f.finish()
-    return FleetSpec(classes, participants, traces_dir, availability_file)
+    return FleetSpec(classes, participants, traces_dir, availability_file, depth_model)
 
 
 def _read_network(f: Fields, fleet: FleetSpec) -> NetworkSpec:

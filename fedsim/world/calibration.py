@@ -13,14 +13,28 @@ from fedsim.spec.calibration import FLASH_FILE, MeasuredSpec
 from fedsim.spec.fields import printable
 from fedsim.world.measurements import (flash_bandwidth_bps, load_ai_benchmark, load_flash_bandwidth,
                                        measured_speed_flops, sample_phone_speeds_flops)
+from fedsim.world.step_fit import affine_calibration
 
-__all__ = ["measured_speeds_flops", "flash_rates_bps"]
+__all__ = ["measured_speeds_flops", "measured_step_overhead_s", "flash_rates_bps"]
+
+
+def measured_step_overhead_s(spec: MeasuredSpec, source: str, field: str) -> float:
+    """The step overhead `spec` calibrates: the affine fit's intercept, or 0 with `fit = "point"`."""
+    if spec.fit != "affine":
+        return 0.0
+    try:
+        return affine_calibration(spec.time_table)[1]
+    except DataError as exc:
+        raise ScenarioFileError(source, f"{field}.time_table", printable(str(exc))) from None
 
 
 def measured_speeds_flops(spec: MeasuredSpec, n: int, rng: np.random.Generator, source: str, field: str) -> np.ndarray:
     """Effective FLOP/s of `n` devices calibrated from `spec` (see the module docstring)."""
     try:
-        ref_speed = measured_speed_flops(spec.time_table, spec.batch_size)
+        if spec.fit == "affine":
+            ref_speed = affine_calibration(spec.time_table)[0]
+        else:
+            ref_speed = measured_speed_flops(spec.time_table, spec.batch_size)
     except DataError as exc:
         key = "batch_size" if "no row for batchsize" in str(exc) else "time_table"
         raise ScenarioFileError(source, f"{field}.{key}", printable(str(exc))) from None

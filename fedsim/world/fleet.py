@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsim.world.calibration import flash_rates_bps, measured_speeds_flops
+from fedsim.world.calibration import flash_rates_bps, measured_speeds_flops, measured_step_overhead_s
 from fedsim.spec.scenario import DeviceClassSpec, FleetSpec
 
 __all__ = ["Fleet", "build_fleet"]
@@ -24,6 +24,13 @@ class Fleet:
     downlink_bps: np.ndarray
     uplink_bps: np.ndarray
     latency_s: np.ndarray
+    class_step_overhead_s: np.ndarray | None = None   # per class: fixed seconds of every local step (None: all 0)
+
+    def step_overhead_s(self, devices: np.ndarray) -> np.ndarray | None:
+        """Each device's fixed seconds per local step (before the round's slowdown); None when every class has 0."""
+        if self.class_step_overhead_s is None:
+            return None
+        return self.class_step_overhead_s[self.class_of[devices]]
 
     @property
     def n_devices(self) -> int:
@@ -61,10 +68,13 @@ class Fleet:
 def build_fleet(spec: FleetSpec, rng: np.random.Generator, source: str = "<scenario>") -> Fleet:
     """Per-device parameters, class by class in class order, each quantity from the same stream."""
     class_of = np.concatenate([np.full(c.count, i, dtype=np.int32) for i, c in enumerate(spec.classes)])
-    speed, down, up = [], [], []
+    speed, down, up, overhead = [], [], [], []
     for i, c in enumerate(spec.classes):
+        overhead.append(c.step_overhead_s)
         if c.measured is not None:
             speed.append(measured_speeds_flops(c.measured, c.count, rng, source, f"fleet.classes[{i}].measured"))
+            if c.measured.fit == "affine":
+                overhead[-1] = measured_step_overhead_s(c.measured, source, f"fleet.classes[{i}].measured")
         else:
             speed.append(c.speed_flops.sample(rng, c.count))
         if c.flash_bandwidth:
@@ -82,4 +92,5 @@ def build_fleet(spec: FleetSpec, rng: np.random.Generator, source: str = "<scena
         downlink_bps=np.concatenate(down).astype(np.float64),
         uplink_bps=np.concatenate(up).astype(np.float64),
         latency_s=np.concatenate([np.full(c.count, c.latency_s) for c in spec.classes]),
+        class_step_overhead_s=np.array(overhead, dtype=np.float64) if any(o > 0 for o in overhead) else None,
     )

@@ -37,11 +37,16 @@ class RoundPlan:
 def plan_round(profile: ModelProfile, devices: np.ndarray, speed_flops: np.ndarray, slowdown: np.ndarray,
                samples: np.ndarray, steps: np.ndarray, downlink_bps: np.ndarray, uplink_bps: np.ndarray,
                latency_s: np.ndarray, fwd_flops_scale: np.ndarray | None = None,
-               layer_time: np.ndarray | None = None) -> RoundPlan:
+               layer_time: np.ndarray | None = None, step_overhead_s: np.ndarray | None = None) -> RoundPlan:
     """Durations for each participant from the model profile and the device's speed in this round.
 
     `layer_time` (n, L), in backward order: a multiplier on each layer's backward duration in this round
     (`fleet.classes[i].layer_time`); None is 1 everywhere.
+
+    `step_overhead_s` (n,): fixed seconds of every local step besides its FLOPs (`fleet.classes[i].
+    step_overhead_s`), so a step costs `slowdown * (step_overhead_s + FLOPs / speed)`: affine in the work. The
+    overhead of every step is charged to the forward phase (`forward_s`); the per-layer backward durations are
+    the FLOPs' only. None (or 0) adds nothing.
 
     With several local steps, every step but the last is a whole forward+backward counted into
     `forward_s`; only the last step's backward is split per layer, because only it produces the update
@@ -56,6 +61,8 @@ def plan_round(profile: ModelProfile, devices: np.ndarray, speed_flops: np.ndarr
     per_sample = samples * sec_per_flop                             # (n,)
     full_step = (fwd.sum() + bwd.sum()) * per_sample
     forward_s = fwd.sum() * per_sample + (steps - 1) * full_step
+    if step_overhead_s is not None:
+        forward_s = forward_s + steps * (slowdown * step_overhead_s)
     backward_s = per_sample[:, None] * bwd[None, :]
     if layer_time is not None:
         backward_s = backward_s * layer_time
