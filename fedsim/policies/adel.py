@@ -49,7 +49,13 @@ class AdelSchedule(DeadlineSchedule):
         fleet = run.fleet
         participants = run.scenario.fleet.participants or fleet.n_devices
         miss = miss_model(run, self.samples)
-        return tuple(allocate_deadlines(rounds, self.total_s, self.min_s, miss, participants, self.kappa).tolist())
+        t = run.scenario.training
+        shape = None
+        if t.lr_schedule is not None:           # the bound's steps follow the run's own schedule
+            rates = np.array(t.lr_schedule.rates(t.lr, rounds))
+            shape = rates / rates[0]
+        return tuple(allocate_deadlines(rounds, self.total_s, self.min_s, miss, participants, self.kappa,
+                                        shape).tolist())
 
     def __str__(self) -> str:
         return f"adel (total {self.total_s:g} s, min {self.min_s:g} s)"

@@ -223,6 +223,8 @@ class Server(ServerBase):
         plan = setup.plan
         assert setup.context is not None and setup.step_batches is not None
         self.clock_at = end_at
+        if self.scenario.training.lr_schedule is not None:
+            self._set_lr(self.scenario.training.lr_at(setup.round, self.scenario.run.rounds))
         n_layers = self.profile.n_layers
         depths = np.array([o.depth for o in outcomes], dtype=np.int64)
         done = [(o.done_at, i) for i, o in enumerate(outcomes) if o.done_at is not None]
@@ -343,6 +345,12 @@ class Server(ServerBase):
         return bad, losses
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _set_lr(self, lr: float) -> None:
+        """The round's learning rate (training.lr_schedule): the server's step and the devices' local steps."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.trainer.lr = lr
+
     def _eval_due(self, round_: int) -> bool:
         run = self.scenario.run
         return (round_ + 1) % run.eval_every == 0 or round_ + 1 == run.rounds
