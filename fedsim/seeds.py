@@ -39,6 +39,7 @@ KEYED_STREAMS: dict[str, int] = {
     "layer_time": 13,   # round r's per-layer backward multipliers (fleet.classes[i].layer_time, when not 1)
     "job_layer_time": 14,   # the same for job j of an asynchronous run
     "flower": 16,       # round r of the flower policy: seeds Python's and NumPy's global generators for the strategy
+    "batch": 20,        # round r's mini-batches of participants planned larger than their first draw (RoundPlan.samples)
 }
 
 
