@@ -100,6 +100,10 @@ def test_a_plan_larger_than_the_data_held_is_an_error():
     assert [b[0].tolist() for b in smaller] == [[1], [9, 8]]
     larger = planned_batches(partition, 0, 0, np.array([2, 4]), ctx, drawn, "p")
     assert larger[0] is drawn[0] and sorted(larger[1][0].tolist()) == [8, 9, 10, 11]
+    from fedsim.seeds import keyed_rng
+
+    again = partition.sample_batches(np.array([2]), 4, 1, keyed_rng(0, "batch", 0))[0][0]
+    assert larger[1][0].tolist() == again.tolist()          # round 0's `batch` stream
     with pytest.raises(FedsimError, match="planned a batch of 5 samples for device 2 in round 0, which holds 4"):
         planned_batches(partition, 0, 0, np.array([2, 5]), ctx, drawn, "p")
 
