@@ -8,6 +8,9 @@ drawn from its class, durations from `fedsim.world.timing.plan_round` at `traini
 `adel` component stream of the seed), or exactly, `gammaincc`, when the scenario is ADEL-FL's model: every
 class's `layer_time` exponential with one mean, fixed slowdowns, and every device with the same download and
 forward time and the same backward time for every layer. Uploads are not in P_l (the paper's ideal mode).
+With salf's `batch_scaling` the deadlines are chosen the same way (at `training.batch_size`); each round then
+scales the batches to its deadline (`fedsim.policies.batch_scaling`). With `training.lr_schedule` the bound's
+steps follow the schedule's shape (`adel_bound.step_weights`).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ ENTRIES: tuple[Entry, ...] = (
     _e("data.test_samples_per_device", "20", "synthetic only: held-out samples per device forming the test set"),
     _e("training.batch_size", "int", "mini-batch per device per local step"),
     _e("training.lr, training.momentum", "float, 0.0", "server-side SGD with momentum on the aggregated gradient "
-       "(and the devices' local learning rate)"),
+       "(and the devices' local learning rate; the base rate of `lr_schedule` when one is set)"),
     _e("training.lr_schedule", "table, none", "the learning rate of round r (server step and local steps; absent: "
        "`lr` every round): `{ kind = \"inverse\", a = 1, b = 1 }` gives `lr * a / (r + b)` (the form SALF's and "
        "ADEL-FL's analyses assume); `{ kind = \"step\", every = N, factor = f }` gives `lr * f^floor(r / N)` "
