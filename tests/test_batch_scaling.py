@@ -20,7 +20,8 @@ SCALED = ["data.samples_per_device=8", "policy.deadline_s=300", "policy.batch_sc
 
 def _samples(out, round_=0):
     dev = table(out, "devices")
-    return [s for r, s in sorted((d, s) for d, s, rr in zip(dev["device"], dev["samples"], dev["round"]) if rr == round_)]
+    rows = zip(dev["device"], dev["samples"], dev["round"])
+    return [s for _, s in sorted((d, s) for d, s, r in rows if r == round_)]
 
 
 def test_batches_by_hand_and_the_timing_follows_them(tmp_path):

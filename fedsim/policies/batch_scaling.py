@@ -6,8 +6,9 @@ numbers from the timing model, per round: T is the round's deadline, P_u = T / s
 sample's forward and whole backward on device u in this round (its speed and slowdown; its `layer_time` draws
 are not known in advance and count as 1), B_u its download (and, unless the upload mode is `ideal`, the upload
 of every layer's update), m = `policy.batch_fraction`. So a participant's planned compute ends about m of the
-way from its download to the deadline (the batch is rounded to the nearest integer). A batch of 0 (no time left) is raised to 1: the device still takes part
-and is cut like any straggler; a batch is at most the samples the device holds.
+way from its download to the deadline (the batch is rounded to the nearest integer). A batch of 0 (no time
+left) is raised to 1: the device still takes part and is cut like any straggler; a batch is at most the
+samples the device holds.
 """
 
 from __future__ import annotations
