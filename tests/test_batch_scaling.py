@@ -214,3 +214,11 @@ def test_batch_scaling_with_an_adel_schedule_runs(tmp_path):
     assert sum(rounds["deadline_s"]) <= 0.6
     dev = table(out, "devices")
     assert len(set(dev["samples"])) > 1 and max(dev["samples"]) <= 40
+
+
+def test_a_batch_scaled_run_resumes_identically(tmp_path):
+    from test_resume_variants import _assert_identical, _straight_and_resumed
+
+    straight, resumed, _ = _straight_and_resumed(tmp_path, "policy.batch_scaling=true", "policy.batch_fraction=0.9")
+    assert len(set(table(straight, "devices")["samples"])) > 2
+    _assert_identical(straight, resumed)
