@@ -53,7 +53,14 @@ def trace_metadata(scn: Scenario) -> dict[str, str]:
         # the fixed deadline in force (empty for policies without one, or whose deadline changes each round):
         # what analysis draws on timelines
         "policy.deadline_s": "" if deadline is None else repr(deadline),
+        **({} if _lr_by_round(scn) is None else {"training.lr_by_round": json.dumps(_lr_by_round(scn))}),
     }
+
+
+def _lr_by_round(scn: Scenario) -> list[float] | None:
+    """The learning rate of every round 0..run.rounds-1 when `training.lr_schedule` is set (None: `lr` throughout)."""
+    t = scn.training
+    return None if t.lr_schedule is None else t.lr_schedule.rates(t.lr, scn.run.rounds)
 
 
 def _fixed_deadline_s(scn: Scenario) -> float | None:
@@ -77,6 +84,7 @@ def trace_description(scn: Scenario) -> dict:
         "scenario": resolved_scenario(scn.text, scn.overrides),
         "identity": scenario_identity(scn.text, scn.overrides, scn.all_ignored),
         "ignored": list(scn.all_ignored),      # fields given that have no effect on this run
+        **({} if _lr_by_round(scn) is None else {"lr_by_round": _lr_by_round(scn)}),
     }
 
 

@@ -40,6 +40,7 @@ KEYED_STREAMS: dict[str, int] = {
     "job_layer_time": 14,   # the same for job j of an asynchronous run
     "flower": 16,       # round r of the flower policy: seeds Python's and NumPy's global generators for the strategy
     "depth_model": 17,  # round r's stragglers and their depths (fleet.depth_model)
+    "batch": 20,        # round r's mini-batches of participants planned larger than their first draw (RoundPlan.samples)
 }
 
 

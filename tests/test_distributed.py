@@ -272,9 +272,12 @@ def test_sharded_layer_sums_equal_the_single_process_engine_and_the_same_shards_
         n_layers = comp.profile.n_layers
         devices = rng.permutation(13)[:11]
         batches = [comp.partition.sample_batch(int(d), int(rng.integers(1, 9)), rng) for d in devices]
-        for depths in (rng.integers(0, n_layers + 1, 11), np.zeros(11, dtype=np.int64), np.full(11, n_layers)):
+        cases = [(d, None) for d in (rng.integers(0, n_layers + 1, 11), np.zeros(11, dtype=np.int64),
+                                     np.full(11, n_layers))]
+        cases.append((rng.integers(0, n_layers + 1, 11), rng.uniform(1.0, 9.0, 11)))   # weighted devices
+        for depths, w in cases:
             engine.begin_round(devices)
-            want, got = local.layer_sums(batches, depths), engine.layer_sums(batches, depths)
+            want, got = local.layer_sums(batches, depths, w), engine.layer_sums(batches, depths, w)
             assert sorted(got.sums) == sorted(want.sums)
             for name in want.sums:
                 torch.testing.assert_close(got.sums[name], want.sums[name], rtol=0, atol=1e-12)
@@ -288,7 +291,8 @@ def test_sharded_layer_sums_equal_the_single_process_engine_and_the_same_shards_
             for k, i in enumerate(range(0, len(live), 4)):
                 members = live[i:i + 4]
                 part = fw.shard_layer_sums(spec, k, weights, np.concatenate([batches[j] for j in members]),
-                                           np.array([len(batches[j]) for j in members]), depths[members])
+                                           np.array([len(batches[j]) for j in members]), depths[members],
+                                           None if w is None else w[members])
                 here = fw.add_sums(here, part)
             if here is not None:
                 assert all(torch.equal(got.sums[name], here.sums[name]) for name in here.sums)
@@ -318,6 +322,7 @@ def test_a_run_is_byte_identical_on_any_number_of_workers(tmp_path, client):
     ("policy.name=salf", "policy.aggregation=unbiased"),
     ("policy.name=drop",),
     ("policy.name=overselect", "fleet.participants=4"),
+    ("policy.name=salf", "policy.batch_scaling=true"),
 ])
 def test_distributed_run_equals_single_process_run(tmp_path, client, overrides):
     local, dist = local_and_distributed(tmp_path, client, *overrides)

@@ -266,8 +266,8 @@ def test_an_aggregate_that_overflows_stops_even_with_drop(tmp_path, monkeypatch)
 
     real = salf.layerwise_fedsgd
 
-    def overflow(inputs, grads, depths, aggregation, depth_counts=None):
-        update = real(inputs, grads, depths, aggregation, depth_counts)
+    def overflow(inputs, grads, depths, aggregation, depth_counts=None, weights=None):
+        update = real(inputs, grads, depths, aggregation, depth_counts, weights)
         if int((depths > 0).sum()) > 1:                  # only the aggregate of several devices overflows
             update.grads["fc1.weight"][0, 0] = float("inf")
         return update

@@ -32,7 +32,7 @@ def test_churn_and_network_streams(seed, name, index):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name, number", [("round", 7), ("job", 11), ("select", 12)])
+@pytest.mark.parametrize("name, number", [("round", 7), ("job", 11), ("select", 12), ("batch", 20)])
 def test_keyed_streams(seed, name, number):
     for key in (0, 1, 7, 99_999):
         _same(seeds.keyed_rng(seed, name, key),

@@ -123,9 +123,12 @@ class ShardedGradientEngine:
         self._round = round_ if round_ is not None else self._rounds_begun
         self._rounds_begun += 1
 
-    def layer_sums(self, batches: list[np.ndarray], depths: np.ndarray) -> LayerSums:
-        """Sum of the gradients of device i's mini-batch mean loss over its last `depths[i]` layers."""
+    def layer_sums(self, batches: list[np.ndarray], depths: np.ndarray,
+                   weights: np.ndarray | None = None) -> LayerSums:
+        """Sum of the gradients of device i's mini-batch mean loss over its last `depths[i]` layers (times
+        `weights[i]` if given)."""
         depths = check_depths(batches, depths, self.profile.n_layers)
+        device_weights = None if weights is None else np.asarray(weights, dtype=np.float64)
         counts = _counts(depths, self.profile.n_layers)
         live = np.flatnonzero(depths)
         if live.size == 0:
@@ -137,7 +140,7 @@ class ShardedGradientEngine:
             sizes = np.fromiter((len(batches[i]) for i in members), dtype=np.int64, count=len(members))
             rows = np.concatenate([batches[i] for i in members])
             work.append((rows.astype(np.int32 if len(self._dataset.y_train) < 2**31 else np.int64), sizes,
-                         depths[members]))
+                         depths[members], None if device_weights is None else device_weights[members]))
         largest = max(int(w[1].sum()) for w in work) * 3 * max(self.profile.fwd_flops_per_sample, 1.0)
         weights = Weights({n: t.detach().clone() for n, t in self.model.state_dict().items()}, self.model.training)
         call = f"{self._tag}-{self._calls}"
@@ -145,9 +148,9 @@ class ShardedGradientEngine:
 
         def submit(k: int, attempt: int):
             model[0] = self._send(weights, "model", model[0])
-            rows, sizes, shard_depths = work[k]
+            rows, sizes, shard_depths, shard_weights = work[k]
             return self.client.submit(self.task, self._run_spec(), k, model[0], rows, sizes, shard_depths,
-                                      key=f"fedsim-grads-{call}-{k}-{attempt}", pure=False)
+                                      shard_weights, key=f"fedsim-grads-{call}-{k}-{attempt}", pure=False)
 
         try:
             parts = self._collect(submit, len(work), self.stall_timeout_s(largest), "gradient shard")

@@ -167,9 +167,10 @@ def forget_run(run_key: str) -> None:
 
 
 def shard_layer_sums(spec: RunSpec, shard: int, weights: Weights, rows: np.ndarray, sizes: np.ndarray,
-                     depths: np.ndarray) -> LayerSums:
+                     depths: np.ndarray, device_weights: np.ndarray | None = None) -> LayerSums:
     """Worker task: the LayerSums of one shard's devices (rows: their mini-batches, concatenated, as
-    training-set indices; sizes: each mini-batch's length; depths: what each delivered, all > 0)."""
+    training-set indices; sizes: each mini-batch's length; depths: what each delivered, all > 0;
+    device_weights: each one's gradient weight, or None)."""
     single_thread()
     with _run_data(spec).engine() as engine:
         engine.model.load_state_dict(weights.tensors)
@@ -182,7 +183,8 @@ def shard_layer_sums(spec: RunSpec, shard: int, weights: Weights, rows: np.ndarr
         passes = np.split(order, np.flatnonzero(np.diff(first_row // rows_per_pass)) + 1)
         total = None
         for members in passes:
-            total = add_sums(total, engine.layer_sums([batches[i] for i in members], depths[members]))
+            total = add_sums(total, engine.layer_sums([batches[i] for i in members], depths[members],
+                                                     None if device_weights is None else device_weights[members]))
         return total
 
 

@@ -161,16 +161,19 @@ class GradientEngine:
         self._vmap_by_depth = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
     # -- public API -------------------------------------------------------------------------------
-    def layer_sums(self, batches: list[np.ndarray], depths: np.ndarray) -> LayerSums:
-        """Sum of the gradients of device i's mini-batch mean loss over its last `depths[i]` layers."""
+    def layer_sums(self, batches: list[np.ndarray], depths: np.ndarray,
+                   weights: np.ndarray | None = None) -> LayerSums:
+        """Sum of the gradients of device i's mini-batch mean loss over its last `depths[i]` layers, each
+        multiplied by `weights[i]` if given (e.g. its batch size; `loss_sum` stays unweighted)."""
         depths = self._check(batches, depths)
         self._resolve()
+        w = None if weights is None else np.asarray(weights, dtype=np.float64)
         with self._buffers_restored(), torch.enable_grad():
             if self.path is GradPath.GROUPED:
-                return self._grouped_sums(batches, depths)
+                return self._grouped_sums(batches, depths, w)
             if self.path is GradPath.VMAP:
-                return self._vmap_sums(batches, depths)
-            return self._loop_sums(batches, depths)
+                return self._vmap_sums(batches, depths, w)
+            return self._loop_sums(batches, depths, w)
 
     def per_device_grads(self, batches: list[np.ndarray], depths: np.ndarray) -> dict[str, torch.Tensor]:
         """Each device's gradients, stacked on a leading device axis; zeros where a layer was not delivered."""
@@ -230,15 +233,17 @@ class GradientEngine:
         return at_least[1:][::-1].astype(np.int64)
 
     # -- grouped ----------------------------------------------------------------------------------
-    def _grouped_sums(self, batches: list[np.ndarray], depths: np.ndarray) -> LayerSums:
+    def _grouped_sums(self, batches: list[np.ndarray], depths: np.ndarray, w: np.ndarray | None) -> LayerSums:
         live = np.flatnonzero(depths)
         if live.size == 0:
             return LayerSums({}, np.zeros(self.profile.n_layers, dtype=np.int64), 0.0, 0)
         order = live[np.argsort(-depths[live], kind="stable")]   # deepest first: each depth one block
         sizes = np.fromiter((len(batches[i]) for i in order), dtype=np.int64, count=len(order))
         x, y = self._gather(np.concatenate([batches[i] for i in order]))
-        uniform = bool((sizes == sizes[0]).all())
+        uniform = w is None and bool((sizes == sizes[0]).all())
         weights = None if uniform else torch.from_numpy(np.repeat(1.0 / sizes, sizes)).to(x.dtype)
+        # the rows of device i weigh w_i / its batch size in the loss differentiated, 1 / its batch size in loss_sum
+        scaled = None if w is None else torch.from_numpy(np.repeat(w[order] / sizes, sizes)).to(x.dtype)
         row_end = np.cumsum(sizes)
         chunk_rows = max(1, int(_CHUNK_FWD_FLOPS // self._fwd_flops_per_sample))
         sums: dict[str, torch.Tensor] = {}
@@ -255,6 +260,8 @@ class GradientEngine:
                 losses = self.loss.rows(self.model(x[start:stop]), y[start:stop])
                 loss = losses.sum() / float(sizes[0]) if uniform else (losses * weights[start:stop]).sum()
                 loss_sum += self._checked(loss, f"the devices at depth {d}")
+                if scaled is not None:
+                    loss = (losses * scaled[start:stop]).sum()
                 _accumulate(sums, zip(names, torch.autograd.grad(loss, params)))
             first = last
         return LayerSums(sums, self._counts(depths), loss_sum, int(live.size))
@@ -320,11 +327,14 @@ class GradientEngine:
             losses[chunk] = chunk_losses.double().numpy()
         return DeviceGrads(out, losses)
 
-    def _vmap_sums(self, batches: list[np.ndarray], depths: np.ndarray) -> LayerSums:
+    def _vmap_sums(self, batches: list[np.ndarray], depths: np.ndarray, w: np.ndarray | None) -> LayerSums:
         sums: dict[str, torch.Tensor] = {}
         loss_sum = 0.0
-        for _, grads, losses in self._vmap_chunks(batches, depths):
+        for chunk, grads, losses in self._vmap_chunks(batches, depths):
             loss_sum += float(losses.double().sum())
+            if w is not None:
+                cw = torch.from_numpy(w[chunk])
+                grads = {n: v * cw.to(v.dtype).view(-1, *([1] * (v.dim() - 1))) for n, v in grads.items()}
             _accumulate(sums, ((name, value.sum(dim=0)) for name, value in grads.items()))
         return LayerSums(sums, self._counts(depths), loss_sum, int(np.count_nonzero(depths)))
 
@@ -336,13 +346,15 @@ class GradientEngine:
         names = self._suffix_params[d]
         return names, torch.autograd.grad(loss, [self.params[p] for p in names]), value
 
-    def _loop_sums(self, batches: list[np.ndarray], depths: np.ndarray) -> LayerSums:
+    def _loop_sums(self, batches: list[np.ndarray], depths: np.ndarray, w: np.ndarray | None) -> LayerSums:
         sums: dict[str, torch.Tensor] = {}
         loss_sum = 0.0
         live = np.flatnonzero(depths)
         for i in live:
             names, grads, value = self._device_grads(batches[i], int(depths[i]), int(i))
             loss_sum += value
+            if w is not None:
+                grads = tuple(g * float(w[i]) for g in grads)
             _accumulate(sums, zip(names, grads))
         return LayerSums(sums, self._counts(depths), loss_sum, int(live.size))
 

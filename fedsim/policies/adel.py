@@ -8,6 +8,9 @@ drawn from its class, durations from `fedsim.world.timing.plan_round` at `traini
 `adel` component stream of the seed), or exactly, `gammaincc`, when the scenario is ADEL-FL's model: every
 class's `layer_time` exponential with one mean, fixed slowdowns, and every device with the same download and
 forward time and the same backward time for every layer. Uploads are not in P_l (the paper's ideal mode).
+With salf's `batch_scaling` the deadlines are chosen the same way (at `training.batch_size`); each round then
+scales the batches to its deadline (`fedsim.policies.batch_scaling`). With `training.lr_schedule` the bound's
+steps follow the schedule's shape (`adel_bound.step_weights`).
 """
 
 from __future__ import annotations
@@ -49,7 +52,13 @@ class AdelSchedule(DeadlineSchedule):
         fleet = run.fleet
         participants = run.scenario.fleet.participants or fleet.n_devices
         miss = miss_model(run, self.samples)
-        return tuple(allocate_deadlines(rounds, self.total_s, self.min_s, miss, participants, self.kappa).tolist())
+        t = run.scenario.training
+        shape = None
+        if t.lr_schedule is not None:           # the bound's steps follow the run's own schedule
+            rates = np.array(t.lr_schedule.rates(t.lr, rounds))
+            shape = rates / rates[0]
+        return tuple(allocate_deadlines(rounds, self.total_s, self.min_s, miss, participants, self.kappa,
+                                        shape).tolist())
 
     def __str__(self) -> str:
         return f"adel (total {self.total_s:g} s, min {self.min_s:g} s)"

@@ -16,6 +16,9 @@ not depend on T, and G^2 4U/(U-1) is a positive factor: the minimiser depends on
 
 solved, as the authors do, with scipy's `trust-constr` (2-point gradients, SR1 Hessian) from the equal split
 (the gradient's differences are taken for all rounds in one evaluation, the objective being separable).
+When the run has its own learning-rate schedule (`training.lr_schedule`), the steps follow its shape instead:
+rho_c eta_t = (eta_t / eta_1) / (1 + gamma), the analysis's first step decaying as the run's rate does (an
+`inverse` schedule with b = 1 + gamma gives the analysis's steps exactly).
 In the authors' model each layer's backward time is i.i.d. Exp(1), so finishing the last l layers takes an
 Erlang(l, 1) time and P_l(T) = Q(l, T), the regularised upper incomplete gamma function (`gammaincc`).
 """
@@ -34,10 +37,16 @@ MissFn = Callable[[np.ndarray], np.ndarray]     # deadlines (R,) -> P_l(T_t), sh
 _P_MAX = 1.0 - 1e-12                            # P_l^U = 1 makes the bound infinite: keep it finite
 
 
-def step_weights(rounds: int, kappa: float) -> np.ndarray:
-    """w_t = (rho_c eta_t)^2 prod_{s>t} (1 - rho_c eta_s) for t = 1..R, with rho_c eta_t = 1 / (t + gamma)."""
+def step_weights(rounds: int, kappa: float, step_shape: np.ndarray | None = None) -> np.ndarray:
+    """w_t = (rho_c eta_t)^2 prod_{s>t} (1 - rho_c eta_s) for t = 1..R, with rho_c eta_t = 1 / (t + gamma).
+
+    `step_shape`: eta_t / eta_1 of the run's own learning-rate schedule (non-increasing, first 1); the steps
+    are then rho_c eta_t = step_shape[t] / (1 + gamma): the analysis's first step, decaying as the schedule."""
     gamma = max(8.0 * kappa, 1.0) - 1.0
-    a = 1.0 / (np.arange(1, rounds + 1, dtype=np.float64) + gamma)          # rho_c eta_t
+    if step_shape is None:
+        a = 1.0 / (np.arange(1, rounds + 1, dtype=np.float64) + gamma)      # rho_c eta_t
+    else:
+        a = np.asarray(step_shape, dtype=np.float64) / (1.0 + gamma)
     later = np.concatenate([np.cumprod((1.0 - a)[::-1])[::-1][1:], [1.0]])  # prod over s > t
     return a * a * later
 
@@ -79,7 +88,7 @@ def objective(deadlines_s: np.ndarray, weights: np.ndarray, miss: MissFn, partic
 
 
 def allocate_deadlines(rounds: int, total_s: float, min_s: float, miss: MissFn, participants: int,
-                       kappa: float) -> np.ndarray:
+                       kappa: float, step_shape: np.ndarray | None = None) -> np.ndarray:
     """The R deadlines minimising the bound under sum T_t <= total_s and T_t >= min_s (float64).
 
     The result is made exactly feasible: trust-constr may leave the constraints violated by its tolerance,
@@ -90,7 +99,7 @@ def allocate_deadlines(rounds: int, total_s: float, min_s: float, miss: MissFn, 
 
     if total_s < rounds * min_s:
         raise ValueError(f"total_s {total_s} < rounds {rounds} x min_s {min_s}")
-    weights = step_weights(rounds, kappa)
+    weights = step_weights(rounds, kappa, step_shape)
     scale = float(weights.sum())
     equal = np.full(rounds, total_s / rounds)
 

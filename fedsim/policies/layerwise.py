@@ -1,4 +1,5 @@
-"""FedSGD aggregation layer by layer over nested contributor sets: shared by salf, drop, wait, overselect."""
+"""FedSGD aggregation layer by layer over nested contributor sets (each device equally, or weighted, e.g. by its
+batch size): shared by salf, drop, wait, overselect."""
 
 from __future__ import annotations
 
@@ -14,13 +15,24 @@ __all__ = ["layerwise_fedsgd", "full_model_update"]
 
 
 def layerwise_fedsgd(inputs: RoundInputs, grads: GradientEngine, counted_depths: np.ndarray, aggregation: Aggregation,
-                     depth_counts: np.ndarray | None = None) -> RoundUpdate:
+                     depth_counts: np.ndarray | None = None, weights: np.ndarray | None = None) -> RoundUpdate:
     """Each device contributes its gradient to the last `counted_depths[i]` layers; aggregate per layer.
 
-    `depth_counts` (for `Aggregation.UNBIASED`): the histogram of depths over every device-round so far."""
-    sums = grads.layer_sums(inputs.batches, counted_depths)
+    `depth_counts` (for `Aggregation.UNBIASED`): the histogram of depths over every device-round so far.
+    `weights` (e.g. each participant's batch size): layer l is sum_{U_l} w_i g_i / sum_{U_l} w_i (`all`: over
+    the weights of every participant); when every participant's weight is the same this is the unweighted
+    rule, which is then computed as such (bit for bit)."""
+    if weights is not None and (len(weights) == 0 or bool(np.all(weights == weights[0]))):
+        weights = None
+    sums = grads.layer_sums(inputs.batches, counted_depths) if weights is None else \
+        grads.layer_sums(inputs.batches, counted_depths, weights)
     contributors = sums.counts
-    if aggregation is Aggregation.ALL:
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        n_layers = len(contributors)
+        reached = counted_depths[None, :] >= (n_layers - np.arange(n_layers))[:, None]    # (L, n), forward order
+        divisors = np.where(contributors > 0, w.sum(), 0.0) if aggregation is Aggregation.ALL else reached @ w
+    elif aggregation is Aggregation.ALL:
         divisors = np.where(contributors > 0, len(inputs.devices), 0)
     else:
         divisors = contributors

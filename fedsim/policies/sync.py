@@ -65,6 +65,7 @@ class RoundContext:
     state: PolicyState | None    # what the policy has learned before this round
     schedule: tuple[float, ...] | None = None   # every round's deadline, if chosen before the first round
     layer_time: np.ndarray | None = None   # (n, L) backward multipliers this round, backward order (None: 1)
+    held: np.ndarray | None = None   # training samples each participant holds: the largest batch it can plan
 
     def plan(self, rows: np.ndarray | None = None, profile: ModelProfile | None = None,
              samples: np.ndarray | None = None, steps: np.ndarray | None = None,
@@ -170,7 +171,10 @@ class SyncPolicy(PolicyBase):
         return None
 
     def plan(self, ctx: RoundContext, deadline_s: float | None) -> RoundPlan:
-        """The work each participant attempts; the default is the whole mini-batch on every local step."""
+        """The work each participant attempts; the default is the whole mini-batch on every local step.
+
+        `RoundPlan.samples` is each participant's batch, at most `ctx.held`: fewer than `ctx.samples` takes the
+        first samples of its drawn mini-batches, more draws them anew at that size (the server does both)."""
         return ctx.plan()
 
     def quorum(self, n_selected: int, k: int | None) -> int | None:

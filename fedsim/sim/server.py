@@ -33,6 +33,7 @@ from fedsim.output.trace import DeviceStatus, TraceWriter
 from fedsim.sim.health import NumericalHealth, require_finite, devices_text
 from fedsim.seeds import KEYED_STREAMS, component_rng, keyed_rng
 from fedsim.sim.records import device_columns, round_row
+from fedsim.sim.round_batches import planned_batches
 
 __all__ = ["Server", "ServerBase", "round_rng", "ROUND_STREAM"]
 
@@ -200,13 +201,16 @@ class Server(ServerBase):
                            np.full(len(devices), t.local_steps, dtype=np.int64), mode, t.batch_size,
                            self.submodel, self.policy_state, self.schedule,
                            self.fleet.sample_layer_time(devices, self.profile.n_layers,
-                                                        keyed_rng(self.scenario.run.seed, "layer_time", round_)))
+                                                        keyed_rng(self.scenario.run.seed, "layer_time", round_)),
+                           self.partition.offsets[devices + 1] - self.partition.offsets[devices])
         deadline_s = self.policy.deadline(round_, ctx)
         if deadline_s is not None and not (deadline_s > 0 and np.isfinite(deadline_s)):
             raise FedsimError(f"{self.scenario.source}: policy.name: {self.policy.describe()} set round "
                               f"{round_}'s deadline to {deadline_s!r} s; a deadline is a positive number of seconds "
                               "or None")
         plan = self.policy.plan(ctx, deadline_s)
+        step_batches = planned_batches(self.partition, self.scenario.run.seed, round_, plan.samples, ctx, step_batches,
+                                       f"{self.scenario.source}: policy.name: {self.policy.describe()}")
         if mode is UploadMode.AFTER_COMPUTE and deadline_s is not None:
             fits = max_depth_fitting(plan, deadline_s, env.now)
             plan = replace(plan, target_depth=np.minimum(plan.target_depth, fits))
@@ -229,6 +233,8 @@ class Server(ServerBase):
         plan = setup.plan
         assert setup.context is not None and setup.step_batches is not None
         self.clock_at = end_at
+        if self.scenario.training.lr_schedule is not None:
+            self._set_lr(self.scenario.training.lr_at(setup.round, self.scenario.run.rounds))
         n_layers = self.profile.n_layers
         depths = np.array([o.depth for o in outcomes], dtype=np.int64)
         done = [(o.done_at, i) for i, o in enumerate(outcomes) if o.done_at is not None]
@@ -349,6 +355,12 @@ class Server(ServerBase):
         return bad, losses
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _set_lr(self, lr: float) -> None:
+        """The round's learning rate (training.lr_schedule): the server's step and the devices' local steps."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.trainer.lr = lr
+
     def _eval_due(self, round_: int) -> bool:
         run = self.scenario.run
         return (round_ + 1) % run.eval_every == 0 or round_ + 1 == run.rounds

@@ -61,7 +61,13 @@ ENTRIES: tuple[Entry, ...] = (
     _e("data.test_samples_per_device", "20", "synthetic only: held-out samples per device forming the test set"),
     _e("training.batch_size", "int", "mini-batch per device per local step"),
     _e("training.lr, training.momentum", "float, 0.0", "server-side SGD with momentum on the aggregated gradient "
-       "(and the devices' local learning rate)"),
+       "(and the devices' local learning rate; the base rate of `lr_schedule` when one is set)"),
+    _e("training.lr_schedule", "table, none", "the learning rate of round r (server step and local steps; absent: "
+       "`lr` every round): `{ kind = \"inverse\", a = 1, b = 1 }` gives `lr * a / (r + b)` (the form SALF's and "
+       "ADEL-FL's analyses assume); `{ kind = \"step\", every = N, factor = f }` gives `lr * f^floor(r / N)` "
+       "(0 < f <= 1); `{ kind = \"cosine\", min_lr = 0 }` gives `min_lr + (lr - min_lr)(1 + cos(pi r / R))/2` "
+       "(R = `run.rounds`, `min_lr` <= `lr`). Synchronous policies only. Each round's rate is in `trace.json` "
+       "(`lr_by_round`); ADEL-FL's deadlines follow its shape (see *Deadlines that change over the run*)"),
     _e("training.local_steps", "1", "local SGD steps per round (FedAvg); salf requires 1 (FedSGD, as in the paper)"),
     _e("training.grad_path", "`auto`", "gradient engine: `grouped`, `vmap`, `loop` (see docs/ARCHITECTURE.md)"),
     _e("training.loss", "`cross_entropy`", "or `\"package.module:function\"`: `function(logits, targets)` with "
@@ -170,7 +176,19 @@ ENTRIES: tuple[Entry, ...] = (
        "aggregates what arrived: one number for every round, a list (one per round, the last repeated), "
        "`{ schedule = \"linear\" | \"geometric\", start, end }`, or ADEL-FL's optimised schedule `{ optimize = "
        "\"adel\", total_s, min_s }` (see *Deadlines that change over the run*)"),
+    _e("policy.deadline_s.total_s, policy.deadline_s.min_s, policy.deadline_s.kappa, policy.deadline_s.samples",
+       "float > 0; kappa 3.33, samples 4096", "ADEL-FL's schedule (`optimize = \"adel\"`): `total_s` the sum of the "
+       "R deadlines may not exceed, `min_s` each deadline's least value, `kappa` the bound's rho_s / rho_c, "
+       "`samples` the Monte Carlo device-rounds behind P_l"),
     _e("policy.aggregation", "`mean`", "salf: `mean` | `unbiased` | `all`; drop: `mean` | `all` (see *Policies*)"),
+    _e("policy.batch_scaling", "false", "salf: each participant's batch fits the time it has before the round's "
+       "deadline, ADEL-FL's `round(m P_u (T - B_u) / T)` with T the deadline, P_u = T / (its seconds per sample), "
+       "B_u its download (and uploads unless `ideal`), m = `batch_fraction`; at least 1, at most the samples it "
+       "holds (see *Deadlines that change over the run*)"),
+    _e("policy.batch_fraction", "float in (0, 1], 1", "salf with `batch_scaling`: ADEL-FL's m, the share of the time "
+       "after the download that the planned batch fills"),
+    _e("policy.weighting", "`devices`", "salf: each layer's average weighs every device alike (`devices`) or by its "
+       "batch (`samples`, the default with `batch_scaling`); with equal batches both give the same update"),
     _e("policy.widths, policy.widths.CLASS", "`\"auto\"`", "heterofl: `{ CLASS = ratio }` per device class (1 for "
        "classes not named), or `auto`"),
     _e("policy.fraction", "1.3", "overselect: select ceil(fraction x K) devices"),

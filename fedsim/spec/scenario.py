@@ -8,7 +8,7 @@ file, the dotted field path and the bad value. The `[policy]` table is read by t
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from fedsim.spec.depth_model import DepthModelSpec, read_depth_model
 from fedsim.spec.distributions import Dist, DistKind, read_dist
 from fedsim.errors import ScenarioError
 from fedsim.spec.fields import Fields, printable
+from fedsim.spec.lr_schedule import LrSchedule, read_lr_schedule
 from fedsim.spec.network import AccessKind, TopologySpec, read_network_spec
 from fedsim.spec.overrides import apply_overrides
 from fedsim.spec.plugins import check_plugin_name
@@ -75,6 +76,11 @@ class TrainingSpec:
     on_nonfinite: str = "stop"   # NaN/Inf in a loss or gradient: "stop" the run, or "drop" that device's update
     divergence_factor: float = 10.0   # the run fails when the training loss stays this many times its start
     loss: str = "cross_entropy"       # or "package.module:function" (fedsim.learn.loss)
+    lr_schedule: LrSchedule | None = None   # the rate of each round (fedsim.spec.lr_schedule); None: lr always
+
+    def lr_at(self, round_: int, rounds: int) -> float:
+        """The learning rate of synchronous round `round_` of `rounds`."""
+        return self.lr if self.lr_schedule is None else self.lr_schedule.rate(self.lr, round_, rounds)
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,9 @@ def _read_scenario(raw: dict, text: str, source: str, overrides, base_dir: Path 
     if fleet.participants is not None and fleet.participants > fleet.n_devices:
         raise ScenarioError(source, "fleet.participants",
                             f"must be at most the number of devices ({fleet.n_devices}), got {fleet.participants}")
+    if training.lr_schedule is not None and policy.kind != "sync":
+        raise ScenarioError(source, "training.lr_schedule", f"sets the rate of each synchronous round; policy.name = "
+                                                            f"{policy.name} is asynchronous (no rounds): remove it")
     scn = Scenario(source, text, tuple(overrides), run, model, data, training, fleet, network, policy, ignored)
     refusal = getattr(policy, "depth_model_refusal", "it does not declare that it handles a depth model")
     if fleet.depth_model is not None and refusal is not None:
@@ -280,6 +289,9 @@ def _read_training(f: Fields) -> TrainingSpec:
         divergence_factor=f.number("divergence_factor", 10.0, low=1.0, low_open=True),
         loss=f.string("loss", "cross_entropy"),
     )
+    schedule = read_lr_schedule(f, spec.lr)
+    if schedule is not None:
+        spec = replace(spec, lr_schedule=schedule)
     check_plugin_name(spec.loss, group=None, builtins=LOSS_PATHS, source=f.source, field=f.field("loss"),
                       kind="loss", form="package.module:function")
     f.finish()
