@@ -14,8 +14,8 @@ not depend on T, and G^2 4U/(U-1) is a positive factor: the minimiser depends on
               h(T) = sum_l (1 + P_l(T)^U) / (1 - P_l(T)^U),
     subject to sum_t T_t <= T_total,  T_t >= T_min,
 
-solved, as the authors do, with scipy's `trust-constr` (2-point gradients, SR1 Hessian) from the equal split
-(the gradient's differences are taken for all rounds in one evaluation, the objective being separable).
+solved as the separable problem it is (the authors use scipy's `trust-constr`): a price on time, set by
+bisection, and each round's best deadline at that price on the lower convex hull of h (`allocate_deadlines`).
 When the run has its own learning-rate schedule (`training.lr_schedule`), the steps follow its shape instead:
 rho_c eta_t = (eta_t / eta_1) / (1 + gamma), the analysis's first step decaying as the run's rate does (an
 `inverse` schedule with b = 1 + gamma gives the analysis's steps exactly).
@@ -26,8 +26,6 @@ Erlang(l, 1) time and P_l(T) = Q(l, T), the regularised upper incomplete gamma f
 from __future__ import annotations
 
 from typing import Callable
-
-import warnings
 
 import numpy as np
 
@@ -64,7 +62,7 @@ def erlang_miss(deadlines_s: np.ndarray, n_layers: int, start_s: float = 0.0, un
 def empirical_miss(finish_s: np.ndarray) -> MissFn:
     """P_l(T) from samples: `finish_s` (N, L) are the times at which sampled device-rounds finish the l-th
     layer from the output (column l-1). Each column's empirical distribution function is interpolated
-    linearly between its sorted samples, so P_l is continuous in T (trust-constr differentiates it)."""
+    linearly between its sorted samples, so P_l is continuous in T."""
     cols = [np.sort(finish_s[:, l]) for l in range(finish_s.shape[1])]
     n = finish_s.shape[0]
     levels = np.arange(1, n + 1, dtype=np.float64) / n
@@ -87,47 +85,83 @@ def objective(deadlines_s: np.ndarray, weights: np.ndarray, miss: MissFn, partic
     return float(weights @ bound_terms(miss(np.asarray(deadlines_s, dtype=np.float64)), participants))
 
 
+def _lower_hull(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Indices of the lower convex hull of the points (xs increasing), left to right (Andrew's monotone chain)."""
+    hull: list[int] = []
+    for i in range(len(xs)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (ys[b] - ys[a]) * (xs[i] - xs[a]) >= (ys[i] - ys[a]) * (xs[b] - xs[a]):
+                hull.pop()          # b is on or above the chord from a to i
+            else:
+                break
+        hull.append(i)
+    return np.asarray(hull, dtype=np.int64)
+
+
+def _grid(lo: float, hi: float, h: Callable[[np.ndarray], np.ndarray], points: int) -> np.ndarray:
+    """Deadlines from lo to where h stops falling (every P_l^U about 0), at most hi: a coarse pass finds the end."""
+    coarse = np.linspace(lo, hi, points)
+    values = h(coarse)
+    flat = np.flatnonzero(values <= values[-1] * (1.0 + 1e-12) + 1e-300)
+    end = coarse[min(int(flat[0]) + 1, points - 1)] if len(flat) else hi
+    return np.linspace(lo, end, points * 4)
+
+
 def allocate_deadlines(rounds: int, total_s: float, min_s: float, miss: MissFn, participants: int,
-                       kappa: float, step_shape: np.ndarray | None = None) -> np.ndarray:
+                       kappa: float, step_shape: np.ndarray | None = None, grid_points: int = 4097) -> np.ndarray:
     """The R deadlines minimising the bound under sum T_t <= total_s and T_t >= min_s (float64).
 
-    The result is made exactly feasible: trust-constr may leave the constraints violated by its tolerance,
-    so values below min_s are raised to it and any excess over total_s is taken from the slack above min_s
-    in proportion. An optimiser result worse than the equal split is replaced by the equal split.
+    The problem is separable: with a price lam on time, round t takes the T minimising w_t h(T) + lam T, and
+    lam is set (bisection) so that the deadlines use the budget. h is tabulated on a grid of deadlines from
+    min_s to where it stops falling and replaced by its lower convex hull, so each round's choice is a hull
+    vertex (exact when h is convex; otherwise the optimum of the convexified problem); rounds indifferent at
+    the final price share the budget left along their hull edge. Earlier rounds, weighing more, get at least
+    as long. The result is feasible to the last bit; if it is worse than the equal split on the bound itself,
+    the equal split is returned.
     """
-    from scipy.optimize import SR1, Bounds, LinearConstraint, minimize
-
     if total_s < rounds * min_s:
         raise ValueError(f"total_s {total_s} < rounds {rounds} x min_s {min_s}")
     weights = step_weights(rounds, kappa, step_shape)
-    scale = float(weights.sum())
     equal = np.full(rounds, total_s / rounds)
-
-    def f(t: np.ndarray) -> float:
-        return objective(t, weights, miss, participants) / scale
-
-    def jac(t: np.ndarray) -> np.ndarray:
-        # the objective is a sum of one term per round: its 2-point forward differences, all rounds at once
-        step = np.sqrt(np.finfo(np.float64).eps) * np.maximum(1.0, np.abs(t))
-        here = bound_terms(miss(t), participants)
-        there = bound_terms(miss(t + step), participants)
-        return weights * (there - here) / ((t + step) - t) / scale
-
     if rounds == 1 or total_s == rounds * min_s:
         return equal
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)      # SR1 on a locally flat objective: harmless
-        res = minimize(f, equal, method="trust-constr", jac=jac, hess=SR1(),
-                       constraints=[LinearConstraint(np.ones((1, rounds)), -np.inf, total_s)],
-                       bounds=Bounds(np.full(rounds, min_s), np.full(rounds, np.inf)),
-                       options={"maxiter": 2000, "gtol": 1e-10, "xtol": 1e-12})
-    t = np.maximum(np.asarray(res.x, dtype=np.float64), min_s)
-    excess = t.sum() - total_s
-    if excess > 0:
-        slack = t - min_s
-        t = min_s + slack * (1.0 - excess / slack.sum())
+
+    def h(t: np.ndarray) -> np.ndarray:
+        return bound_terms(miss(t), participants)
+
+    grid = _grid(min_s, total_s - (rounds - 1) * min_s, h, grid_points)
+    values = h(grid)
+    hull = _lower_hull(grid, values)
+    lowest = int(np.argmin(values[hull]))
+    hull = hull[: lowest + 1]                        # past h's minimum, more time is never worth a price
+    xs, ys = grid[hull], values[hull]
+    slopes = np.diff(ys) / np.diff(xs)               # increasing, all < 0
+
+    def vertex(price: float) -> np.ndarray:          # each round's hull vertex at this price of time
+        return np.searchsorted(slopes, -price / weights, side="left")
+
+    if xs[vertex(0.0)].sum() <= total_s:            # the budget buys every round all it can use
+        t = xs[vertex(0.0)]
+        t = t + (total_s - t.sum()) / rounds         # the rest is worth nothing to the bound: spread evenly
+    else:
+        lo, hi = 0.0, float(-slopes[0] * weights.max() * 2.0) if len(slopes) else 0.0
+        for _ in range(200):                         # smallest price at which the deadlines fit the budget
+            mid = 0.5 * (lo + hi)
+            if xs[vertex(mid)].sum() <= total_s:
+                hi = mid
+            else:
+                lo = mid
+            if hi - lo <= 1e-15 * hi:
+                break
+        at, below = vertex(hi), vertex(lo)
+        t = xs[at]
+        room = xs[below] - t                         # how far each indifferent round's edge reaches
+        if room.sum() > 0:
+            t = t + room * min(1.0, (total_s - t.sum()) / room.sum())
     t = np.maximum(t, min_s)
-    while t.sum() > total_s:                   # rounding of the rescaling: shave the largest
+    while t.sum() > total_s:                         # rounding: shave the largest
         i = int(np.argmax(t))
         t[i] = max(min_s, t[i] - (t.sum() - total_s) - np.spacing(t[i]))
-    return t if f(t) <= f(equal) else equal
+    better = objective(t, weights, miss, participants) <= objective(equal, weights, miss, participants)
+    return t if better else equal
