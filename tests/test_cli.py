@@ -86,3 +86,26 @@ def test_same_seed_same_trace_other_seed_differs(tmp_path):
 def test_shipped_scenarios_validate():
     for path in sorted((REPO / "scenarios").rglob("*.toml")):
         assert main(["validate", str(path)]) == 0, path
+
+
+def test_validate_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`fedsim validate s.toml | head -1`: the reader leaves; no error message, the shell's SIGPIPE status."""
+    path = tmp_path / "s.toml"
+    path.write_text(BASE_TOML)
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "validate", str(path), "--set",
+                             'training.lr_schedule={ kind = "step", every = 2, factor = 0.5 }'],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()                 # before the command prints anything (its imports take a second)
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == "", err
+
+
+def test_validate_names_the_budget_and_the_learning_rate_schedule(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(BASE_TOML)
+    res = subprocess.run([sys.executable, "-m", "fedsim.cli", "validate", str(path), "--set", "run.time_budget_s=2",
+                          "--set", 'training.lr_schedule={ kind = "step", every = 2, factor = 0.5 }'],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "3 rounds, time budget 2 s" in res.stdout
+    assert "training  batch 8, 1 local step, lr 0.1, step (every 2, factor 0.5)" in res.stdout

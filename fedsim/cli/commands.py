@@ -25,7 +25,12 @@ def cmd_validate(args) -> int:
     comp = build_components(scn)      # every check a run makes before it writes: data, model, fleet files
     fleet = scn.fleet
     print(f"{scn.source}: ok")
-    print(f"  run       {scn.run.name}: {scn.run.rounds} rounds, seed {scn.run.seed}, eval every {scn.run.eval_every}")
+    budget = "" if scn.run.time_budget_s is None else f", time budget {scn.run.time_budget_s:g} s"
+    print(f"  run       {scn.run.name}: {scn.run.rounds} rounds{budget}, seed {scn.run.seed}, "
+          f"eval every {scn.run.eval_every}")
+    t = scn.training
+    rate = f"lr {t.lr:g}" + ("" if t.lr_schedule is None else f", {t.lr_schedule.describe()}")
+    print(f"  training  batch {t.batch_size}, {t.local_steps} local step{'s' * (t.local_steps != 1)}, {rate}")
     print(f"  model     {scn.model.name} ({scn.model.granularity} layers, {scn.model.dtype})")
     print(f"  data      {scn.data.name}, {scn.data.partition}, {scn.data.samples_per_device} samples/device")
     print(f"  fleet     {fleet.n_devices} devices in {len(fleet.classes)} classes, participants "

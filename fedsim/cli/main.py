@@ -4,6 +4,7 @@ code, no traceback)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ __all__ = ["main", "EXIT_RUN_FAILED", "EXIT_BAD_INPUT", "EXIT_ENVIRONMENT", "EXI
 EXIT_RUN_FAILED = 1       # a sweep in which some runs failed
 EXIT_BAD_INPUT = 2        # bad input, or a run that cannot go on (FedsimError)
 EXIT_ENVIRONMENT = 3      # the operating system refused: permissions, a full disk, a name it rejects
+EXIT_BROKEN_PIPE = 141    # 128 + SIGPIPE, as a shell reports a tool a pipe stopped
 EXIT_INTERRUPTED = 130
 
 
@@ -100,10 +102,16 @@ def _guarded(command, own_exit: bool = False) -> int:
     """Run `command`, turning every expected failure into one line on stderr and an exit code.
     `own_exit`: the command may end with sys.exit (an argument parser's --help or usage error)."""
     try:
-        return command()
+        code = command()
+        sys.stdout.flush()       # a closed pipe shows here, not in the interpreter's last flush
+        return code
     except FedsimError as exc:
         _say(f"fedsim: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # the reader of stdout left (`fedsim validate s.toml | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         _say(f"fedsim: error: {printable(_os_error(exc))}", file=sys.stderr)
         return EXIT_ENVIRONMENT
