@@ -115,6 +115,16 @@ def test_a_round_ending_exactly_at_the_budget_counts(tmp_path):
     assert table(out, "rounds")["end_s"] == [82.5]
 
 
+def test_a_budget_holds_deadlines_that_add_up_to_it_up_to_rounding(tmp_path):
+    """0.1 + 0.1 + 0.1 = 0.30000000000000004 in floating point: a budget of 0.3 s holds those three rounds."""
+    assert 0.1 + 0.1 + 0.1 > 0.3
+    out = run(tmp_path, "run.rounds=10", "policy.deadline_s=0.1", "run.time_budget_s=0.3", text=TEXT)
+    rows = table(out, "rounds")
+    assert rows["end_s"] == [0.1, 0.2, 0.1 + 0.1 + 0.1] and rows["ended_by"][-1] == "time_budget_s"
+    out = run(tmp_path / "b", "run.rounds=10", "policy.deadline_s=0.1", "run.time_budget_s=0.2999", text=TEXT)
+    assert table(out, "rounds")["end_s"] == [0.1, 0.2]
+
+
 def test_rounds_limit_is_named_when_it_comes_first(tmp_path):
     out = run(tmp_path, "run.rounds=2", "run.time_budget_s=1000", text=TEXT)
     assert table(out, "rounds")["ended_by"] == [None, "rounds"]

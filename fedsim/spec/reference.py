@@ -36,7 +36,7 @@ ENTRIES: tuple[Entry, ...] = (
     _e("run.rounds", "int >= 1", "synchronous rounds (asynchronous policies: an upper bound on server updates)"),
     _e("run.eval_every", "int, 1", "evaluate on the test set every N rounds (and after the last)"),
     _e("run.time_budget_s", 'float > 0, none',
-       "simulated seconds: a synchronous run ends with the last round that ends at or before it (the first round that would end after it is simulated, then forgotten: none of its events, rows or update are kept; the last round kept is evaluated if it was not); an asynchronous run stops at it (or at `policy.duration_s`, if sooner). The last `rounds.parquet` row's `ended_by` names the limit that ended the run. Round ends are sums of float durations: 30 rounds of 0.1 s end at 3.0000000000000013 s, after a budget of 3"),
+       "simulated seconds: a synchronous run ends with the last round that ends at or before it (the first round that would end after it is simulated, then forgotten: none of its events, rows or update are kept; the last round kept is evaluated if it was not); an asynchronous run stops at it (or at `policy.duration_s`, if sooner). The last `rounds.parquet` row's `ended_by` names the limit that ended the run. Round ends are sums of float durations (30 rounds of 0.1 s end at 3.0000000000000013 s), so a round ending within 1e-9 of the budget, relatively, counts as ending at it"),
     _e("model.name", "`mlp`, `cnn`, a registered name, or `\"package.module:function\"`",
        "`mlp`: the paper's 784-32-16-10 ReLU MLP; `cnn`: conv5x5(6)-pool-conv5x5(6)-pool-fc50-fc10; otherwise a "
        "factory called as `function(input_shape, num_classes)`, named by import path or by the name an installed "
