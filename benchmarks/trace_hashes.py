@@ -5,6 +5,7 @@ the same trace (the three tables' contents) and the same model, byte for byte.
 
     python -m benchmarks.trace_hashes --write hashes.json      # record
     python -m benchmarks.trace_hashes --check hashes.json      # compare (exit 1 on any difference)
+    python -m benchmarks.trace_hashes --write hashes.json --only NAME   # (re)record the scenarios NAME matches
 
 Each run is short (`--rounds`, default 3; asynchronous policies: `--async-s` simulated seconds). The MNIST
 scenarios read `--mnist` (default ../shared/datasets/mnist) and phones.toml reads `--traces`; a scenario
@@ -127,7 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                 differences.append(key)
                 print(f"DIFFERS: {key}: expected {expected.get(key)}, got {results[key]}")
     if args.write is not None:
-        args.write.write_text(json.dumps({"rounds": args.rounds, "async_s": args.async_s, "runs": results},
+        runs = dict(results)
+        if args.only and args.write.is_file():     # record some scenarios: keep the others' hashes
+            runs = {**json.loads(args.write.read_text())["runs"], **results}
+        args.write.write_text(json.dumps({"rounds": args.rounds, "async_s": args.async_s, "runs": runs},
                                          indent=2, sort_keys=True) + "\n")
     print(json.dumps({"runs": len(results), "skipped": len(skipped), "differences": differences}))
     return 1 if differences else 0
