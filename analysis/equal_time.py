@@ -23,7 +23,7 @@ import numpy as np
 
 from .common import Section, Table, finish, pm, script_main
 from .figures import caption, label_line_ends, plt, save_figure
-from .runs import AnalysisError, mean_std, reach
+from .runs import AnalysisError, accuracy_at, mean_std, reach
 
 __all__ = ["main", "best_groups", "summarise"]
 
@@ -90,12 +90,6 @@ def name(group) -> str:
     return group.runs[0].policy_name + (f" {label}" if label != "-" else "") + (f" ({other})" if other else "")
 
 
-def accuracy_at(run, budget_s: float) -> float:
-    r = run.rounds
-    ok = ~np.isnan(r["test_accuracy"]) & (r["end_s"] <= budget_s * (1 + 1e-9))     # fedsim's budget tolerance
-    return float(r["test_accuracy"][ok][-1]) if ok.any() else math.nan
-
-
 def _score(group, budget_s: float) -> float:
     return mean_std([accuracy_at(r, budget_s) for r in group.runs])[0]
 
@@ -125,15 +119,17 @@ def summarise(study, budget_s: float, target: float) -> tuple[Table, Table]:
         runs = g.runs
         hits = [h for h in (reach(r, target) for r in runs) if h is not None]
         return [runs[0].policy_name, deadline_label(g), _other(g), g.n,
-                pm(*mean_std([len(r.rounds["round"]) for r in runs])[:2], digits=1), _ms([accuracy_at(r, budget_s) for r in runs]),
+                pm(*mean_std([len(r.rounds["round"]) for r in runs])[:2], digits=1),
+                _ms([accuracy_at(r, budget_s) for r in runs]),
                 (_ms([h[0] for h in hits]) if hits else "never") +
                 ("" if len(hits) in (0, g.n) else f" ({len(hits)}/{g.n} reached)"),
                 _ms([float(np.sum(r.rounds["energy_j"])) for r in runs])]
 
     note = ("std n/a: one seed. Time to the target: over the seeds that reached it. Rows: highest mean accuracy "
             "at the budget first.")
-    best = Table("equal_time", f"Each policy at its best deadline (a constant, or ADEL-FL over its best R), at {budget_s:g} simulated seconds "
-                 "(mean ± sample std, ddof=1, over seeds)", columns, [row(g) for g in headline], note)
+    best = Table("equal_time", f"Each policy at its best deadline (a constant, or ADEL-FL over its best R), at "
+                 f"{budget_s:g} simulated seconds (mean ± sample std, ddof=1, over seeds)", columns,
+                 [row(g) for g in headline], note)
     every = sorted(study.groups, key=lambda g: (_family(g), mean_deadline_s(g) or math.inf))
     return best, Table("equal_time_all", "Every configuration", columns, [row(g) for g in every], note)
 

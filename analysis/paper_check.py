@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from .common import Section, Table, finish, pm, script_main
 from .figures import caption, label_line_ends, plt, save_figure
-from .runs import AnalysisError, final_accuracy, mean_std, reach
+from .runs import AnalysisError, accuracy_at, final_accuracy, mean_std, reach
 
 __all__ = ["main", "summarise"]
 
@@ -41,12 +41,6 @@ def add_arguments(parser) -> None:
 def _straggler_fraction(run) -> float:
     status = pq.read_table(run.path / "devices.parquet", columns=["status"]).column("status").to_pylist()
     return float(np.mean([s != "complete" for s in status])) if status else math.nan
-
-
-def _accuracy_at(run, budget_s: float) -> float:
-    r = run.rounds
-    ok = ~np.isnan(r["test_accuracy"]) & (r["end_s"] <= budget_s + 1e-9)
-    return float(r["test_accuracy"][ok][-1]) if ok.any() else math.nan
 
 
 def _ms(values) -> str:
@@ -73,7 +67,7 @@ def summarise(study, budget_s: float, target: float) -> Table:
         deadline = runs[0].deadline_s
         rows.append([runs[0].policy_name, FREE if deadline is None else f"{deadline:g}", _other(g), g.n,
                      _ms([_straggler_fraction(r) for r in runs]), _ms([final_accuracy(r) for r in runs]),
-                     _ms([_accuracy_at(r, budget_s) for r in runs]),
+                     _ms([accuracy_at(r, budget_s) for r in runs]),
                      _ms([float(r.rounds["end_s"][-1]) for r in runs]),
                      _ms([h[0] for h in hits]) + ("" if len(hits) == g.n else f" ({len(hits)}/{g.n} reached)"),
                      _ms([h[1] for h in hits])])

@@ -284,3 +284,11 @@ def reach(run: Run, target: float) -> tuple[float, float] | None:
         return None
     r = int(hits[0])
     return float(run.rounds["end_s"][r]), float(np.sum(run.rounds["energy_j"][: r + 1]))
+
+
+def accuracy_at(run: Run, budget_s: float) -> float:
+    """The test accuracy the server holds at simulated time `budget_s`: its last evaluation at or before it
+    (within fedsim's 1e-9 relative tolerance of run.time_budget_s); NaN before the first."""
+    r = run.rounds
+    ok = ~np.isnan(r["test_accuracy"]) & (r["end_s"] <= budget_s * (1 + 1e-9))
+    return float(r["test_accuracy"][ok][-1]) if ok.any() else math.nan
