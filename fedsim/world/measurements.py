@@ -36,6 +36,7 @@ from torch import nn
 
 from fedsim.spec.distributions import Dist, DistKind
 from fedsim.errors import DataError, FedsimError
+from fedsim.learn.models import materialise
 from fedsim.learn.profile import Granularity, build_profile
 
 __all__ = [
@@ -220,6 +221,8 @@ class MnnLeNet(nn.Module):
     """The benchmark's LeNet (see the module docstring). Parameter-free steps that FlopCounterMode counts
     as zero are left out: dropout (it would also draw from torch's global RNG) and the final softmax."""
 
+    flops_in_submodules = True      # forward calls only its layers and parameter-free functions (learn.profile)
+
     def __init__(self, train_conv2: bool = False):
         super().__init__()
         # Built on the meta device then zero-filled: weights do not matter for FLOPs, the global RNG does.
@@ -227,7 +230,7 @@ class MnnLeNet(nn.Module):
         self.conv2 = nn.Conv2d(20, 50, 5, device="meta")
         self.ip1 = nn.Linear(800, 400, device="meta")
         self.ip2 = nn.Linear(400, 10, device="meta")
-        self.to_empty(device="cpu")
+        materialise(self)
         with torch.no_grad():
             for p in self.parameters():
                 p.zero_()
