@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from fedsim.errors import DataError, FedsimError
+from fedsim.world.lenet import MnnLeNet, train_flops_per_sample
 from fedsim.world.measurements import (
-    REFERENCE_PHONES, BandwidthShape, MnnLeNet, effective_speed_flops, find_time_tables, flash_bandwidth_bps,
+    REFERENCE_PHONES, BandwidthShape, effective_speed_flops, find_time_tables, flash_bandwidth_bps,
     load_ai_benchmark, load_flash_bandwidth, load_time_table, lognormal_from_moments, measured_speed_flops,
-    phone_speeds_flops, sample_bandwidth_bps, sample_phone_speeds_flops, train_flops_per_sample,
+    phone_speeds_flops, sample_bandwidth_bps, sample_phone_speeds_flops,
 )
 from fedsim.learn.profile import Granularity, build_profile
 from fedsim.world.timing import plan_round

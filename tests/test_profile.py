@@ -233,7 +233,7 @@ def _frozen(net: nn.Module, *names: str, bias_only: str | None = None) -> nn.Mod
 
 
 def _lenet(train_conv2: bool) -> nn.Module:
-    from fedsim.world.measurements import MnnLeNet
+    from fedsim.world.lenet import MnnLeNet
 
     return MnnLeNet(train_conv2)
 
@@ -303,7 +303,7 @@ def test_profiling_the_built_in_models_imports_no_dynamo_or_sympy():
     code = ("import sys, torch\n"
             "from fedsim.learn.models import build_model\n"
             "from fedsim.learn.profile import Granularity, build_profile\n"
-            "from fedsim.world.measurements import MnnLeNet, train_flops_per_sample\n"
+            "from fedsim.world.lenet import MnnLeNet, train_flops_per_sample\n"
             "for name in ('mlp', 'cnn'):\n"
             "    m = build_model(name, (1, 28, 28), 10, generator=torch.Generator().manual_seed(0))\n"
             "    build_profile(m, (1, 28, 28), Granularity.TENSOR)\n"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from fedsim.learn.aggregate import layer_update, miss_probabilities, unbiased_scales
-from fedsim.learn.grads import GradientEngine
 from fedsim.policies.base import Aggregation
 from fedsim.policies.fedavg import fedavg
 from fedsim.policies.sync import RoundInputs, RoundUpdate
+
+if TYPE_CHECKING:
+    from fedsim.learn.grads import GradientEngine
 
 __all__ = ["layerwise_fedsgd", "full_model_update"]
 
@@ -18,6 +21,8 @@ def layerwise_fedsgd(inputs: RoundInputs, grads: GradientEngine, counted_depths:
     """Each device contributes its gradient to the last `counted_depths[i]` layers; aggregate per layer.
 
     `depth_counts` (for `Aggregation.UNBIASED`): the histogram of depths over every device-round so far."""
+    from fedsim.learn.aggregate import layer_update, miss_probabilities, unbiased_scales    # torch: at use
+
     sums = grads.layer_sums(inputs.batches, counted_depths)
     contributors = sums.counts
     if aggregation is Aggregation.ALL:

@@ -10,17 +10,19 @@ that a device misses layer l, is estimated online from every device-round so far
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from fedsim.learn.grads import GradientEngine
 from fedsim.policies.base import Aggregation, JSONValue, PolicyState
 from fedsim.policies.deadline import FixedDeadline
 from fedsim.policies.layerwise import layerwise_fedsgd
 from fedsim.policies.sync import RoundInputs, RoundUpdate, RunContext
 from fedsim.spec.fields import Fields
 from fedsim.spec.scenario import TrainingSpec
+
+if TYPE_CHECKING:
+    from fedsim.learn.grads import GradientEngine
 
 __all__ = ["DepthHistogram", "Salf"]
 

@@ -1,17 +1,15 @@
-"""A transfer between the server and a device through a `Network`, as SimPy callbacks or as a generator."""
+"""A transfer between the server and a device through a `fedsim.world.network.Network` (which imports this
+module, so it is not imported here), as SimPy callbacks or as a generator."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import simpy
 
 from fedsim.errors import FedsimError
 from fedsim.spec.network import Direction
-
-if TYPE_CHECKING:
-    from fedsim.world.network import Network
 
 __all__ = ["Transfer", "TransferResult", "transfer"]
 
@@ -38,7 +36,7 @@ class Transfer:
     __slots__ = ("network", "device", "direction", "nbytes", "until_at", "then", "start_at", "_flow", "_waiting",
                  "_waiting_callback")
 
-    def __init__(self, network: "Network", device: int, direction: Direction, nbytes: float,
+    def __init__(self, network, device: int, direction: Direction, nbytes: float,
                  until_at: float | None, then: Callable[[TransferResult], None]):
         if not nbytes >= 0:
             raise FedsimError(f"transfer: nbytes must be >= 0, got {nbytes!r}")
@@ -99,7 +97,7 @@ def _ignore(_result) -> None:
     pass
 
 
-def transfer(env: simpy.Environment, network: Network, device: int, direction: Direction, nbytes: float, *,
+def transfer(env: simpy.Environment, network, device: int, direction: Direction, nbytes: float, *,
              until_at: float | None = None):
     """`Transfer` as a SimPy generator for a process: returns its TransferResult.
 
