@@ -12,25 +12,36 @@ __all__ = ["cmd_policies", "cmd_run", "cmd_sweep", "cmd_validate"]
 
 
 def cmd_validate(args) -> int:
-    from fedsim.sim.build import build_components
-    from fedsim.sim.preview import preview
     from fedsim.spec.scenario import load_scenario
 
     scn = load_scenario(args.scenario, args.overrides)
-    comp = build_components(scn)      # every check a run makes before it writes: data, model, fleet files
+    if args.no_model:       # the fleet and its measurement files only: no data, no model, no torch
+        from fedsim.world.fleet import scenario_fleet
+
+        scenario_fleet(scn)
+        comp = None
+    else:
+        from fedsim.sim.build import build_components
+
+        comp = build_components(scn)      # every check a run makes before it writes: data, model, fleet files
     fleet = scn.fleet
     print(f"{scn.source}: ok")
     print(f"  run       {scn.run.name}: {scn.run.rounds} rounds, seed {scn.run.seed}, eval every {scn.run.eval_every}")
-    print(f"  model     {scn.model.name} ({scn.model.granularity} layers, {scn.model.dtype})")
-    print(f"  data      {scn.data.name}, {scn.data.partition}, {scn.data.samples_per_device} samples/device")
+    print(f"  model     {scn.model.name} ({scn.model.granularity} layers, {scn.model.dtype})"
+          + (": not built (--no-model)" if comp is None else ""))
+    print(f"  data      {scn.data.name}, {scn.data.partition}, {scn.data.samples_per_device} samples/device"
+          + (": not loaded (--no-model)" if comp is None else ""))
     print(f"  fleet     {fleet.n_devices} devices in {len(fleet.classes)} classes, participants "
           f"{'all' if fleet.participants is None else fleet.participants}")
     deadline = getattr(scn.policy, "deadline_s", None)    # a number, or a schedule (printed as such)
     print(f"  policy    {scn.policy.describe()}, "
           f"{'no fixed deadline' if deadline is None else f'deadline {deadline} s'}, upload {scn.network.upload_mode.value}")
-    planned = preview(scn, comp)
-    for line in [] if planned is None else planned.lines():
-        print(line)
+    if comp is not None:
+        from fedsim.sim.preview import preview
+
+        planned = preview(scn, comp)
+        for line in [] if planned is None else planned.lines():
+            print(line)
     for notice in scn.notices:
         print(f"  notice    {notice}")
     return 0

@@ -42,7 +42,7 @@ if TYPE_CHECKING:       # the reference model (torch) is imported only when a sp
 
 __all__ = [
     "load_time_table", "find_time_tables", "PhoneScore", "AiBenchmark", "load_ai_benchmark", "FlashBandwidth",
-    "load_flash_bandwidth", "MNIST_SHAPE", "effective_speed_flops",
+    "load_flash_bandwidth", "MNIST_SHAPE", "LENET_TRAIN_FLOPS_PER_SAMPLE", "effective_speed_flops",
     "measured_speed_flops", "REFERENCE_PHONES", "phone_speeds_flops", "sample_phone_speeds_flops",
     "BandwidthShape", "lognormal_from_moments", "sample_bandwidth_bps", "flash_bandwidth_bps",
 ]
@@ -227,15 +227,23 @@ def effective_speed_flops(ref_train_ms: float, ref_flops_per_batch: float) -> fl
     return ref_flops_per_batch / (ref_train_ms / 1000.0)
 
 
+# `train_flops_per_sample(MnnLeNet(), MNIST_SHAPE)` (fedsim.world.lenet; tests/test_measurements.py counts it
+# again): kept as a number so that calibrating a fleet imports no torch.
+LENET_TRAIN_FLOPS_PER_SAMPLE = 9_496_000.0
+
+
 def measured_speed_flops(time_table: str | Path, batch_size: int = 16, model: nn.Module | None = None,
                          input_shape: tuple[int, ...] = MNIST_SHAPE) -> float:
     """Effective speed of the phone behind `time_table` (default reference: `MnnLeNet` on MNIST)."""
     table = load_time_table(time_table)
     if batch_size not in table:
         raise DataError(f"{time_table}: no row for batchsize {batch_size} (rows: {sorted(table)})")
-    from fedsim.world.lenet import MnnLeNet, train_flops_per_sample
+    if model is None and tuple(input_shape) == MNIST_SHAPE:
+        per_sample = LENET_TRAIN_FLOPS_PER_SAMPLE
+    else:
+        from fedsim.world.lenet import MnnLeNet, train_flops_per_sample
 
-    per_sample = train_flops_per_sample(MnnLeNet() if model is None else model, input_shape)
+        per_sample = train_flops_per_sample(MnnLeNet() if model is None else model, input_shape)
     return effective_speed_flops(table[batch_size], per_sample * batch_size)
 
 
