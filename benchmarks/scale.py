@@ -1,6 +1,6 @@
 """Large fleets, big rounds and crowded links.
 
-    python -m benchmarks.scale [--quick] [--rounds R] [--no-million]
+    python -m benchmarks.scale [--quick] [--rounds R] [--no-million] [--links-only]
 
 1. Fleets of N devices with K participants per round: the paper MLP on synthetic data (10 samples per
    device, one test sample, one torch thread), SALF with a 0.1 s deadline, the real `Server`, trace and gradients. Each size
@@ -237,6 +237,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small fleets, 2 rounds, 200 flows")
     ap.add_argument("--rounds", type=int, default=None, help="rounds timed per fleet (default 10; --quick 2)")
     ap.add_argument("--no-million", action="store_true", help="leave out the N = 1,000,000 fleet")
+    ap.add_argument("--links-only", action="store_true", help="only the crowded link (no fleets)")
     ap.add_argument("--child", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 10)
@@ -244,6 +245,7 @@ def main(argv=None) -> dict:
         fleet_child(*args.child, rounds)
         return {}
     sizes = QUICK_SIZES if args.quick else tuple(s for s in SIZES if not (args.no_million and s[0] == 1_000_000))
+    sizes = () if args.links_only else sizes
     print(f"benchmarks.scale: paper MLP on synthetic data, SALF, {rounds} rounds timed per fleet")
     runs = [fleet(n, k, rounds) for n, k in sizes]
     print_table("fleets (each in its own process)",
@@ -265,14 +267,14 @@ def main(argv=None) -> dict:
     def pick(n: int, k: int, key: str):
         return next((round(r[key], 3) for r in runs if (r["devices"], r["participants"]) == (n, k)), None)
 
-    k1000 = next(r for r in runs if r["participants"] == 1_000)
+    k1000 = next((r for r in runs if r["participants"] == 1_000), None)
     result = {"benchmark": "scale", "quick": args.quick, "rounds": rounds,
               "fleets": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in runs],
               "build_s_1m": pick(1_000_000, 100, "build_s"), "rss_mb_1m": pick(1_000_000, 100, "rss_mb"),
               "ms_per_round_1m": pick(1_000_000, 100, "ms_per_round"),
               "ms_per_round_1k": pick(1_000, 100, "ms_per_round"),
-              "ms_per_round_k1000": round(k1000["ms_per_round"], 3),
-              "simpy_ms_per_round_k1000": round(k1000["simpy_ms_per_round"], 3),
+              "ms_per_round_k1000": None if k1000 is None else round(k1000["ms_per_round"], 3),
+              "simpy_ms_per_round_k1000": None if k1000 is None else round(k1000["simpy_ms_per_round"], 3),
               "shared_link_flows": n_flows, "shared_link_1000_s": round(wall, 4) if n_flows == 1_000 else None,
               "shared_link_s": round(wall, 4), "shared_link_end_s": end_s,
               "simgrid_shared_link_s": None if simgrid is None else round(simgrid["wall_s"], 4),

@@ -18,8 +18,8 @@ __all__ = ["Bundle"]
 class Bundle:
     """Columns of the active flows of one route (`route`: resource numbers, one direction), by flow id.
 
-    Per flow: `ids`, `flows` (the flow objects), `device`, `has_private` (it also crosses its device's private
-    link), `remaining_bits`, `done_bits` (at or below this it has ended: a rounding of simultaneous ends),
+    Per flow: `ids`, `flows` (the flow objects), `device`, `has_private` (1 if it also crosses its device's
+    private link), `remaining_bits`, `done_bits` (at or below this it has ended: a rounding of simultaneous ends),
     `rate_bps`, `finish_at`, `version` and `armed`. Columns have spare room at the end; the live part is
     `[:n]`.
 
@@ -30,12 +30,13 @@ class Bundle:
     """
 
     __slots__ = ("key", "route", "direction", "n", "flows", "shared_private", "n_private", "updated_at", "epoch",
-                 "ids", "device", "has_private", "remaining_bits", "done_bits", "rate_bps", "finish_at", "version",
-                 "armed")
+                 "_floats", "_ints", "ids", "device", "has_private", "remaining_bits", "done_bits", "rate_bps",
+                 "finish_at", "version", "armed")
 
-    _COLUMNS = (("ids", np.int64), ("device", np.int64), ("has_private", np.bool_), ("remaining_bits", np.float64),
-                ("done_bits", np.float64), ("rate_bps", np.float64), ("finish_at", np.float64),
-                ("version", np.int64), ("armed", np.int64))
+    # Columns are rows of two 2-D arrays (one float64, one int64), so that appending, growing or removing a
+    # flow is a couple of array operations whatever the number of columns.
+    _FLOATS = ("remaining_bits", "done_bits", "rate_bps", "finish_at")
+    _INTS = ("ids", "device", "has_private", "version", "armed")
 
     def __init__(self, key: tuple[int, ...], route: tuple[int, ...], direction: int, now: float):
         self.key, self.route, self.direction = key, route, direction
@@ -45,26 +46,27 @@ class Bundle:
         self.n_private = 0          # flows that cross a private link
         self.updated_at = now
         self.epoch = 0
-        for name, dtype in self._COLUMNS:
-            setattr(self, name, np.empty(4, dtype=dtype))
+        self._columns(np.empty((len(self._FLOATS), 4)), np.empty((len(self._INTS), 4), dtype=np.int64))
+
+    def _columns(self, floats: np.ndarray, ints: np.ndarray) -> None:
+        self._floats, self._ints = floats, ints
+        for k, name in enumerate(self._FLOATS):
+            setattr(self, name, floats[k])
+        for k, name in enumerate(self._INTS):
+            setattr(self, name, ints[k])
 
     def add(self, flow, device: int, has_private: bool, bits: float, done_bits: float) -> None:
         """Append a flow (its id is above every id already here), at rate 0."""
-        if self.n == self.ids.shape[0]:
-            for name, _dtype in self._COLUMNS:
-                column = getattr(self, name)
-                grown = np.empty(2 * column.shape[0], dtype=column.dtype)
-                grown[:self.n] = column[:self.n]
-                setattr(self, name, grown)
         i = self.n
-        self.ids[i], self.device[i], self.has_private[i] = flow.id, device, has_private
-        self.remaining_bits[i], self.done_bits[i] = bits, done_bits
-        self.rate_bps[i] = 0.0
-        self.finish_at[i] = math.inf
-        self.version[i], self.armed[i] = 0, -1
+        if i == self._floats.shape[1]:
+            floats, ints = np.empty((len(self._FLOATS), 2 * i)), np.empty((len(self._INTS), 2 * i), dtype=np.int64)
+            floats[:, :i], ints[:, :i] = self._floats, self._ints
+            self._columns(floats, ints)
+        self._floats[:, i] = (bits, done_bits, 0.0, math.inf)
+        self._ints[:, i] = (flow.id, device, has_private, 0, -1)
         self.flows.append(flow)
         self.n_private += has_private
-        self.n += 1
+        self.n = i + 1
 
     def flow_version(self, i: int) -> int:
         return int(self.version[i]) + self.epoch
@@ -77,8 +79,7 @@ class Bundle:
         """Drop the flow at position i; the later ones move up one place (id order is kept)."""
         n = self.n
         self.n_private -= bool(self.has_private[i])
-        for name, _dtype in self._COLUMNS:
-            column = getattr(self, name)
-            column[i:n - 1] = column[i + 1:n]
+        self._floats[:, i:n - 1] = self._floats[:, i + 1:n]
+        self._ints[:, i:n - 1] = self._ints[:, i + 1:n]
         del self.flows[i]
         self.n = n - 1

@@ -12,8 +12,7 @@ The reference is the LeNet of the benchmark that produced the time tables (Bench
 800->400, ReLU, dropout, linear 400->10, softmax, on 1x28x28 MNIST images. Its constructor registers
 `conv1, ip1, ip2, dropout` but not `conv2`, so MNN trains no conv2 weights: the measured step computes
 conv2's input gradient but not its weight gradient, and `fedsim.world.lenet.MnnLeNet` freezes conv2
-likewise by default.
-That model has 349,980 parameters (the traces README's "about 3.2K" matches no variant of that source) and
+likewise by default. That model has 349,980 parameters (the traces README's "about 3.2K" matches no variant of that source) and
 9.496 MFLOP per sample (4.424 forward, 5.072 backward).
 
 Spread across phone models: AI-Benchmark CPU_F scores relative to the reference phone (the time tables'
