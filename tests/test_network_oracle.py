@@ -49,9 +49,10 @@ def random_topology(rng: np.random.Generator):
                           rng=np.random.default_rng(int(rng.integers(1 << 30))))
 
 
-def run_script(net_class, topology, seed: int):
-    """Transfers (some two at once per device and direction, some with a deadline, some interrupted) and
-    capacity changes, all drawn from `seed`; returns every transfer's (index, result) and probed rates."""
+def run_script(net_class, topology, seed: int, one_per_device: bool = False):
+    """Transfers (some two at once per device and direction unless `one_per_device`, some with a deadline,
+    some interrupted) and capacity changes, all drawn from `seed`; returns every transfer's (index, result)
+    and probed rates."""
     rng = np.random.default_rng(seed)
     env = simpy.Environment()
     net = net_class(env, topology)
@@ -68,9 +69,10 @@ def run_script(net_class, topology, seed: int):
         result = yield job
         results.append((k, env.now, result))
 
-    for k in range(int(rng.integers(30, 200))):
-        device = int(rng.integers(n))
-        direction = Direction.DOWN if rng.random() < 0.6 else Direction.UP
+    devices = rng.permutation(n) if one_per_device else rng.integers(0, n, 200)
+    for k in range(min(int(rng.integers(30, 200)), len(devices))):
+        device = int(devices[k])
+        direction = Direction.DOWN if one_per_device or rng.random() < 0.6 else Direction.UP
         at = float(rng.choice([0.0, 0.5, rng.uniform(0, 4)]))
         until_at = at + float(rng.uniform(0.2, 5)) if rng.random() < 0.3 else None
         stop_at = float(rng.uniform(0, 3)) if rng.random() < 0.15 else None
@@ -101,11 +103,14 @@ def _transfer(env, net, device, direction, nbytes, until_at):
         return "interrupted"
 
 
+@pytest.mark.parametrize("one_per_device", [False, True])
 @pytest.mark.parametrize("seed", range(40))
-def test_network_equals_the_reference_on_random_topologies(seed):
+def test_network_equals_the_reference_on_random_topologies(seed, one_per_device):
+    """With two flows of one device in one direction, a group is re-shared by the general algorithm; with
+    one, by the one-route or the several-routes numpy passes."""
     topology = random_topology(np.random.default_rng(seed))
-    got = run_script(Network, topology, 1000 + seed)
-    want = run_script(ReferenceNetwork, topology, 1000 + seed)
+    got = run_script(Network, topology, 1000 + seed, one_per_device)
+    want = run_script(ReferenceNetwork, topology, 1000 + seed, one_per_device)
     assert len(got[0]) == len(want[0]) > 0
     assert got == want
 
@@ -149,3 +154,32 @@ def test_one_route_rates_equal_the_general_algorithm(seed):
     assert one_route_max_min_rates(private, route_bps.tolist(), route).tolist() == want
     if np.isinf(private).all():
         assert route_share(route_bps.tolist(), n) == want[0]
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_routes_rates_equal_the_general_algorithm(seed):
+    """Flows on 2-6 routes through a random tree of 1-6 route resources (shared prefixes towards the server),
+    random private capacities (some equal, 0 or absent) and route capacities (some equal, 0 or inf)."""
+    from fedsim.world.sharing import routes_max_min_rates
+
+    rng = np.random.default_rng(seed)
+    n_res = int(rng.integers(1, 7))
+    parent = [-1] + [int(rng.integers(0, i)) for i in range(1, n_res)]      # resource 0 is nearest the server
+    routes = []
+    for _ in range(int(rng.integers(2, 7))):
+        r, route = int(rng.integers(0, n_res)), []
+        while r >= 0:
+            route.append(2 * r + 1)
+            r = parent[r]
+        routes.append(tuple(route))
+    capacity = {2 * r + 1: float(c) for r, c in
+                enumerate(rng.choice([0.0, 1e6, 2e6, 3e6, 1e7, np.inf], n_res, p=[0.03, 0.3, 0.2, 0.2, 0.24, 0.03]))}
+    n = int(rng.integers(1, 80))
+    route_of = rng.integers(0, len(routes), n)
+    private = rng.choice([0.0, 1e4, 5e4, 2e5, 1e6, np.inf], n, p=[0.02, 0.2, 0.2, 0.2, 0.18, 0.2])
+    private = private * rng.choice([1.0, rng.uniform(0.5, 2)], n)
+    for i in range(n):
+        capacity[100 + i] = float(private[i])
+    paths = [((100 + i,) if np.isfinite(private[i]) else ()) + routes[route_of[i]] for i in range(n)]
+    want = max_min_rates(paths, capacity.__getitem__)
+    assert routes_max_min_rates(private, route_of, routes, capacity.__getitem__).tolist() == want

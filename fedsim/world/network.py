@@ -19,9 +19,11 @@ The model (a fluid model, exact between events):
 Cost: a change re-shares only the group of flows connected to it through shared resources (in a star
 network, the changed flow alone); simultaneous starts are batched into one recomputation, and a group
 keeps a single completion timer. The flows of one route are a `Bundle` of numpy columns, so re-sharing a
-group that is one route (an access point and its backhaul, with or without private radios) costs a few
-array operations, not a Python step per flow (`sharing.one_route_max_min_rates`); a group spanning several
-routes runs the general progressive filling over its flows. The same rates either way, bit for bit.
+group costs array operations, not a Python step per flow: one route (an access point and its backhaul, with
+or without private radios) in a few (`sharing.one_route_max_min_rates`), several routes sharing links in a
+few per link (`sharing.routes_max_min_rates`). Only a group in which one device has two flows in one
+direction runs the general progressive filling (`sharing.max_min_rates`). The same rates every way, bit for
+bit.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from fedsim.spec.network import (AccessKind, ClassNetSpec, Direction, Fading, Li
                                  Preset, RouteMetric, TopologySpec, WirelessSpec, read_network_spec)
 from fedsim.world.bundles import Bundle
 from fedsim.world.links import Topology, build_topology, path_gain, rayleigh_power_gain, shannon_rate_bps
-from fedsim.world.sharing import max_min_rates, one_route_max_min_rates, route_share
+from fedsim.world.sharing import max_min_rates, one_route_max_min_rates, route_share, routes_max_min_rates
 from fedsim.world.transfer import Transfer, TransferResult, transfer
 
 __all__ = [
@@ -282,21 +284,32 @@ class Network:
                 finish = np.where(rates > 0, now + b.remaining_bits[:n] / rates, math.inf)
             b.finish_at[:n][changed] = finish[changed]
 
+    def _private_bps(self, b: Bundle) -> np.ndarray:
+        return np.where(b.has_private[:b.n], self._access[b.direction, b.device[:b.n]], math.inf)
+
     def _shares(self, group: list[Bundle]) -> list[np.ndarray | float]:
         """Each bundle's max-min rates, in its order (a float: the same for all its flows)."""
         if len(group) == 1 and group[0].shared_private == 0:
             b = group[0]
             route_bps = [self._capacity(r) for r in b.route]
-            if b.n_private == 0:
-                return [route_share(route_bps, b.n)]
-            private_bps = np.where(b.has_private[:b.n], self._access[b.direction, b.device[:b.n]], math.inf)
-            return [one_route_max_min_rates(private_bps, route_bps, b.route)]
+            share = route_share(route_bps, b.n) if b.route else math.inf
+            if b.n_private:
+                private_bps = self._private_bps(b)
+                if not private_bps.min() >= share:     # some private link binds: else all get the share
+                    return [one_route_max_min_rates(private_bps, route_bps, b.route)]
+            return [share]
+        sizes = np.cumsum([b.n for b in group])[:-1]
+        if not any(b.shared_private for b in group):
+            rates = routes_max_min_rates(np.concatenate([self._private_bps(b) for b in group]),
+                                         np.repeat(np.arange(len(group)), [b.n for b in group]),
+                                         [b.route for b in group], self._capacity)
+            return np.split(rates, sizes)
         ids = np.concatenate([b.ids[:b.n] for b in group])
         flows = [f for b in group for f in b.flows]
         order = np.argsort(ids, kind="stable")
         rates = np.empty(len(flows), dtype=np.float64)
         rates[order] = max_min_rates([flows[k].resources for k in order.tolist()], self._capacity)
-        return np.split(rates, np.cumsum([b.n for b in group])[:-1])
+        return np.split(rates, sizes)
 
     def _state(self, flow: _Flow) -> tuple[float, float, int]:
         """(rate, finish time, version) of an active flow."""

@@ -2,7 +2,9 @@
 
 `max_min_rates` is the general algorithm (any paths). `one_route_max_min_rates` gives the same rates, bit for
 bit, for the common case of many flows crossing the same route, each through at most a private resource of its
-own (one access point, its backhaul, the devices' radios), with numpy instead of a loop per flow.
+own (one access point, its backhaul, the devices' radios), with numpy instead of a loop per flow;
+`routes_max_min_rates` for flows on several routes (access points sharing a backhaul), in one numpy pass per
+route resource.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["max_min_rates", "one_route_max_min_rates", "route_share"]
+__all__ = ["max_min_rates", "one_route_max_min_rates", "route_share", "routes_max_min_rates"]
 
 
 def max_min_rates(paths: Sequence[Sequence[int]], capacity: Callable[[int], float]) -> list[float]:
@@ -95,3 +97,66 @@ def one_route_max_min_rates(private_bps: np.ndarray, route_bps: Sequence[float],
         best = min(range(len(route_ids)), key=lambda j: (at_k[j], route_ids[j]))
         rates[order[k:]] = at_k[best]
     return rates
+
+
+def routes_max_min_rates(private_bps: np.ndarray, route_of: np.ndarray, routes: Sequence[Sequence[int]],
+                         capacity: Callable[[int], float]) -> np.ndarray:
+    """`max_min_rates` of n flows, flow i crossing the resources `routes[route_of[i]]` and a private resource
+    of capacity `private_bps[i]` used by no other flow (inf: none), where private resource numbers are above
+    every route resource number. The same rates, bit for bit, in as many numpy passes as there are route
+    resources (the general algorithm takes a Python step per flow).
+
+    The general algorithm's steps come in two kinds. While the smallest private capacity left is below every
+    route resource's share (left / unfrozen flows; a tie goes to the route resource, whose number is
+    smaller), it freezes its flow at that capacity, taken off each of its route resources: never emptying
+    one (c < left / m <= left). These steps, in increasing capacity, are one pass: each resource's remainder
+    after k of them is a sequential `np.subtract.accumulate` (a flow that does not cross it subtracts 0.0,
+    which changes nothing). Then the route resource with the smallest share (ties: the smaller number)
+    freezes all its unfrozen flows at that share, taken m times off each other resource they cross, with the
+    general algorithm's clamp at 0 (once below 0, a remainder stays 0).
+    """
+    private_bps = np.asarray(private_bps, dtype=np.float64)
+    n = private_bps.shape[0]
+    shared = sorted({r for route in routes for r in route})
+    where = {r: j for j, r in enumerate(shared)}
+    crosses = np.zeros((len(shared), len(routes)), dtype=bool)
+    for k, route in enumerate(routes):
+        crosses[[where[r] for r in route], k] = True
+    member = crosses[:, np.asarray(route_of, dtype=np.int64)]          # (resources, flows)
+    left = np.array([capacity(r) for r in shared], dtype=np.float64)
+    count = member.sum(axis=1)
+    rates = np.full(n, math.inf)
+    frozen = np.zeros(n, dtype=bool)
+    by_capacity = np.argsort(private_bps, kind="stable")
+    while True:
+        todo = by_capacity[~frozen[by_capacity]]
+        if todo.size == 0:
+            return rates
+        caps, on = private_bps[todo], member[:, todo]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            taken = np.where(on, caps, 0.0)
+            lefts = np.subtract.accumulate(np.concatenate([left[:, None], taken[:, :-1]], axis=1), axis=1)
+            counts = count[:, None] - np.concatenate([np.zeros((len(shared), 1), dtype=np.int64),
+                                                      np.cumsum(on, axis=1)[:, :-1]], axis=1)
+            shares = np.where(counts > 0, lefts / counts, math.inf)
+        below = caps < shares.min(axis=0)
+        k = todo.size if below.all() else int(np.argmin(below))
+        rates[todo[:k]] = caps[:k]
+        frozen[todo[:k]] = True
+        if k == todo.size:
+            return rates
+        left = lefts[:, k].copy()
+        count = counts[:, k].copy()
+        busy = np.flatnonzero(count > 0)   # some unfrozen flow crosses them (in resource-number order)
+        shares_now = left[busy] / count[busy]
+        j = int(busy[np.argmin(shares_now)])   # the first of equal shares: the smaller resource number
+        share = float(left[j] / count[j])
+        newly = member[j] & ~frozen
+        rates[newly] = share
+        frozen |= newly
+        for i, m in enumerate((member[:, newly]).sum(axis=1).tolist()):
+            if m:
+                with np.errstate(invalid="ignore"):     # inf - inf: nan, as the general algorithm's max() keeps
+                    steps = np.subtract.accumulate(np.concatenate(([left[i]], np.full(m, share))))
+                left[i] = 0.0 if (steps < 0).any() else steps[-1]
+                count[i] -= m
