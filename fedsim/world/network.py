@@ -95,6 +95,9 @@ class Network:
         self._dirty: set[int] = set()
         self._pending = False
         self._next_id = 0
+        # each class's route in each direction, as resource numbers
+        self._class_of = topology.class_of
+        self._class_routes = [[tuple(2 * i + d for i in route) for route in topology.device_route] for d in (0, 1)]
 
     @property
     def n_active(self) -> int:
@@ -125,7 +128,7 @@ class Network:
         return float(self._access[r & 1, r >> 1])
 
     def _route(self, device: int, d: int) -> tuple[int, ...]:
-        return tuple(2 * i + d for i in self.topology.route_of(device))
+        return self._class_routes[d][self._class_of[device]]     # (a numpy int indexes the list)
 
     def _open(self, device: int, direction: Direction, bits: float, until_at: float | None) -> _Flow:
         d = direction.value

@@ -58,7 +58,7 @@ def max_min_rates(paths: Sequence[Sequence[int]], capacity: Callable[[int], floa
 def route_share(route_bps: Sequence[float], n_flows: int) -> float:
     """`max_min_rates` of `n_flows` flows that cross the same resources and nothing else: all get the
     narrowest share capacity / n_flows (the same number whichever resource gives it)."""
-    return min(c / n_flows for c in route_bps)
+    return min([c / n_flows for c in route_bps])
 
 
 def one_route_max_min_rates(private_bps: np.ndarray, route_bps: Sequence[float],
