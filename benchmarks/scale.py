@@ -1,6 +1,6 @@
 """Large fleets, big rounds and crowded links.
 
-    python -m benchmarks.scale [--quick] [--rounds R] [--no-million]
+    python -m benchmarks.scale [--quick] [--rounds R] [--no-million] [--links-only]
 
 1. Fleets of N devices with K participants per round: the paper MLP on synthetic data (10 samples per
    device, one test sample, one torch thread), SALF with a 0.1 s deadline, the real `Server`, trace and gradients. Each size
@@ -9,13 +9,14 @@
    events per round and its own peak RSS (`ru_maxrss`).
 2. The reference of a round: bare SimPy scheduling the same number of events as the round did, as K
    chains of timeouts whose callbacks schedule the next (how fedsim's device rounds work), nothing else.
-3. A crowded link: 1,000 flows of sizes 1, 2, ..., 1,000 kB start together on one access point's link
-   (8 Mbit/s, no private links), so they end one at a time and every end re-shares the others; the wall
+3. A crowded link: n = 1,000 and 3,000 flows of sizes 1, 2, ..., n kB start together on one access point's
+   link (8 Mbit/s, no private links), so they end one at a time and every end re-shares the others; the wall
    time of the whole run. With SimGrid's Python bindings on the system Python (Debian `python3-simgrid`),
    the same run in SimGrid (one link, `Comm.sendto_async`) is timed in the same run of the benchmark.
 
-The last line is one JSON object; `build_s_1m`, `rss_mb_1m`, `ms_per_round_k1000`, `simpy_ms_per_round_k1000`
-and `shared_link_1000_s` are the headline figures.
+The last line is one JSON object; `build_s_1m`, `rss_mb_1m`, `ms_per_round_k1000`, `simpy_ms_per_round_k1000`,
+`shared_link_1000_s` and `shared_link_3000_s` (with SimGrid's `simgrid_shared_link_s`, `simgrid_shared_link_3000_s`)
+are the headline figures.
 """
 
 from __future__ import annotations
@@ -236,6 +237,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small fleets, 2 rounds, 200 flows")
     ap.add_argument("--rounds", type=int, default=None, help="rounds timed per fleet (default 10; --quick 2)")
     ap.add_argument("--no-million", action="store_true", help="leave out the N = 1,000,000 fleet")
+    ap.add_argument("--links-only", action="store_true", help="only the crowded link (no fleets)")
     ap.add_argument("--child", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 10)
@@ -243,35 +245,42 @@ def main(argv=None) -> dict:
         fleet_child(*args.child, rounds)
         return {}
     sizes = QUICK_SIZES if args.quick else tuple(s for s in SIZES if not (args.no_million and s[0] == 1_000_000))
+    sizes = () if args.links_only else sizes
     print(f"benchmarks.scale: paper MLP on synthetic data, SALF, {rounds} rounds timed per fleet")
     runs = [fleet(n, k, rounds) for n, k in sizes]
     print_table("fleets (each in its own process)",
                 ["N", "K", "import s", "build s", "ms/round", "bare SimPy ms/round", "events/round", "peak RSS MB"],
                 [[r["devices"], r["participants"], r["import_s"], r["build_s"], r["ms_per_round"],
                   r["simpy_ms_per_round"], round(r["events_per_round"]), r["rss_mb"]] for r in runs])
-    n_flows = 200 if args.quick else 1_000
-    wall, end_s = shared_link_s(n_flows)
-    simgrid = simgrid_shared_link_s(n_flows)
-    link_rows = [["fedsim", wall, end_s]]
-    if simgrid is not None:
-        link_rows.append(["SimGrid (python3-simgrid)", simgrid["wall_s"], simgrid["end_s"]])
-    print_table(f"{n_flows} flows of 1..{n_flows} kB on one 8 Mbit/s access-point link",
-                ["simulator", "wall s", "simulated end s"], link_rows)
+    flow_counts = (200,) if args.quick else (1_000, 3_000)
+    links = {}
+    for n_flows in flow_counts:
+        wall, end_s = shared_link_s(n_flows)
+        links[n_flows] = {"wall_s": wall, "end_s": end_s, "simgrid": simgrid_shared_link_s(n_flows)}
+    print_table("n flows of 1..n kB on one 8 Mbit/s access-point link",
+                ["flows", "fedsim wall s", "SimGrid wall s (python3-simgrid)", "simulated end s", "SimGrid end s"],
+                [[n, v["wall_s"], "-" if v["simgrid"] is None else v["simgrid"]["wall_s"], v["end_s"],
+                  "-" if v["simgrid"] is None else v["simgrid"]["end_s"]] for n, v in links.items()])
+    n_flows = flow_counts[0]
+    wall, end_s, simgrid = links[n_flows]["wall_s"], links[n_flows]["end_s"], links[n_flows]["simgrid"]
 
     def pick(n: int, k: int, key: str):
         return next((round(r[key], 3) for r in runs if (r["devices"], r["participants"]) == (n, k)), None)
 
-    k1000 = next(r for r in runs if r["participants"] == 1_000)
+    k1000 = next((r for r in runs if r["participants"] == 1_000), None)
     result = {"benchmark": "scale", "quick": args.quick, "rounds": rounds,
               "fleets": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in runs],
               "build_s_1m": pick(1_000_000, 100, "build_s"), "rss_mb_1m": pick(1_000_000, 100, "rss_mb"),
               "ms_per_round_1m": pick(1_000_000, 100, "ms_per_round"),
               "ms_per_round_1k": pick(1_000, 100, "ms_per_round"),
-              "ms_per_round_k1000": round(k1000["ms_per_round"], 3),
-              "simpy_ms_per_round_k1000": round(k1000["simpy_ms_per_round"], 3),
+              "ms_per_round_k1000": None if k1000 is None else round(k1000["ms_per_round"], 3),
+              "simpy_ms_per_round_k1000": None if k1000 is None else round(k1000["simpy_ms_per_round"], 3),
               "shared_link_flows": n_flows, "shared_link_1000_s": round(wall, 4) if n_flows == 1_000 else None,
               "shared_link_s": round(wall, 4), "shared_link_end_s": end_s,
-              "simgrid_shared_link_s": None if simgrid is None else round(simgrid["wall_s"], 4)}
+              "simgrid_shared_link_s": None if simgrid is None else round(simgrid["wall_s"], 4),
+              "shared_link_3000_s": round(links[3_000]["wall_s"], 4) if 3_000 in links else None,
+              "simgrid_shared_link_3000_s": (round(links[3_000]["simgrid"]["wall_s"], 4)
+                                             if 3_000 in links and links[3_000]["simgrid"] is not None else None)}
     emit(result)
     return result
 

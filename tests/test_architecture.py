@@ -99,15 +99,24 @@ def test_policy_facing_types_have_no_any():
     import inspect
     import typing
 
+    import torch
+
+    from fedsim.learn.grads import GradientEngine
+    from fedsim.learn.local import LocalTrainer
+    from fedsim.learn.profile import ModelProfile
     from fedsim.policies import asynchronous, base, sync
 
+    # the torch-side types the policy modules name under TYPE_CHECKING only (`fedsim policies` imports no torch)
+    deferred = {"torch": torch, "GradientEngine": GradientEngine, "LocalTrainer": LocalTrainer,
+                "ModelProfile": ModelProfile}
     checked = []
     for cls in (sync.RunContext, sync.RoundContext, sync.RoundInputs, sync.RoundUpdate, sync.SyncPolicy,
                 asynchronous.AsyncPolicy, base.PolicyBase, base.PolicyState):
-        hints = {f"{cls.__name__}.{k}": v for k, v in typing.get_type_hints(cls).items()}
+        hints = {f"{cls.__name__}.{k}": v for k, v in typing.get_type_hints(cls, localns=deferred).items()}
         for name, fn in inspect.getmembers(cls, callable):
             if not name.startswith("_") and getattr(fn, "__module__", "").startswith("fedsim.policies"):
-                hints.update({f"{cls.__name__}.{name}.{k}": v for k, v in typing.get_type_hints(fn).items()})
+                hints.update({f"{cls.__name__}.{name}.{k}": v
+                              for k, v in typing.get_type_hints(fn, localns=deferred).items()})
         checked += hints
         assert not {k: v for k, v in hints.items() if "Any" in repr(v)}, cls.__name__
     assert len(checked) > 40 and "SyncPolicy.deadline.return" in checked and "RoundInputs.trainer" in checked

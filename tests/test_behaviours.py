@@ -533,12 +533,12 @@ def _label_shares(comp):
 def test_dirichlet_partition_from_a_scenario_file(tmp_path, mnist_dir, monkeypatch):
     import functools
 
-    import fedsim.learn.datasets
+    import fedsim.learn.data
     from fedsim.sim.build import build_components
     from fedsim.learn.data import partition_dirichlet
     from fedsim.spec.scenario import load_scenario
 
-    monkeypatch.setattr(fedsim.learn.datasets, "load_mnist", functools.cache(fedsim.learn.datasets.load_mnist))   # read MNIST once
+    monkeypatch.setattr(fedsim.learn.data, "load_mnist", functools.cache(fedsim.learn.data.load_mnist))   # read MNIST once
 
     skewed = build_components(load_scenario(_mnist_file(tmp_path, mnist_dir, 'partition = "dirichlet"\ndirichlet_alpha = 0.05')))
     iid = build_components(load_scenario(_mnist_file(tmp_path, mnist_dir, 'partition = "iid"', name="iid.toml")))

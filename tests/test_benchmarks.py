@@ -105,3 +105,16 @@ def test_scale_benchmark(capsys):
     # n flows of 1..n kB on one 8 Mbit/s link end one by one; the last when every bit has crossed the link
     n = r["shared_link_flows"]
     assert n == 200 and r["shared_link_end_s"] == pytest.approx(8e3 * n * (n + 1) / 2 / 8e6, rel=1e-12)
+    assert r["shared_link_1000_s"] is None and r["shared_link_3000_s"] is None     # --quick: 200 flows only
+
+
+def test_startup_benchmark(capsys):
+    """The commands that need no model import no torch; building the paper MLP imports torch but neither
+    torch._dynamo (FlopCounterMode) nor sympy (Module.to_empty); the figures add up."""
+    r = run_benchmark("startup", capsys)
+    assert r["repeats"] == 1 and len(r["commands"]) == 4
+    assert all(c["modules"] == [] and c["wall_s"] > 0 for c in r["commands"].values())
+    assert r["build_modules"] == ["torch"] and r["build_data"] in {"mnist", "synthetic"}
+    assert r["import_build_s"] == pytest.approx(r["import_s"] + r["build_s"], abs=2e-4)
+    assert r["build_process_s"] >= r["import_build_s"] - 1e-3
+

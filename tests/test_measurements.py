@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from fedsim.errors import DataError, FedsimError
+from fedsim.world.lenet import MnnLeNet, train_flops_per_sample
 from fedsim.world.measurements import (
-    REFERENCE_PHONES, BandwidthShape, MnnLeNet, effective_speed_flops, find_time_tables, flash_bandwidth_bps,
+    LENET_TRAIN_FLOPS_PER_SAMPLE, MNIST_SHAPE, REFERENCE_PHONES, BandwidthShape, effective_speed_flops, find_time_tables, flash_bandwidth_bps,
     load_ai_benchmark, load_flash_bandwidth, load_time_table, lognormal_from_moments, measured_speed_flops,
-    phone_speeds_flops, sample_bandwidth_bps, sample_phone_speeds_flops, train_flops_per_sample,
+    phone_speeds_flops, sample_bandwidth_bps, sample_phone_speeds_flops,
 )
 from fedsim.learn.profile import Granularity, build_profile
 from fedsim.world.timing import plan_round
@@ -115,6 +116,8 @@ def test_reference_lenet_flops_are_counted_from_the_model():
     profile = build_profile(model, (1, 28, 28), Granularity.MODULE)
     assert profile.fwd_flops_per_sample == LENET_FWD and profile.bwd_flops_per_sample == LENET_BWD
     assert train_flops_per_sample(model, (1, 28, 28)) == 9_496_000
+    # the number calibration uses (so that it imports no torch) is this count, float for float
+    assert LENET_TRAIN_FLOPS_PER_SAMPLE == train_flops_per_sample(MnnLeNet(), MNIST_SHAPE)
     # Training conv2 too would add its weight gradient.
     assert train_flops_per_sample(MnnLeNet(train_conv2=True), (1, 28, 28)) == 9_496_000 + 3_200_000
 

@@ -389,14 +389,20 @@ def test_transfer_argument_checks():
 
 
 def _count_work(env, monkeypatch):
-    """Record the delay of every timeout the network schedules and count its max-min computations."""
+    """Record the delay of every timeout the network schedules and count its max-min computations (the
+    general one and the one-route ones), by their number of flows."""
     import fedsim.world.network
 
     delays, shares = [], []
     timeout, rates = env.timeout, fedsim.world.network.max_min_rates
+    one_route, share = fedsim.world.network.one_route_max_min_rates, fedsim.world.network.route_share
     env.timeout = lambda delay=0, value=None: (delays.append(delay), timeout(delay, value))[1]
     monkeypatch.setattr(fedsim.world.network, "max_min_rates",
                         lambda paths, capacity: (shares.append(len(paths)), rates(paths, capacity))[1])
+    monkeypatch.setattr(fedsim.world.network, "one_route_max_min_rates",
+                        lambda private, *route: (shares.append(len(private)), one_route(private, *route))[1])
+    monkeypatch.setattr(fedsim.world.network, "route_share",
+                        lambda route_bps, n: (shares.append(n), share(route_bps, n))[1])
     return delays, shares
 
 

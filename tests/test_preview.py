@@ -62,3 +62,26 @@ def test_validate_runs_every_check_a_run_makes(tmp_path, capsys):
     assert main(["validate", str(path), "--set", 'model.name="nosuch.module:f"']) == 2
     err = capsys.readouterr().err
     assert "model.name" in err and "nosuch" in err
+
+
+def test_validate_without_model_checks_the_scenario_and_fleet_only(tmp_path, capsys):
+    """`--no-model`: the scenario, its policy and its fleet are checked (a bad field is still exit 2), the data
+    files are not read (an empty data folder passes, as it does not without the flag) and no dry run is printed."""
+    from fedsim.cli import main
+    from conftest import BASE_TOML
+
+    path = tmp_path / "s.toml"
+    path.write_text(BASE_TOML)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    mnist = ["--set", 'data.name="mnist"', "--set", f'data.dir="{empty}"']
+    assert main(["validate", str(path), "--no-model", *mnist]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: ok" in out and "not built (--no-model)" in out and "not loaded (--no-model)" in out
+    assert "expected to be cut" not in out and "fleet     8 devices in 2 classes" in out
+    assert main(["validate", str(path), *mnist]) == 2
+    assert "data.dir" in capsys.readouterr().err
+    assert main(["validate", str(path), "--no-model", "--set", "policy.deadline_s=-1"]) == 2
+    assert "policy.deadline_s" in capsys.readouterr().err
+    assert main(["validate", str(path), "--no-model", "--set", 'data.dir="/no/such/folder"', *mnist[:2]]) == 2
+    assert "data.dir" in capsys.readouterr().err

@@ -195,3 +195,119 @@ def test_parent_layer_does_not_count_its_children():
     assert profile.layers[0].param_names == ("1.scale",)
     assert profile.layers[0].fwd_flops_per_sample == 0
     assert profile.layers[1].fwd_flops_per_sample == 2 * 5 * 3
+
+
+# -- FLOPs counted from shapes against FlopCounterMode ---------------------------------------------------------
+
+def _sequential_2d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2, stride=2),
+        nn.ReLU6(), nn.Conv2d(8, 4, 3, dilation=2, padding=2, padding_mode="reflect", bias=False),
+        nn.MaxPool2d(2, ceil_mode=True), nn.Dropout2d(0.5), nn.AvgPool2d(1), nn.AdaptiveAvgPool2d(4),
+        nn.AdaptiveMaxPool2d(3), nn.Flatten(), nn.Linear(36, 20), nn.LayerNorm(20), nn.LeakyReLU(), nn.Linear(20, 20),
+        nn.ELU(), nn.GELU(), nn.SiLU(), nn.Sigmoid(), nn.Tanh(), nn.Dropout(0.5), nn.Identity(), nn.Linear(20, 10),
+        nn.Softmax(dim=1), nn.LogSoftmax(dim=1))
+
+
+def _sequential_1d() -> nn.Module:
+    return nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.MaxPool1d(2), nn.AvgPool1d(2),
+                         nn.AdaptiveAvgPool1d(3), nn.Flatten(), nn.Linear(12, 5))
+
+
+def _sequential_3d() -> nn.Module:
+    return nn.Sequential(nn.Conv3d(1, 2, 3), nn.MaxPool3d(2), nn.AvgPool3d(1), nn.Flatten(), nn.Linear(54, 4))
+
+
+def _rows() -> nn.Module:
+    """A Linear applied to every row of a (5, 6) sample, then unflattened and flattened again."""
+    return nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Flatten(), nn.Unflatten(1, (5, 4)), nn.Flatten(),
+                         nn.Linear(20, 3))
+
+
+def _frozen(net: nn.Module, *names: str, bias_only: str | None = None) -> nn.Module:
+    for name in names:
+        net.get_submodule(name).requires_grad_(False)
+    if bias_only is not None:
+        net.get_submodule(bias_only).weight.requires_grad_(False)
+    return net
+
+
+def _lenet(train_conv2: bool) -> nn.Module:
+    from fedsim.world.lenet import MnnLeNet
+
+    return MnnLeNet(train_conv2)
+
+
+KNOWN_MODELS = {
+    "mlp": (lambda: model("mlp"), MNIST),
+    "mlp-float64": (lambda: model("mlp", torch.float64), MNIST),
+    "mlp-width-0.5": (lambda: build_model("mlp", MNIST, 10, generator=torch.Generator().manual_seed(0), width=0.5),
+                      MNIST),
+    "cnn": (lambda: model("cnn"), MNIST),
+    "cnn-cifar-width-0.25": (lambda: build_model("cnn", (3, 32, 32), 10, generator=torch.Generator().manual_seed(0),
+                                                 width=0.25), (3, 32, 32)),
+    "cnn-float64": (lambda: model("cnn", torch.float64), MNIST),
+    "lenet": (lambda: _lenet(False), MNIST),
+    "lenet-conv2-trained": (lambda: _lenet(True), MNIST),
+    "sequential-2d": (lambda: _sequential_2d().eval(), (3, 12, 12)),
+    "sequential-2d-train-mode": (lambda: _sequential_2d(), (3, 12, 12)),
+    "sequential-1d": (_sequential_1d, (2, 20)),
+    "sequential-3d": (_sequential_3d, (1, 8, 8, 8)),
+    "rows": (_rows, (5, 6)),
+    "first-frozen": (lambda: _frozen(_sequential_2d().eval(), "0"), (3, 12, 12)),
+    "bias-only": (lambda: _frozen(_sequential_1d(), bias_only="0"), (2, 20)),
+    "middle-frozen": (lambda: _frozen(model("cnn"), "conv2"), MNIST),
+}
+
+
+@pytest.mark.parametrize("granularity", [MODULE, TENSOR])
+@pytest.mark.parametrize("name", sorted(KNOWN_MODELS))
+def test_flops_from_shapes_equal_flop_counter_mode(name, granularity):
+    """Every built-in model (the zoo at several widths and dtypes, the calibration LeNet) and models of every
+    module type counted from shapes, with frozen layers: the same profile, float for float, both ways."""
+    make, shape = KNOWN_MODELS[name]
+    torch.manual_seed(0)
+    analytic = build_profile(make(), shape, granularity, use_flop_counter=False)
+    torch.manual_seed(0)
+    counted = build_profile(make(), shape, granularity, use_flop_counter=True)
+    assert analytic == counted
+    assert build_profile(make(), shape, granularity) == counted       # the default picks the analytic count
+    assert analytic.fwd_flops_per_sample > 0
+
+
+class Doubled(nn.Linear):
+    """A Linear whose forward is not Linear's: its FLOPs are not known from its type."""
+
+    def forward(self, x):
+        return super().forward(x) @ torch.ones(self.out_features, self.out_features)
+
+
+def test_unknown_modules_are_counted_by_flop_counter_mode():
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), Doubled(3, 3))
+    profile = build_profile(net, (4,), MODULE)
+    assert profile == build_profile(net, (4,), MODULE, use_flop_counter=True)
+    # the extra matmul (2 * 3 * 3 forward, and its input gradient) is in the count: not Linear's formula
+    assert profile.layers[1].fwd_flops_per_sample == 2 * 3 * 3 + 2 * 3 * 3
+    with pytest.raises(FedsimError, match="unknown cost"):
+        build_profile(net, (4,), MODULE, use_flop_counter=False)
+    # a model flagged as calling only its layers but owning a parameter itself is not counted from shapes
+    with pytest.raises(FedsimError, match="unknown cost"):
+        build_profile(type("Flagged", (Scaled,), {"flops_in_submodules": True})(), (5,), MODULE,
+                      use_flop_counter=False)
+
+
+def test_profiling_the_built_in_models_imports_no_dynamo_or_sympy():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from fedsim.learn.models import build_model\n"
+            "from fedsim.learn.profile import Granularity, build_profile\n"
+            "from fedsim.world.lenet import MnnLeNet, train_flops_per_sample\n"
+            "for name in ('mlp', 'cnn'):\n"
+            "    m = build_model(name, (1, 28, 28), 10, generator=torch.Generator().manual_seed(0))\n"
+            "    build_profile(m, (1, 28, 28), Granularity.TENSOR)\n"
+            "train_flops_per_sample(MnnLeNet(), (1, 28, 28))\n"
+            "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

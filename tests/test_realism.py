@@ -149,7 +149,8 @@ def test_phones_scenario_runs_with_salf(tmp_path, phones):
 def test_phones_are_calibrated_to_their_measured_batch_time(phones):
     """One batch of the reference model (the benchmark's LeNet) takes the measured time on each phone."""
     from fedsim.sim.build import build_components
-    from fedsim.world.measurements import MNIST_SHAPE, MnnLeNet
+    from fedsim.world.lenet import MnnLeNet
+    from fedsim.world.measurements import MNIST_SHAPE
     from fedsim.learn.profile import Granularity, build_profile
     from fedsim.world.timing import plan_round
 

@@ -17,12 +17,18 @@ def _deadline(deadline) -> str:
 
 
 def cmd_validate(args) -> int:
-    from fedsim.sim.build import build_components
-    from fedsim.sim.preview import preview
     from fedsim.spec.scenario import load_scenario
 
     scn = load_scenario(args.scenario, args.overrides)
-    comp = build_components(scn)      # every check a run makes before it writes: data, model, fleet files
+    if args.no_model:       # the fleet and its measurement files only: no data, no model, no torch
+        from fedsim.world.fleet import scenario_fleet
+
+        scenario_fleet(scn)
+        comp = None
+    else:
+        from fedsim.sim.build import build_components
+
+        comp = build_components(scn)      # every check a run makes before it writes: data, model, fleet files
     fleet = scn.fleet
     print(f"{scn.source}: ok")
     budget = "" if scn.run.time_budget_s is None else f", time budget {scn.run.time_budget_s:g} s"
@@ -31,16 +37,21 @@ def cmd_validate(args) -> int:
     t = scn.training
     rate = f"lr {t.lr:g}" + ("" if t.lr_schedule is None else f", {t.lr_schedule.describe()}")
     print(f"  training  batch {t.batch_size}, {t.local_steps} local step{'s' * (t.local_steps != 1)}, {rate}")
-    print(f"  model     {scn.model.name} ({scn.model.granularity} layers, {scn.model.dtype})")
-    print(f"  data      {scn.data.name}, {scn.data.partition}, {scn.data.samples_per_device} samples/device")
+    print(f"  model     {scn.model.name} ({scn.model.granularity} layers, {scn.model.dtype})"
+          + (": not built (--no-model)" if comp is None else ""))
+    print(f"  data      {scn.data.name}, {scn.data.partition}, {scn.data.samples_per_device} samples/device"
+          + (": not loaded (--no-model)" if comp is None else ""))
     print(f"  fleet     {fleet.n_devices} devices in {len(fleet.classes)} classes, participants "
           f"{'all' if fleet.participants is None else fleet.participants}")
     deadline = getattr(scn.policy, "deadline_s", None)    # a number, or a schedule (printed as such)
     print(f"  policy    {scn.policy.describe()}, "
           f"{'no fixed deadline' if deadline is None else _deadline(deadline)}, upload {scn.network.upload_mode.value}")
-    planned = preview(scn, comp)
-    for line in [] if planned is None else planned.lines():
-        print(line)
+    if comp is not None:
+        from fedsim.sim.preview import preview
+
+        planned = preview(scn, comp)
+        for line in [] if planned is None else planned.lines():
+            print(line)
     for notice in scn.notices:
         print(f"  notice    {notice}")
     return 0

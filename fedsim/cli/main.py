@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a scenario as a run would and print a dry run of its rounds")
     val.add_argument("scenario", type=Path)
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    val.add_argument("--no-model", action="store_true",
+                     help="check the scenario, its policy and its fleet (with measurement files) only: no data "
+                          "loaded, no model built, no dry run (and no torch imported)")
     return parser
 
 

@@ -48,15 +48,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fedsim.errors import DataError, ScenarioError, ScenarioFileError
-from fedsim.learn.data import Dataset, Partition, load_mnist, make_synthetic
 from fedsim.spec.fields import Fields, printable, show_key
+
+if TYPE_CHECKING:       # torch and the data module are imported when data are loaded, not when a scenario is read
+    from fedsim.learn.data import Dataset, Partition
 
 __all__ = ["DataRequest", "DataSource", "Mnist", "Synthetic", "check_dataset", "check_partition",
            "MAX_SYNTHETIC_VARIANCE"]
@@ -110,6 +111,8 @@ class Mnist(DataSource):
         return cls(fields.existing_path("dir", base_dir, kind="dir", what="dataset directory"))
 
     def load(self, request: DataRequest) -> Dataset:
+        from fedsim.learn.data import load_mnist
+
         try:
             return load_mnist(self.dir)
         except DataError as exc:
@@ -131,6 +134,8 @@ class Synthetic(DataSource):
                    fields.integer("test_samples_per_device", 20, low=1, high=1_000_000))
 
     def load(self, request: DataRequest) -> Dataset:
+        from fedsim.learn.data import make_synthetic
+
         try:
             dataset, _ = make_synthetic(self.alpha, self.beta, request.n_devices, request.samples_per_device,
                                         self.test_samples_per_device, request.rng)
@@ -139,6 +144,8 @@ class Synthetic(DataSource):
         return dataset
 
     def partition(self, dataset: Dataset, request: DataRequest, rng: np.random.Generator) -> Partition:
+        from fedsim.learn.data import Partition
+
         return Partition.blocks(request.n_devices, request.samples_per_device)
 
     def memory_bytes(self, n_devices: int, samples_per_device: int) -> int:
@@ -147,6 +154,10 @@ class Synthetic(DataSource):
 
 def check_dataset(dataset: object) -> str | None:
     """What is wrong with what a data set's `load` returned, or None."""
+    import torch
+
+    from fedsim.learn.data import Dataset
+
     if not isinstance(dataset, Dataset):
         return f"must return a fedsim.learn.data.Dataset, got {type(dataset).__name__}"
     shape = dataset.input_shape
@@ -178,6 +189,8 @@ def check_dataset(dataset: object) -> str | None:
 
 def check_partition(partition: object, n_devices: int, n_samples: int) -> str | None:
     """What is wrong with a data set's own partition, or None."""
+    from fedsim.learn.data import Partition
+
     if not isinstance(partition, Partition):
         return f"must return a fedsim.learn.data.Partition or None, got {type(partition).__name__}"
     if partition.n_devices != n_devices:

@@ -18,7 +18,7 @@ from fedsim.errors import ScenarioError
 from fedsim.spec.plugins import call_plugin, check_plugin_name, load_plugin, what_happened
 from fedsim.spec.scenario import MODEL_GROUP, MODEL_PATHS
 
-__all__ = ["MODEL_NAMES", "MLP", "CNN", "build_model", "check_model_io", "scaled_width"]
+__all__ = ["MODEL_NAMES", "MLP", "CNN", "build_model", "check_model_io", "materialise", "scaled_width"]
 
 MODEL_NAMES = tuple(MODEL_PATHS)     # ("mlp", "cnn")
 
@@ -33,6 +33,8 @@ def scaled_width(hidden: int, width: float) -> int:
 
 class MLP(nn.Module):
     """784-32-16-10 on MNIST: the SALF paper's fully connected model."""
+
+    flops_in_submodules = True      # forward calls only its layers and parameter-free functions (learn.profile)
 
     def __init__(self, in_features: int, num_classes: int, width: float = 1.0):
         super().__init__()
@@ -51,6 +53,8 @@ class MLP(nn.Module):
 
 class CNN(nn.Module):
     """The SALF paper's LeNet-style CNN: two 5x5 conv + 2x2 max-pool stages, then two linear layers."""
+
+    flops_in_submodules = True      # forward calls only its layers and parameter-free functions (learn.profile)
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0):
         super().__init__()
@@ -113,7 +117,7 @@ def build_model(
     else:
         model = _build_zoo(name, input_shape, num_classes, width, source)
         # Materialise the meta-device parameters, then draw them from `generator` only.
-        model = model.to_empty(device="cpu")
+        materialise(model)
         _reset_parameters(model, generator)
     # Cast after initialisation so the float64 model is the float32 one upcast, seed for seed.
     return model.to(dtype)
@@ -128,6 +132,16 @@ def _build_zoo(name: str, input_shape: tuple[int, ...], num_classes: int, width:
     if _cnn_side(input_shape[1]) < 1 or _cnn_side(input_shape[2]) < 1:
         raise ScenarioError(source, _FIELD, f"cnn needs images of at least 16x16, got input shape {input_shape}")
     return CNN(input_shape, num_classes, width)  # type: ignore[arg-type]
+
+
+def materialise(model: nn.Module) -> None:
+    """Give every meta-device parameter uninitialised CPU storage of its shape and dtype, in place. (What
+    `Module.to_empty` does, without its `empty_like` on meta tensors, which imports sympy: about 1 s.)"""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                setattr(module, name, nn.Parameter(torch.empty(param.shape, dtype=param.dtype),
+                                                   requires_grad=param.requires_grad))
 
 
 def _reset_parameters(model: nn.Module, generator: torch.Generator) -> None:

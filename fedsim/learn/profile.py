@@ -1,8 +1,8 @@
 """Per-layer profile of a model: parameter names, size in bytes and FLOPs, in forward order.
 
 The simulator schedules one event per layer's backward completion (SALF runs the backward pass
-from the last layer to the first), so it needs each layer's cost. FLOPs are measured from the
-model itself with `torch.utils.flop_counter.FlopCounterMode` on a small random batch:
+from the last layer to the first), so it needs each layer's cost. FLOPs are those
+`torch.utils.flop_counter.FlopCounterMode` counts on a small random batch:
 
 * A "layer" is a module that owns parameters directly (`recurse=False`), ordered by its first
   call in a real forward pass, not by registration order.
@@ -19,18 +19,26 @@ model itself with `torch.utils.flop_counter.FlopCounterMode` on a small random b
 * The profiling batch is float noise of the model's dtype, so models that take integer input
   (embeddings) cannot be profiled. Parameters owned by the root module make a layer named after
   its class, which is always first since the root is called first.
+
+Counting under FlopCounterMode imports `torch._dynamo` (about 1.2 s), so a model made only of modules whose
+counts are known is counted from the shapes seen in the same forward pass instead, with the same formulas
+(`_analytic_flops`; `tests/test_profile.py` checks both ways agree on every built-in model): `nn.Linear`,
+`nn.Conv1d/2d/3d`, the parameter-free and normalisation modules of `_ZERO_FLOP_MODULES`, `nn.Sequential`, and
+models whose class sets `flops_in_submodules = True` (their own forward calls only such modules and
+parameter-free functions: fedsim's MLP, CNN and the calibration LeNet). Any other module is counted by
+FlopCounterMode.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from fedsim.errors import FedsimError
 
@@ -88,19 +96,60 @@ class ModelProfile:
         return {name: layer.index for layer in self.layers for name in layer.param_names}
 
 
+# Modules in which FlopCounterMode counts no FLOPs (no matmul, no convolution; `tests/test_profile.py`).
+_ZERO_FLOP_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.LogSoftmax,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout2d, nn.Identity,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm,
+)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _counted_analytically(model: nn.Module) -> bool:
+    """Every module is one whose FLOPs `_analytic_flops` knows (exact types: a subclass may change forward)."""
+    def known(m: nn.Module) -> bool:
+        if getattr(type(m), "flops_in_submodules", False) is True:
+            return next(m.parameters(recurse=False), None) is None      # parameters of its own: used how?
+        return type(m) in _ZERO_FLOP_MODULES or type(m) in _CONV or type(m) is nn.Linear or type(m) is nn.Sequential
+
+    return all(known(m) for m in model.modules())
+
+
+def _analytic_flops(module: nn.Module, input_requires_grad: bool, output_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(forward, backward) FLOPs of one call of a Linear or ConvNd as FlopCounterMode counts them: 2 per MAC;
+    the backward computes the input gradient if the input requires grad and the weight gradient if the weight
+    does, each costing the forward's FLOPs (a grouped convolution's weight gradient: `groups` times that)."""
+    if type(module) is nn.Linear:
+        rows = math.prod(output_shape) // module.out_features
+        fwd = 2 * rows * module.in_features * module.out_features
+        return fwd, fwd * (int(input_requires_grad) + int(module.weight.requires_grad))
+    if type(module) in _CONV:
+        c_out, c_in_per_group, *kernel = module.weight.shape
+        fwd = 2 * output_shape[0] * c_out * c_in_per_group * math.prod(output_shape[2:]) * math.prod(kernel)
+        return fwd, fwd * int(input_requires_grad) + fwd * module.groups * int(module.weight.requires_grad)
+    return 0, 0
+
+
 @contextlib.contextmanager
-def _record_first_calls(modules: dict[nn.Module, str], order: list[str],
-                        out_numel: dict[str, int]) -> Iterator[None]:
-    """Append each module's name to `order` at its first call; sum its output sizes in `out_numel`."""
+def _record_first_calls(modules: dict[nn.Module, str], order: list[str], out_numel: dict[str, int],
+                        flops: dict[str, list[int]]) -> Iterator[None]:
+    """Append each module's name to `order` at its first call; sum its output sizes in `out_numel` and, for
+    a Linear or ConvNd, its analytic [forward, backward] FLOPs in `flops`."""
     def pre_hook(module: nn.Module, _args: object) -> None:
         name = modules[module]
         if name not in order:
             order.append(name)
 
-    def post_hook(module: nn.Module, _args: object, output: object) -> None:
+    def post_hook(module: nn.Module, args: tuple, output: object) -> None:
         if isinstance(output, torch.Tensor):
             name = modules[module]
             out_numel[name] = out_numel.get(name, 0) + output.numel()
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            fwd, bwd = _analytic_flops(module, x is not None and x.requires_grad, tuple(output.shape))
+            counts = flops.setdefault(name, [0, 0])
+            counts[0] += fwd
+            counts[1] += bwd
 
     handles = []
     try:
@@ -114,16 +163,20 @@ def _record_first_calls(modules: dict[nn.Module, str], order: list[str],
 
 
 _Counts = dict[str, dict[object, int]]
+_Own = dict[str, tuple[float, float]]
 
 
-def _measure(model: nn.Module, input_shape: tuple[int, ...], owners: dict[nn.Module, str]
-             ) -> tuple[list[str], dict[str, int], _Counts, _Counts]:
-    """One forward + backward pass under FlopCounterMode.
+def _measure(model: nn.Module, input_shape: tuple[int, ...], owners: dict[nn.Module, str],
+             named_modules: dict[str, nn.Module], use_flop_counter: bool | None = None
+             ) -> tuple[list[str], dict[str, int], _Own]:
+    """One forward + backward pass, counting FLOPs analytically if every module is known (else, or with
+    `use_flop_counter=True`, under FlopCounterMode).
 
-    Returns the owners' first-call order, their summed output sizes, and the per-module counts
-    after the forward pass and after the backward pass. Op names cannot tell forward from backward
-    (a Linear's backward and a bias-free forward are both aten.mm), hence the two snapshots.
+    Returns the owners' first-call order, their summed output sizes, and each owner's own (forward,
+    backward) FLOPs per sample.
     """
+    if use_flop_counter is None:
+        use_flop_counter = not _counted_analytically(model)
     first = next(iter(model.parameters()))
     generator = torch.Generator(device=first.device).manual_seed(0)
     batch = torch.randn((PROFILE_BATCH_SIZE, *input_shape), generator=generator,
@@ -133,15 +186,21 @@ def _measure(model: nn.Module, input_shape: tuple[int, ...], owners: dict[nn.Mod
     saved_buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     order: list[str] = []
     out_numel: dict[str, int] = {}
-    counter = FlopCounterMode(display=False)
+    analytic: dict[str, list[int]] = {}
+    if use_flop_counter:
+        from torch.utils.flop_counter import FlopCounterMode      # imports torch._dynamo: only when needed
+
+        counter = FlopCounterMode(display=False)
+    else:
+        counter = contextlib.nullcontext()
     try:
-        with _record_first_calls(owners, order, out_numel), counter:
+        with _record_first_calls(owners, order, out_numel, analytic), counter:
             try:
                 output = model(batch)
             except Exception as exc:
                 raise FedsimError(f"profiling {type(model).__name__}: its forward pass on a batch of shape "
                                   f"{list(batch.shape)} raised {type(exc).__name__}: {_brief(exc)}") from None
-            forward_counts = counter.get_flop_counts()
+            forward_counts = counter.get_flop_counts() if use_flop_counter else {}
             if not isinstance(output, torch.Tensor):
                 raise FedsimError(f"profiling {type(model).__name__}: its forward pass must return one tensor, "
                                   f"got {type(output).__name__}")
@@ -159,7 +218,30 @@ def _measure(model: nn.Module, input_shape: tuple[int, ...], owners: dict[nn.Mod
         with torch.no_grad():
             for name, buffer in model.named_buffers():
                 buffer.copy_(saved_buffers[name])
-    return order, out_numel, forward_counts, counter.get_flop_counts()
+    if not use_flop_counter:
+        own = {name: (fwd / PROFILE_BATCH_SIZE, bwd / PROFILE_BATCH_SIZE)
+               for name, (fwd, bwd) in ((n, analytic.get(n, (0, 0))) for n in order)}
+        return order, out_numel, own
+    return order, out_numel, _own_counts(type(model).__name__, order, named_modules, forward_counts,
+                                         counter.get_flop_counts())
+
+
+def _own_counts(root: str, order: list[str], named_modules: dict[str, nn.Module], fwd_counts: _Counts,
+                all_counts: _Counts) -> _Own:
+    """Each owner's own FLOPs per sample from FlopCounterMode's per-module counts after the forward pass and
+    after the backward pass (op names cannot tell forward from backward: a Linear's backward and a bias-free
+    forward are both aten.mm, hence the two snapshots), less its direct children's."""
+    def key(fqn: str) -> str:
+        return f"{root}.{fqn}" if fqn else root
+
+    def own_flops(fqn: str, backward: bool) -> float:
+        def total(name: str) -> int:
+            after_forward = sum(fwd_counts.get(key(name), {}).values())
+            return sum(all_counts.get(key(name), {}).values()) - after_forward if backward else after_forward
+        children = (f"{fqn}.{c}" if fqn else c for c, _ in named_modules[fqn].named_children())
+        return (total(fqn) - sum(total(c) for c in children)) / PROFILE_BATCH_SIZE
+
+    return {fqn: (own_flops(fqn, False), own_flops(fqn, True)) for fqn in order}
 
 
 def _brief(exc: BaseException) -> str:
@@ -167,8 +249,12 @@ def _brief(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-def build_profile(model: nn.Module, input_shape: tuple[int, ...], granularity: Granularity) -> ModelProfile:
-    """Profile `model` for samples of `input_shape` (no batch dimension) at `granularity`."""
+def build_profile(model: nn.Module, input_shape: tuple[int, ...], granularity: Granularity, *,
+                  use_flop_counter: bool | None = None) -> ModelProfile:
+    """Profile `model` for samples of `input_shape` (no batch dimension) at `granularity`.
+
+    `use_flop_counter`: count under FlopCounterMode (True), analytically (False: only for models of known
+    modules), or analytically when possible (None)."""
     input_shape = tuple(int(d) for d in input_shape)
     named_modules = dict(model.named_modules())
     # Owners come from the de-duplicated parameter list, so a tied parameter belongs to one layer.
@@ -180,8 +266,11 @@ def build_profile(model: nn.Module, input_shape: tuple[int, ...], granularity: G
         raise FedsimError(f"cannot profile {type(model).__name__}: it has no parameters, so it has no layers to "
                           "train or deliver")
     owners = {named_modules[name]: name for name in params_of}
+    if use_flop_counter is False and not _counted_analytically(model):
+        raise FedsimError(f"cannot count the FLOPs of {type(model).__name__} analytically: it has modules of "
+                          "unknown cost")
 
-    order, out_numel, fwd_counts, all_counts = _measure(model, input_shape, owners)
+    order, out_numel, own = _measure(model, input_shape, owners, named_modules, use_flop_counter)
     never_called = [name or "<root>" for name in params_of if name not in order]
     if never_called:
         raise FedsimError(
@@ -190,22 +279,11 @@ def build_profile(model: nn.Module, input_shape: tuple[int, ...], granularity: G
         )
 
     root = type(model).__name__
-
-    def key(fqn: str) -> str:
-        return f"{root}.{fqn}" if fqn else root
-
-    def own_flops(fqn: str, backward: bool) -> float:
-        def total(name: str) -> int:
-            after_forward = sum(fwd_counts.get(key(name), {}).values())
-            return sum(all_counts.get(key(name), {}).values()) - after_forward if backward else after_forward
-        children = (f"{fqn}.{c}" if fqn else c for c, _ in named_modules[fqn].named_children())
-        return (total(fqn) - sum(total(c) for c in children)) / PROFILE_BATCH_SIZE
-
     layers: list[LayerInfo] = []
     for fqn in order:
         module = named_modules[fqn]
         params = params_of[fqn]
-        fwd, bwd = own_flops(fqn, backward=False), own_flops(fqn, backward=True)
+        fwd, bwd = own[fqn]
         if granularity is Granularity.MODULE:
             layers.append(_layer(len(layers), fqn or root, params, fwd, bwd))
             continue

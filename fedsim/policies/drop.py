@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from fedsim.learn.grads import GradientEngine
 from fedsim.policies.base import Aggregation
 from fedsim.policies.deadline import FixedDeadline
 from fedsim.policies.layerwise import full_model_update
 from fedsim.policies.sync import RoundInputs, RoundUpdate
 from fedsim.spec.fields import Fields
 from fedsim.spec.scenario import TrainingSpec
+
+if TYPE_CHECKING:
+    from fedsim.learn.grads import GradientEngine
 
 __all__ = ["Drop"]
 

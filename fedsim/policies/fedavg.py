@@ -8,11 +8,14 @@ local step this is exactly FedSGD.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from fedsim.learn.aggregate import weighted_mean_of_slices
+import numpy as np
+
 from fedsim.policies.sync import RoundInputs, RoundUpdate
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["fedavg"]
 
@@ -20,6 +23,8 @@ __all__ = ["fedavg"]
 def fedavg(inputs: RoundInputs, members: np.ndarray, weights: np.ndarray | None = None,
            submodels: dict[int, torch.nn.Module] | None = None) -> RoundUpdate:
     """Average the local updates of participants `members` (positions), weighted by `weights`."""
+    from fedsim.learn.aggregate import weighted_mean_of_slices      # torch: imported at use
+
     trainer = inputs.trainer
     assert trainer is not None, "fedavg needs the server's LocalTrainer"
     n_layers = inputs.n_layers

@@ -32,18 +32,21 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
 from fedsim.errors import FedsimError, ScenarioError
-from fedsim.learn.grads import GradientEngine
 from fedsim.policies.base import JSONValue, PolicyState
 from fedsim.policies.sync import RoundContext, RoundInputs, RoundUpdate, RunContext, SyncPolicy
 from fedsim.spec.fields import Fields
 from fedsim.spec.plugins import call_plugin, load_plugin
 from fedsim.spec.scenario import Scenario, TrainingSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedsim.learn.grads import GradientEngine
 
 __all__ = ["Flower"]
 

@@ -11,12 +11,11 @@ stay unchanged. Devices that do not finish by the deadline are dropped. Widths a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from fedsim.errors import ScenarioError
-from fedsim.learn.grads import GradientEngine
 from fedsim.policies.base import JSONValue, PolicyState
 from fedsim.policies.deadline import FixedDeadline
 from fedsim.policies.fedavg import fedavg
@@ -24,6 +23,9 @@ from fedsim.policies.sync import RoundContext, RoundInputs, RoundUpdate, RunCont
 from fedsim.spec.fields import Fields
 from fedsim.spec.scenario import DeviceClassSpec, Scenario, TrainingSpec, UploadMode
 from fedsim.world.timing import RoundPlan, merge_plans
+
+if TYPE_CHECKING:
+    from fedsim.learn.grads import GradientEngine
 
 __all__ = ["HeteroFL", "ClassWidths", "AUTO_WIDTHS"]
 

@@ -3,13 +3,16 @@ batch size): shared by salf, drop, wait, overselect."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from fedsim.learn.aggregate import layer_update, miss_probabilities, unbiased_scales
-from fedsim.learn.grads import GradientEngine
 from fedsim.policies.base import Aggregation
 from fedsim.policies.fedavg import fedavg
 from fedsim.policies.sync import RoundInputs, RoundUpdate
+
+if TYPE_CHECKING:
+    from fedsim.learn.grads import GradientEngine
 
 __all__ = ["layerwise_fedsgd", "full_model_update"]
 
@@ -24,6 +27,8 @@ def layerwise_fedsgd(inputs: RoundInputs, grads: GradientEngine, counted_depths:
     rule, which is then computed as such (bit for bit)."""
     if weights is not None and (len(weights) == 0 or bool(np.all(weights == weights[0]))):
         weights = None
+    from fedsim.learn.aggregate import layer_update, miss_probabilities, unbiased_scales    # torch: at use
+
     sums = grads.layer_sums(inputs.batches, counted_depths) if weights is None else \
         grads.layer_sums(inputs.batches, counted_depths, weights)
     contributors = sums.counts

@@ -10,17 +10,19 @@ the upload of the whole model is budgeted too. The server weights each update by
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from fedsim.learn.grads import GradientEngine
 from fedsim.policies.deadline import FixedDeadline
 from fedsim.policies.fedavg import fedavg
 from fedsim.policies.sync import RoundContext, RoundInputs, RoundUpdate
 from fedsim.spec.fields import Fields
 from fedsim.spec.scenario import TrainingSpec, UploadMode
 from fedsim.world.timing import RoundPlan
+
+if TYPE_CHECKING:
+    from fedsim.learn.grads import GradientEngine
 
 __all__ = ["Partial", "work_that_fits"]
 

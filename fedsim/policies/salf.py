@@ -13,11 +13,10 @@ average weights a device by its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from fedsim.learn.grads import GradientEngine
 from fedsim.policies.batch_scaling import scaled_batches
 from fedsim.policies.base import Aggregation, JSONValue, PolicyState
 from fedsim.policies.deadline import FixedDeadline
@@ -26,6 +25,9 @@ from fedsim.policies.sync import RoundContext, RoundInputs, RoundUpdate, RunCont
 from fedsim.spec.fields import Fields
 from fedsim.spec.scenario import TrainingSpec
 from fedsim.world.timing import RoundPlan
+
+if TYPE_CHECKING:
+    from fedsim.learn.grads import GradientEngine
 
 __all__ = ["DepthHistogram", "Salf"]
 

@@ -21,23 +21,26 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import numpy as np
-import torch
 
-from fedsim.learn.grads import GradientEngine
-from fedsim.learn.local import LocalTrainer
-from fedsim.learn.profile import ModelProfile
 from fedsim.policies.base import PolicyBase, PolicyState
 from fedsim.spec.scenario import Scenario, UploadMode
 from fedsim.world.fleet import Fleet
 from fedsim.world.timing import RoundPlan, plan_round
 
+if TYPE_CHECKING:       # annotations only: describing the policies (`fedsim policies`) imports no torch
+    import torch
+
+    from fedsim.learn.grads import GradientEngine
+    from fedsim.learn.local import LocalTrainer
+    from fedsim.learn.profile import ModelProfile
+
 __all__ = ["RunContext", "RoundContext", "RoundInputs", "RoundUpdate", "Submodel", "SyncPolicy"]
 
 # width ratio -> the global architecture at that width and its profile (HeteroFL), built once per width
-Submodel = Callable[[float], tuple[torch.nn.Module, ModelProfile]]
+Submodel = Callable[[float], "tuple[torch.nn.Module, ModelProfile]"]
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ import torch
 
 from fedsim.learn.data import Dataset, Partition, partition_dirichlet, partition_iid
 from fedsim.learn.datasets import DataRequest, check_dataset, check_partition
-from fedsim.errors import DataError, FedsimError, ScenarioError, ScenarioFileError
+from fedsim.errors import DataError, FedsimError, ScenarioError
 from fedsim.seeds import component_rng
 from fedsim.spec.fields import printable
 from fedsim.spec.plugins import call_plugin
-from fedsim.world.fleet import Fleet, build_fleet
+from fedsim.world.fleet import Fleet, scenario_fleet
 from fedsim.world.stragglers import check_depth_model
 from fedsim.learn.grads import GradPath, resolve_paths
 from fedsim.learn.loss import check_loss, load_loss
@@ -91,12 +91,7 @@ def build_components(scn: Scenario) -> Components:
     except FedsimError as exc:
         raise ScenarioError(scn.source, "model.name", f"model {scn.model.name!r}: {printable(str(exc))}") from None
     check_depth_model(scn.fleet.depth_model, profile.n_layers, scn.source)
-    try:
-        fleet = build_fleet(scn.fleet, component_rng(scn.run.seed, "fleet"), scn.source)
-    except ScenarioError:
-        raise
-    except DataError as exc:      # the FLASH measurements under fleet.traces_dir
-        raise ScenarioFileError(scn.source, "fleet.traces_dir", printable(str(exc))) from None
+    fleet = scenario_fleet(scn)
     check_loss(load_loss(scn.training.loss, scn.source), model, dataset.x_train, dataset.y_train,
                vmapped=GradPath.VMAP in paths, source=scn.source)
     return Components(dataset, partition, model, profile, fleet)

@@ -1,7 +1,7 @@
 """The `measured`, `flash_bandwidth` and `dvfs` fields of a device class (computed by fedsim.world.calibration).
 
 * `measured` compute: a phone's measured training time of one batch of a reference model (the MNN
-  benchmark's LeNet, `fedsim.world.measurements.MnnLeNet`) gives its effective FLOP/s; the simulated model's
+  benchmark's LeNet, `fedsim.world.lenet.MnnLeNet`) gives its effective FLOP/s; the simulated model's
   durations then follow from its own FLOPs (a compute-bound scaling by the FLOP ratio). Optionally each
   device is a phone model drawn from the AI-Benchmark list, its speed scaled by its CPU score relative
   to the measured reference phone. With `fit = "affine"` every row of the table is used: a least-squares

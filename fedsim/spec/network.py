@@ -248,13 +248,15 @@ def read_network_spec(fields: Fields, class_names: Sequence[str], ignore: Iterab
 
 def routes(nodes: Sequence[NodeSpec], links: Sequence[LinkSpec], metric: RouteMetric) -> dict[str, tuple[int, ...]]:
     """Link indices from each node that can reach the server to the server, along the shortest path."""
+    server = next(n.name for n in nodes if n.kind is NodeKind.SERVER)
+    if not links:               # a star: only the server is reachable, by the empty route
+        return {server: ()}
     import networkx as nx       # imported when a network is routed: a quarter second off every start
 
     graph = nx.Graph()
     graph.add_nodes_from(n.name for n in nodes)
     for i, link in enumerate(links):
         graph.add_edge(link.a, link.b, index=i, latency_s=link.latency_s)
-    server = next(n.name for n in nodes if n.kind is NodeKind.SERVER)
     if metric is RouteMetric.LATENCY:
         paths = nx.single_source_dijkstra_path(graph, server, weight="latency_s")
     else:

@@ -10,10 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedsim.errors import DataError, ScenarioError, ScenarioFileError
+from fedsim.seeds import component_rng
+from fedsim.spec.fields import printable
 from fedsim.world.calibration import flash_rates_bps, measured_speeds_flops, measured_step_overhead_s
-from fedsim.spec.scenario import DeviceClassSpec, FleetSpec
+from fedsim.spec.scenario import DeviceClassSpec, FleetSpec, Scenario
 
-__all__ = ["Fleet", "build_fleet"]
+__all__ = ["Fleet", "build_fleet", "scenario_fleet"]
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,14 @@ def build_fleet(spec: FleetSpec, rng: np.random.Generator, source: str = "<scena
         latency_s=np.concatenate([np.full(c.count, c.latency_s) for c in spec.classes]),
         class_step_overhead_s=np.array(overhead, dtype=np.float64) if any(o > 0 for o in overhead) else None,
     )
+
+
+def scenario_fleet(scn: Scenario) -> Fleet:
+    """The run's fleet, drawn from its fleet stream; unreadable FLASH measurements under `fleet.traces_dir` are
+    a ScenarioFileError on that field (other problems already name their own)."""
+    try:
+        return build_fleet(scn.fleet, component_rng(scn.run.seed, "fleet"), scn.source)
+    except ScenarioError:
+        raise
+    except DataError as exc:
+        raise ScenarioFileError(scn.source, "fleet.traces_dir", printable(str(exc))) from None

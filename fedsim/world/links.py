@@ -1,19 +1,17 @@
 """Static network structure: routes over the infrastructure graph, access-link rates (Shannon, path loss,
-Rayleigh fading), and max-min fair rates of flows over shared links. The flows in time: fedsim.world.network.
+Rayleigh fading). Max-min fair rates: fedsim.world.sharing; the flows in time: fedsim.world.network.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
 from fedsim.spec.network import AccessKind, Direction, Fading, TopologySpec, WirelessSpec, routes
 
-__all__ = ["Topology", "build_topology", "max_min_rates", "shannon_rate_bps", "path_gain", "rayleigh_power_gain"]
+__all__ = ["Topology", "build_topology", "shannon_rate_bps", "path_gain", "rayleigh_power_gain"]
 
 
 def path_gain(distance_m, *, reference_gain: float, reference_distance_m: float, exponent: float):
@@ -109,42 +107,3 @@ def build_topology(spec: TopologySpec, *, class_of: np.ndarray, downlink_bps: np
     return Topology(spec=spec, class_of=class_of, link_bps=link_bps, device_route=device_route,
                     access_bps=access, latency_s=np.asarray(latency_s, dtype=np.float64) + route_latency[class_of],
                     distance_m=distance)
-
-
-# -- max-min fair sharing -------------------------------------------------------------------------------------
-
-def max_min_rates(paths: Sequence[Sequence[int]], capacity: Callable[[int], float]) -> list[float]:
-    """Max-min fair rates of flows over shared resources (progressive filling).
-
-    Repeatedly the resource with the smallest fair share (remaining capacity / unfrozen flows) fixes
-    the rate of its unfrozen flows; their share is taken off every other resource they cross. A heap
-    keyed by share makes it O((flows * path length) log resources). A flow crossing no resource is
-    unconstrained (rate inf).
-    """
-    users: dict[int, list[int]] = {}
-    for f, path in enumerate(paths):
-        for r in path:
-            users.setdefault(r, []).append(f)
-    left = {r: capacity(r) for r in users}
-    count = {r: len(fs) for r, fs in users.items()}
-    key = {r: left[r] / count[r] for r in users}
-    heap = [(k, r) for r, k in key.items()]
-    heapq.heapify(heap)
-    rates = [math.inf] * len(paths)
-    frozen = [False] * len(paths)
-    while heap:
-        share, r = heapq.heappop(heap)
-        if count[r] == 0 or share != key[r]:
-            continue   # stale entry: a later push holds this resource's current share
-        for f in users[r]:
-            if frozen[f]:
-                continue
-            frozen[f] = True
-            rates[f] = share
-            for r2 in paths[f]:
-                left[r2] = max(left[r2] - share, 0.0)
-                count[r2] -= 1
-                if r2 != r and count[r2] > 0:
-                    key[r2] = left[r2] / count[r2]
-                    heapq.heappush(heap, (key[r2], r2))
-    return rates

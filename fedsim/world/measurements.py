@@ -11,8 +11,8 @@ The reference is the LeNet of the benchmark that produced the time tables (Bench
 `tools/train/source/models/Lenet.cpp`): conv 1->20 5x5, max-pool 2, conv 20->50 5x5, max-pool 2, linear
 800->400, ReLU, dropout, linear 400->10, softmax, on 1x28x28 MNIST images. Its constructor registers
 `conv1, ip1, ip2, dropout` but not `conv2`, so MNN trains no conv2 weights: the measured step computes
-conv2's input gradient but not its weight gradient, and `MnnLeNet` freezes conv2 likewise by default.
-That model has 349,980 parameters (the traces README's "about 3.2K" matches no variant of that source) and
+conv2's input gradient but not its weight gradient, and `fedsim.world.lenet.MnnLeNet` freezes conv2
+likewise by default. That model has 349,980 parameters (the traces README's "about 3.2K" matches no variant of that source) and
 9.496 MFLOP per sample (4.424 forward, 5.072 backward).
 
 Spread across phone models: AI-Benchmark CPU_F scores relative to the reference phone (the time tables'
@@ -29,18 +29,19 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from fedsim.spec.distributions import Dist, DistKind
 from fedsim.errors import DataError, FedsimError
-from fedsim.learn.profile import Granularity, build_profile
+
+if TYPE_CHECKING:       # the reference model (torch) is imported only when a speed is calibrated
+    from torch import nn
 
 __all__ = [
     "load_time_table", "find_time_tables", "PhoneScore", "AiBenchmark", "load_ai_benchmark", "FlashBandwidth",
-    "load_flash_bandwidth", "MNIST_SHAPE", "MnnLeNet", "train_flops_per_sample", "effective_speed_flops",
+    "load_flash_bandwidth", "MNIST_SHAPE", "LENET_TRAIN_FLOPS_PER_SAMPLE", "effective_speed_flops",
     "measured_speed_flops", "REFERENCE_PHONES", "phone_speeds_flops", "sample_phone_speeds_flops",
     "BandwidthShape", "lognormal_from_moments", "sample_bandwidth_bps", "flash_bandwidth_bps",
 ]
@@ -216,36 +217,6 @@ def load_flash_bandwidth(path: str | Path) -> FlashBandwidth:
 
 # -- compute calibration ---------------------------------------------------------------------------------------------
 
-class MnnLeNet(nn.Module):
-    """The benchmark's LeNet (see the module docstring). Parameter-free steps that FlopCounterMode counts
-    as zero are left out: dropout (it would also draw from torch's global RNG) and the final softmax."""
-
-    def __init__(self, train_conv2: bool = False):
-        super().__init__()
-        # Built on the meta device then zero-filled: weights do not matter for FLOPs, the global RNG does.
-        self.conv1 = nn.Conv2d(1, 20, 5, device="meta")
-        self.conv2 = nn.Conv2d(20, 50, 5, device="meta")
-        self.ip1 = nn.Linear(800, 400, device="meta")
-        self.ip2 = nn.Linear(400, 10, device="meta")
-        self.to_empty(device="cpu")
-        with torch.no_grad():
-            for p in self.parameters():
-                p.zero_()
-        self.conv2.requires_grad_(train_conv2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(self.conv1(x), 2)
-        x = F.max_pool2d(self.conv2(x), 2)
-        x = F.relu(self.ip1(torch.flatten(x, 1)))
-        return self.ip2(x)
-
-
-def train_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """Forward + backward FLOPs of one sample, as `fedsim.learn.profile` counts them for any simulated model."""
-    profile = build_profile(model, input_shape, Granularity.MODULE)
-    return profile.fwd_flops_per_sample + profile.bwd_flops_per_sample
-
-
 def effective_speed_flops(ref_train_ms: float, ref_flops_per_batch: float) -> float:
     """The FLOP/s at which one batch of the reference model takes exactly the measured time."""
     if not (ref_train_ms > 0 and math.isfinite(ref_train_ms)):
@@ -255,13 +226,23 @@ def effective_speed_flops(ref_train_ms: float, ref_flops_per_batch: float) -> fl
     return ref_flops_per_batch / (ref_train_ms / 1000.0)
 
 
+# `train_flops_per_sample(MnnLeNet(), MNIST_SHAPE)` (fedsim.world.lenet; tests/test_measurements.py counts it
+# again): kept as a number so that calibrating a fleet imports no torch.
+LENET_TRAIN_FLOPS_PER_SAMPLE = 9_496_000.0
+
+
 def measured_speed_flops(time_table: str | Path, batch_size: int = 16, model: nn.Module | None = None,
                          input_shape: tuple[int, ...] = MNIST_SHAPE) -> float:
     """Effective speed of the phone behind `time_table` (default reference: `MnnLeNet` on MNIST)."""
     table = load_time_table(time_table)
     if batch_size not in table:
         raise DataError(f"{time_table}: no row for batchsize {batch_size} (rows: {sorted(table)})")
-    per_sample = train_flops_per_sample(MnnLeNet() if model is None else model, input_shape)
+    if model is None and tuple(input_shape) == MNIST_SHAPE:
+        per_sample = LENET_TRAIN_FLOPS_PER_SAMPLE
+    else:
+        from fedsim.world.lenet import MnnLeNet, train_flops_per_sample
+
+        per_sample = train_flops_per_sample(MnnLeNet() if model is None else model, input_shape)
     return effective_speed_flops(table[batch_size], per_sample * batch_size)
 
 

@@ -18,16 +18,19 @@ The model (a fluid model, exact between events):
 
 Cost: a change re-shares only the group of flows connected to it through shared resources (in a star
 network, the changed flow alone); simultaneous starts are batched into one recomputation, and a group
-keeps a single completion timer. n flows ending one by one on one access point cost O(n^2) per round
-(about 1 s for n = 2,000 here); 20,000 private-link flows cost about 0.4 s.
+keeps a single completion timer. The flows of one route are a `Bundle` of numpy columns, so re-sharing a
+group costs array operations, not a Python step per flow: one route (an access point and its backhaul, with
+or without private radios) in a few (`sharing.one_route_max_min_rates`), several routes sharing links in a
+few per link (`sharing.routes_max_min_rates`). Only a group in which one device has two flows in one
+direction runs the general progressive filling (`sharing.max_min_rates`). The same rates every way, bit for
+bit.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import simpy
@@ -35,8 +38,10 @@ import simpy
 from fedsim.errors import FedsimError
 from fedsim.spec.network import (AccessKind, ClassNetSpec, Direction, Fading, LinkSpec, NodeKind, NodeSpec,
                                  Preset, RouteMetric, TopologySpec, WirelessSpec, read_network_spec)
-from fedsim.world.links import (Topology, build_topology, max_min_rates, path_gain, rayleigh_power_gain,
-                                shannon_rate_bps)
+from fedsim.world.bundles import Bundle
+from fedsim.world.links import Topology, build_topology, path_gain, rayleigh_power_gain, shannon_rate_bps
+from fedsim.world.sharing import max_min_rates, one_route_max_min_rates, route_share, routes_max_min_rates
+from fedsim.world.transfer import Transfer, TransferResult, transfer
 
 __all__ = [
     "Direction", "Preset", "RouteMetric", "NodeKind", "AccessKind", "Fading", "NodeSpec", "LinkSpec",
@@ -48,40 +53,35 @@ __all__ = [
 
 # -- the flow-level simulation ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class TransferResult:
-    done: bool           # all bytes arrived (latency included) by until_at, if one was given
-    start_at: float
-    end_at: float        # arrival time if done; else until_at
-    bytes_sent: float    # bytes that left the sender (all of them if done)
-    bytes_end_at: float  # when the last byte left, or the flow was cut: the radio's airtime ends here
-
-
 # A flow whose remaining bits are below this fraction of its size ends now (rounding of simultaneous ends).
 _DONE_FRACTION = 1e-9
 
 
 class _Flow:
-    __slots__ = ("id", "device", "resources", "total_bits", "remaining_bits", "rate", "updated_at",
-                 "finish_at", "version", "timed", "event", "active")
+    """One transfer's flow. While it is active its numbers live in its bundle's columns; once it has left
+    the links, `remaining_bits`, `rate` and `finish_at` hold its last values."""
 
-    def __init__(self, fid: int, device: int, resources: tuple[int, ...], bits: float, now: float, event):
+    __slots__ = ("id", "device", "resources", "total_bits", "remaining_bits", "rate", "finish_at", "event",
+                 "active", "bundle")
+
+    def __init__(self, fid: int, device: int, resources: tuple[int, ...], bits: float, event):
         self.id, self.device, self.resources = fid, device, resources
         self.total_bits = self.remaining_bits = bits
         self.rate = 0.0
-        self.updated_at = self.finish_at = now
-        self.version = 0
-        self.timed = False    # a completion timer is pending for the current version
+        self.finish_at = math.inf
         self.event = event
         self.active = True
+        self.bundle: Bundle | None = None
 
 
 class Network:
     """The flows in progress on a `Topology`, inside one SimPy environment.
 
     Resources are link directions: infrastructure link i, direction d is `2 * i + d`; device k's private
-    access link is `2 * n_links + 2 * k + d`. Completion timers are plain timeouts with a callback (no
-    process, no polling); a rate change bumps the flow's version so that an outdated timer is ignored.
+    access link is `2 * n_links + 2 * k + d`. The flows of one route and direction are one `Bundle` (columns);
+    bundles whose routes share a link form a connected group, re-shared together. Completion timers are
+    plain timeouts with a callback (no process, no polling); a rate change bumps the flow's version so that
+    an outdated timer is ignored.
     """
 
     def __init__(self, env: simpy.Environment, topology: Topology):
@@ -89,18 +89,23 @@ class Network:
         self.topology = topology
         self._access = topology.access_bps.copy()
         self._base = 2 * topology.link_bps.shape[1]
-        self._flows_on: dict[int, dict[int, _Flow]] = {}
+        self._bundles: dict[tuple[int, ...], Bundle] = {}
+        self._bundles_on: dict[int, dict[tuple[int, ...], Bundle]] = {}   # link direction -> bundles crossing it
+        self._private_users: dict[int, int] = {}                           # private link -> flows on it
         self._dirty: set[int] = set()
         self._pending = False
         self._next_id = 0
+        # each class's route in each direction, as resource numbers
+        self._class_of = topology.class_of
+        self._class_routes = [[tuple(2 * i + d for i in route) for route in topology.device_route] for d in (0, 1)]
 
     @property
     def n_active(self) -> int:
-        return len({fid for flows in self._flows_on.values() for fid in flows})
+        return sum(b.n for b in self._bundles.values())
 
     def rates_bps(self) -> dict[int, float]:
         """Current rate of every active flow, by flow id (for tests and introspection)."""
-        return {f.id: f.rate for flows in self._flows_on.values() for f in flows.values()}
+        return {int(i): float(r) for b in self._bundles.values() for i, r in zip(b.ids[:b.n], b.rate_bps[:b.n])}
 
     def set_access_bps(self, devices: np.ndarray, rates_bps: np.ndarray) -> None:
         """Change private-link capacities ((2, len(devices)) as from `Topology.access_rates_bps`);
@@ -122,36 +127,63 @@ class Network:
         r -= self._base
         return float(self._access[r & 1, r >> 1])
 
-    def _resources(self, device: int, direction: Direction) -> tuple[int, ...]:
-        d = direction.value
-        route = tuple(2 * i + d for i in self.topology.route_of(device))
-        if math.isinf(self._access[d, device]):
-            return route
-        return (self._base + 2 * device + d, *route)
+    def _route(self, device: int, d: int) -> tuple[int, ...]:
+        return self._class_routes[d][self._class_of[device]]     # (a numpy int indexes the list)
 
     def _open(self, device: int, direction: Direction, bits: float, until_at: float | None) -> _Flow:
-        flow = _Flow(self._next_id, device, self._resources(device, direction), bits, self.env.now,
-                     self.env.event())
+        d = direction.value
+        route = self._route(device, d)
+        private = not math.isinf(self._access[d, device])
+        resources = (self._base + 2 * device + d, *route) if private else route
+        flow = _Flow(self._next_id, device, resources, bits, self.env.event())
         self._next_id += 1
-        for r in flow.resources:
-            self._flows_on.setdefault(r, {})[flow.id] = flow
-        self._mark(flow.resources)
-        if not flow.resources:
-            self._finish(flow, flow.version)
+        if resources:
+            key = route or resources
+            bundle = self._bundles.get(key)
+            if bundle is None:
+                bundle = self._bundles[key] = Bundle(key, route, d, self.env.now)
+                for r in route:
+                    self._bundles_on.setdefault(r, {})[key] = bundle
+            bundle.add(flow, device, private, bits, _DONE_FRACTION * bits)
+            flow.bundle = bundle
+            if private:
+                users = self._private_users[resources[0]] = self._private_users.get(resources[0], 0) + 1
+                bundle.shared_private += users == 2
+            self._mark(resources)
+        else:       # nothing to cross: the bytes are out at once
+            flow.remaining_bits = 0.0
+            flow.active = False
+            flow.event.succeed(True)
         if until_at is not None:
             self.env.timeout(max(until_at - self.env.now, 0.0)).callbacks.append(partial(self._cut, flow))
         return flow
 
     def _close(self, flow: _Flow) -> None:
         """Remove an active flow (finished, cut or interrupted): its share goes to the others."""
-        flow.remaining_bits = max(flow.remaining_bits - flow.rate * (self.env.now - flow.updated_at), 0.0)
-        flow.updated_at = self.env.now
+        bundle = flow.bundle
+        i = bundle.index(flow.id)
+        rate = float(bundle.rate_bps[i])
+        now = self.env.now
+        flow.remaining_bits = max(float(bundle.remaining_bits[i]) - rate * (now - bundle.updated_at), 0.0)
+        flow.rate, flow.finish_at = rate, float(bundle.finish_at[i])
         flow.active = False
-        for r in flow.resources:
-            users = self._flows_on[r]
-            del users[flow.id]
-            if not users:
-                del self._flows_on[r]
+        flow.bundle = None
+        bundle.remove(i)
+        if len(flow.resources) > len(bundle.route):
+            private = flow.resources[0]
+            users = self._private_users[private] - 1
+            bundle.shared_private -= users == 1
+            if users:
+                self._private_users[private] = users
+            else:
+                del self._private_users[private]
+        if bundle.n == 0:
+            del self._bundles[bundle.key]
+            for r in bundle.route:
+                on = self._bundles_on[r]
+                del on[bundle.key]
+                if not on:
+                    del self._bundles_on[r]
         self._mark(flow.resources)
 
     def _mark(self, resources: Iterable[int]) -> None:
@@ -161,20 +193,32 @@ class Network:
             self._pending = True
             self.env.timeout(0).callbacks.append(self._reallocate)
 
-    def _component(self, start: int, seen: set[int]) -> list[_Flow]:
-        """The flows connected to resource `start` through shared resources, by flow id."""
-        flows: dict[int, _Flow] = {}
-        todo = [start]
+    def _component(self, start: int, seen: set[tuple[int, ...]]) -> list[Bundle]:
+        """The bundles connected to resource `start` through shared links (none if it carries no flow or
+        its group was re-shared already)."""
+        if start >= self._base:
+            if start not in self._private_users:
+                return []
+            device, d = divmod(start - self._base, 2)
+            first = self._bundles[self._route(device, d) or (start,)]
+        else:
+            on = self._bundles_on.get(start)
+            if not on:
+                return []
+            first = next(iter(on.values()))
+        if first.key in seen:
+            return []
+        seen.add(first.key)
+        group, todo = [], [first]
         while todo:
-            r = todo.pop()
-            if r in seen:
-                continue
-            seen.add(r)
-            for fid, f in self._flows_on.get(r, {}).items():
-                if fid not in flows:
-                    flows[fid] = f
-                    todo.extend(f.resources)
-        return [flows[k] for k in sorted(flows)]
+            bundle = todo.pop()
+            group.append(bundle)
+            for r in bundle.route:
+                for other in self._bundles_on[r].values():
+                    if other.key not in seen:
+                        seen.add(other.key)
+                        todo.append(other)
+        return group
 
     def _reallocate(self, _event=None) -> None:
         """Re-share every connected group of flows touching a changed resource.
@@ -185,137 +229,112 @@ class Network:
         """
         self._pending = False
         dirty, self._dirty = sorted(self._dirty), set()
-        seen: set[int] = set()
+        seen: set[tuple[int, ...]] = set()
         now = self.env.now
         for start in dirty:
             group = self._component(start, seen)
-            if not group:
-                continue
-            for f in group:
-                f.remaining_bits -= f.rate * (now - f.updated_at)
-                f.updated_at = now
-            done = [f for f in group if f.remaining_bits <= _DONE_FRACTION * f.total_bits]
-            if done:   # simultaneous finishers: end them all; their removal re-shares the rest
-                for f in done:
-                    self._finish(f, f.version)
-                continue
-            for f, rate in zip(group, max_min_rates([f.resources for f in group], self._capacity)):
-                if rate != f.rate:   # an unchanged rate keeps its finish time (and timer) exact
-                    f.rate = rate
-                    f.version += 1
-                    f.timed = False
-                    # A 0-bit/s capacity (a deep fade) stalls the flow until a capacity changes.
-                    f.finish_at = now + f.remaining_bits / rate if rate > 0 else math.inf
-            first = min(group, key=lambda f: (f.finish_at, f.id))
-            if not first.timed and first.finish_at < math.inf:
-                first.timed = True
-                timer = self.env.timeout(max(first.finish_at - now, 0.0))
-                timer.callbacks.append(partial(self._finish, first, first.version))
+            if group:
+                self._reshare(group, now)
 
-    def _finish(self, flow: _Flow, version: int, _event=None) -> None:
-        if not flow.active or version != flow.version:
+    def _reshare(self, group: list[Bundle], now: float) -> None:
+        done = []
+        for b in group:
+            elapsed = now - b.updated_at
+            if elapsed != 0:     # (at the same instant nothing moved, and nothing left can have ended)
+                remaining = b.remaining_bits[:b.n]
+                remaining -= b.rate_bps[:b.n] * elapsed
+                b.updated_at = now
+                ended = remaining <= b.done_bits[:b.n]
+                if ended.any():
+                    done += [b.flows[i] for i in np.flatnonzero(ended)]
+        if done:   # simultaneous finishers: end them all, by id; their removal re-shares the rest
+            for f in sorted(done, key=lambda f: f.id):
+                self._end(f)
             return
+        first = None
+        for b, rates in zip(group, self._shares(group)):
+            self._set_rates(b, rates, now)
+            i = int(np.argmin(b.finish_at[:b.n]))
+            if first is None or (b.finish_at[i], b.ids[i]) < (first[0].finish_at[first[1]], first[0].ids[first[1]]):
+                first = (b, i)
+        b, i = first
+        finish_at = float(b.finish_at[i])
+        version = b.flow_version(i)
+        if b.armed[i] != version and finish_at < math.inf:
+            b.armed[i] = version
+            timer = self.env.timeout(max(finish_at - now, 0.0))
+            timer.callbacks.append(partial(self._finish, b.flows[i], version))
+
+    @staticmethod
+    def _set_rates(b: Bundle, rates: np.ndarray | float, now: float) -> None:
+        """New rates (one for all, or one each); a flow whose rate is unchanged keeps its finish time (and
+        timer) exact. A 0-bit/s capacity (a deep fade) stalls a flow until a capacity changes."""
+        n = b.n
+        rate = b.rate_bps[:n]
+        changed = rate != rates
+        if isinstance(rates, float) and changed.all():
+            rate[:] = rates
+            b.epoch += 1
+            if rates > 0:
+                np.add(now, b.remaining_bits[:n] / rates, out=b.finish_at[:n])
+            else:
+                b.finish_at[:n] = math.inf
+        elif changed.any():
+            rates = np.broadcast_to(rates, (n,))
+            rate[changed] = rates[changed]
+            b.version[:n][changed] += 1
+            with np.errstate(divide="ignore", invalid="ignore"):
+                finish = np.where(rates > 0, now + b.remaining_bits[:n] / rates, math.inf)
+            b.finish_at[:n][changed] = finish[changed]
+
+    def _private_bps(self, b: Bundle) -> np.ndarray:
+        return np.where(b.has_private[:b.n], self._access[b.direction, b.device[:b.n]], math.inf)
+
+    def _shares(self, group: list[Bundle]) -> list[np.ndarray | float]:
+        """Each bundle's max-min rates, in its order (a float: the same for all its flows)."""
+        if len(group) == 1 and group[0].shared_private == 0:
+            b = group[0]
+            route_bps = [self._capacity(r) for r in b.route]
+            share = route_share(route_bps, b.n) if b.route else math.inf
+            if b.n_private:
+                private_bps = self._private_bps(b)
+                if not private_bps.min() >= share:     # some private link binds: else all get the share
+                    return [one_route_max_min_rates(private_bps, route_bps, b.route)]
+            return [share]
+        sizes = np.cumsum([b.n for b in group])[:-1]
+        if not any(b.shared_private for b in group):
+            rates = routes_max_min_rates(np.concatenate([self._private_bps(b) for b in group]),
+                                         np.repeat(np.arange(len(group)), [b.n for b in group]),
+                                         [b.route for b in group], self._capacity)
+            return np.split(rates, sizes)
+        ids = np.concatenate([b.ids[:b.n] for b in group])
+        flows = [f for b in group for f in b.flows]
+        order = np.argsort(ids, kind="stable")
+        rates = np.empty(len(flows), dtype=np.float64)
+        rates[order] = max_min_rates([flows[k].resources for k in order.tolist()], self._capacity)
+        return np.split(rates, sizes)
+
+    def _state(self, flow: _Flow) -> tuple[float, float, int]:
+        """(rate, finish time, version) of an active flow."""
+        b = flow.bundle
+        i = b.index(flow.id)
+        return float(b.rate_bps[i]), float(b.finish_at[i]), b.flow_version(i)
+
+    def _end(self, flow: _Flow) -> None:
         self._close(flow)
         flow.remaining_bits = 0.0
         flow.event.succeed(True)
 
+    def _finish(self, flow: _Flow, version: int, _event=None) -> None:
+        if flow.active and version == self._state(flow)[2]:
+            self._end(flow)
+
     def _cut(self, flow: _Flow, _event=None) -> None:
         if not flow.active:
             return
-        if flow.rate > 0 and flow.finish_at <= self.env.now:
-            self._finish(flow, flow.version)   # finishing at this very instant: not cut
+        rate, finish_at, _version = self._state(flow)
+        if rate > 0 and finish_at <= self.env.now:
+            self._end(flow)   # finishing at this very instant: not cut
             return
         self._close(flow)
         flow.event.succeed(False)
-
-
-class Transfer:
-    """One transfer as SimPy callbacks, no process: `then(TransferResult)` runs when it has arrived.
-
-    Send `nbytes` between the server and `device`: the bytes go through at the shared rates, then the
-    route's latency passes. With `until_at`, a transfer that cannot arrive by then is cut at `until_at`
-    (its flow leaves the links then) and ends with done=False at `until_at`. `cancel()` (the device went
-    offline) removes the flow at once, so the others speed up, and `then` is never called.
-    """
-
-    __slots__ = ("network", "device", "direction", "nbytes", "until_at", "then", "start_at", "_flow", "_waiting",
-                 "_waiting_callback")
-
-    def __init__(self, network: "Network", device: int, direction: Direction, nbytes: float,
-                 until_at: float | None, then: Callable[[TransferResult], None]):
-        if not nbytes >= 0:
-            raise FedsimError(f"transfer: nbytes must be >= 0, got {nbytes!r}")
-        self.network, self.device, self.direction, self.nbytes = network, int(device), direction, float(nbytes)
-        self.until_at, self.then = until_at, then
-        self.start_at = network.env.now
-        self._flow: _Flow | None = None
-        self._waiting: simpy.Event | None = None
-        self._waiting_callback = None
-
-    def start(self) -> None:
-        """Open the flow (a transfer of 0 bytes goes straight to its latency)."""
-        if self.nbytes > 0:
-            self._flow = self.network._open(self.device, self.direction, 8.0 * self.nbytes, self.until_at)
-            self._wait(self._flow.event, self._bytes_out)
-        else:
-            self._bytes_out(None)
-
-    def cancel(self) -> None:
-        """Stop now: the flow leaves the links; nothing more happens."""
-        if self._waiting is not None and self._waiting.callbacks is not None:
-            self._waiting.callbacks.remove(self._waiting_callback)
-        self._waiting = None
-        if self._flow is not None and self._flow.active:
-            self.network._close(self._flow)
-        self.then = _ignore
-
-    def _wait(self, event: simpy.Event, callback) -> None:
-        self._waiting, self._waiting_callback = event, callback
-        event.callbacks.append(callback)
-
-    def _bytes_out(self, event: simpy.Event | None) -> None:
-        env = self.network.env
-        flow = self._flow
-        delivered = True if event is None else event.value
-        sent = self.nbytes if flow is None else (flow.total_bits - flow.remaining_bits) / 8.0
-        bytes_end_at = env.now
-        latency = float(self.network.topology.latency_s[self.device])
-        until_at = self.until_at
-        if delivered and (until_at is None or env.now + latency <= until_at):
-            result = TransferResult(True, self.start_at, env.now + latency, sent, bytes_end_at)
-            wait_s = latency
-        else:
-            end_at = env.now if until_at is None else max(until_at, env.now)
-            result = TransferResult(False, self.start_at, end_at, sent, bytes_end_at)
-            wait_s = end_at - env.now
-        if wait_s > 0:
-            self._wait(env.timeout(wait_s), lambda _event: self._end(result))
-        else:
-            self._end(result)
-
-    def _end(self, result: TransferResult) -> None:
-        self._waiting = None
-        self.then(result)
-
-
-def _ignore(_result) -> None:
-    pass
-
-
-def transfer(env: simpy.Environment, network: Network, device: int, direction: Direction, nbytes: float, *,
-             until_at: float | None = None):
-    """`Transfer` as a SimPy generator for a process: returns its TransferResult.
-
-    Interrupting the calling process (the device goes offline) cancels the transfer (its flow leaves the
-    links at once, so the others speed up) and re-raises the Interrupt.
-    """
-    if env is not network.env:
-        raise FedsimError("transfer: the network belongs to another SimPy environment")
-    arrived = env.event()
-    job = Transfer(network, device, direction, nbytes, until_at, arrived.succeed)
-    job.start()
-    try:
-        return (yield arrived)
-    except simpy.Interrupt:
-        job.cancel()
-        raise

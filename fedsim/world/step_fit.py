@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fedsim.errors import DataError
-from fedsim.world.measurements import MNIST_SHAPE, MnnLeNet, load_time_table, train_flops_per_sample
+from fedsim.world.measurements import LENET_TRAIN_FLOPS_PER_SAMPLE, load_time_table
 
 __all__ = ["AffineStepFit", "fit_step_time", "affine_calibration"]
 
@@ -58,7 +58,6 @@ def fit_step_time(table: dict[int, float], where: str = "time table") -> AffineS
 
 def affine_calibration(time_table: str | Path) -> tuple[float, float]:
     """(effective FLOP/s, step overhead in seconds) of the phone behind `time_table`, the reference model
-    being the benchmark's LeNet (`MnnLeNet`) on MNIST."""
+    being the benchmark's LeNet (`fedsim.world.lenet.MnnLeNet`) on MNIST, its FLOPs per sample a constant."""
     fit = fit_step_time(load_time_table(time_table), str(time_table))
-    per_sample_flops = train_flops_per_sample(MnnLeNet(), MNIST_SHAPE)
-    return per_sample_flops / (fit.slope_ms / 1000.0), fit.overhead_ms / 1000.0
+    return LENET_TRAIN_FLOPS_PER_SAMPLE / (fit.slope_ms / 1000.0), fit.overhead_ms / 1000.0

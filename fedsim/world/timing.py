@@ -7,10 +7,12 @@ first) everywhere in this module: column k of `backward_s` is the k-th layer the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedsim.learn.profile import ModelProfile
+if TYPE_CHECKING:       # an annotation only: the policies read timing without importing torch
+    from fedsim.learn.profile import ModelProfile
 
 __all__ = ["RoundPlan", "plan_round", "max_depth_fitting", "merge_plans"]
 
