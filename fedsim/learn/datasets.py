@@ -32,7 +32,8 @@ The contract:
   data set reads (`dir`, `synthetic_alpha`, ...; each declares them in `reads`) is named in a notice
   ("synthetic ignores data.dir"), so `--set data.name=...` switches data sets.
 * `load(request)` runs when a run is built and returns the `fedsim.learn.data.Dataset`: floating-point
-  inputs of shape (N, *input_shape), int64 labels in 0..num_classes-1, non-empty training and test sets.
+  inputs of shape (N, *input_shape), int64 labels in 0..num_classes-1, non-empty training and test sets
+  (tensors, or `fedsim.learn.rows.LazyRows` for a set made on demand, whose labels are then not checked).
   `request` (a `DataRequest`) gives the number of devices, the samples per device, the run's data stream
   `request.rng` (the only randomness a data set may use: the same seed gives the same data) and
   `request.error(key, message)`, the ScenarioError for field `data.<key>`. Anything else `load` raises
@@ -55,7 +56,9 @@ import numpy as np
 import torch
 
 from fedsim.errors import DataError, ScenarioError, ScenarioFileError
-from fedsim.learn.data import Dataset, Partition, load_mnist, make_synthetic
+from fedsim.learn.data import Dataset, Partition, load_mnist
+from fedsim.learn.rows import LazyRows
+from fedsim.learn.synthetic import EAGER_BYTES, make_synthetic
 from fedsim.spec.fields import Fields, printable, show_key
 
 __all__ = ["DataRequest", "DataSource", "Mnist", "Synthetic", "check_dataset", "check_partition",
@@ -118,7 +121,8 @@ class Mnist(DataSource):
 
 @dataclass(frozen=True)
 class Synthetic(DataSource):
-    """FedProx synthetic(alpha, beta), generated from the data stream; device k owns its own samples."""
+    """FedProx synthetic(alpha, beta), every device from its own stream of the run's data stream; device k owns its
+    own samples. Held whole when it takes at most EAGER_BYTES, else made on demand (`fedsim.learn.synthetic`)."""
     alpha: float = 1.0
     beta: float = 1.0
     test_samples_per_device: int = 20
@@ -142,7 +146,11 @@ class Synthetic(DataSource):
         return Partition.blocks(request.n_devices, request.samples_per_device)
 
     def memory_bytes(self, n_devices: int, samples_per_device: int) -> int:
-        return n_devices * (samples_per_device + self.test_samples_per_device) * (60 + 1) * 4
+        """Both sets held whole, or, when that is more than EAGER_BYTES, the test set (training rows are made
+        on demand then)."""
+        row_bytes = 60 * 4 + 8
+        whole = n_devices * (samples_per_device + self.test_samples_per_device) * row_bytes
+        return whole if whole <= EAGER_BYTES else n_devices * self.test_samples_per_device * row_bytes
 
 
 def check_dataset(dataset: object) -> str | None:
@@ -157,7 +165,8 @@ def check_dataset(dataset: object) -> str | None:
         return f"returned num_classes {classes!r}; expected a positive int"
     for part in ("train", "test"):
         x, y = getattr(dataset, f"x_{part}"), getattr(dataset, f"y_{part}")
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        lazy = isinstance(x, LazyRows) and isinstance(y, LazyRows)     # made on demand: the labels are not read
+        if not lazy and (not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor)):
             return f"returned x_{part} and y_{part} of types {type(x).__name__}, {type(y).__name__}; expected tensors"
         if not x.is_floating_point():
             return f"returned x_{part} of dtype {x.dtype}; expected floating-point inputs"
@@ -170,6 +179,8 @@ def check_dataset(dataset: object) -> str | None:
             return f"returned {len(x)} {part} inputs but {len(y)} labels"
         if len(y) == 0:
             return f"returned an empty {'training' if part == 'train' else 'test'} set"
+        if lazy:
+            continue
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= classes:
             return f"returned {part} labels in {low}..{high}; expected 0..{classes - 1} ({classes} classes)"

@@ -23,6 +23,7 @@ from fedsim.spec.network import AccessKind, Direction, Preset
 from fedsim.world.fleet import Fleet
 from fedsim.learn.grads import GradientEngine
 from fedsim.learn.profile import ModelProfile
+from fedsim.learn.rows import full_tensor
 from fedsim.spec.scenario import Scenario, UploadMode
 from fedsim.learn.local import LocalTrainer
 from fedsim.learn.loss import load_loss
@@ -75,9 +76,7 @@ class ServerBase:
         self.fleet = fleet
         self.partition = partition
         self.trace = trace
-        dtype = next(model.parameters()).dtype
-        self.x_test = dataset.x_test.to(dtype)
-        self.y_test = dataset.y_test
+        self._test_set = (dataset.x_test.to(next(model.parameters()).dtype), dataset.y_test)
         self.input_shape = dataset.input_shape
         self.num_classes = dataset.num_classes
         self.availability = _availability(scenario, fleet)
@@ -92,6 +91,22 @@ class ServerBase:
         self.time_budget_s = scenario.run.time_budget_s
         self.ended_by: str | None = None       # "rounds", "time_budget_s" or "duration_s" once the run ends
         self.final_eval: Evaluation | None = None   # an evaluation made after the last row was written
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test inputs and labels; a test set made on demand (`fedsim.learn.rows`) is made when first asked
+        for (the first evaluation)."""
+        x, y = self._test_set
+        if not isinstance(x, torch.Tensor):
+            self._test_set = x, y = full_tensor(x), full_tensor(y)
+        return x, y
+
+    @property
+    def x_test(self) -> torch.Tensor:
+        return self.test_set()[0]
+
+    @property
+    def y_test(self) -> torch.Tensor:
+        return self.test_set()[1]
 
     def last_row_values(self) -> dict:
         """What the last rounds.parquet row holds that is known only when the run has ended."""
