@@ -1,6 +1,6 @@
 """Where the time of a big round goes: N devices, K participants, the fleet of `benchmarks.scale`.
 
-    python -m benchmarks.round_parts [--devices N] [--participants K] [--rounds R]
+    python -m benchmarks.round_parts [--quick] [--devices N] [--participants K] [--rounds R]
 
 Runs the scenario of `benchmarks.scale` (paper MLP on synthetic data, SALF with a 0.1 s deadline, one torch
 thread, the real `Server`, trace and gradients) and times each part of every round with the server's own
@@ -92,12 +92,16 @@ def measure(devices: int, participants: int, rounds: int) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--devices", type=int, default=2_000)
-    ap.add_argument("--participants", type=int, default=1_000)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="N 400, K 200, 2 rounds")
+    ap.add_argument("--devices", type=int, default=None, help="default 2,000 (--quick 400)")
+    ap.add_argument("--participants", type=int, default=None, help="default 1,000 (--quick 200)")
+    ap.add_argument("--rounds", type=int, default=None, help="default 10 (--quick 2)")
     args = ap.parse_args(argv)
-    result = measure(args.devices, args.participants, args.rounds)
-    ms = result["ms"]
+    args.devices = args.devices or (400 if args.quick else 2_000)
+    args.participants = args.participants or (200 if args.quick else 1_000)
+    args.rounds = args.rounds or (2 if args.quick else 10)
+    measured = measure(args.devices, args.participants, args.rounds)
+    ms = measured["ms"]
     rows = [["whole round", ms["round"]],
             ["  set-up (selection, plan, draws)", ms["setup_round"]],
             ["    of which mini-batch draws", ms["sample_batches"]],
@@ -107,10 +111,11 @@ def main(argv=None) -> dict:
             ["    of which device rows", ms["device rows"]],
             ["    of which trace flush", ms["trace flush"]],
             ["bare SimPy, the same events", ms["bare SimPy"]]]
-    print_table(f"N {args.devices}, K {args.participants}: median ms per round ({round(result['events_per_round'])} "
+    print_table(f"N {args.devices}, K {args.participants}: median ms per round ({round(measured['events_per_round'])} "
                 "events)", ["part", "ms/round"], rows)
-    emit({"benchmark": "round_parts", **{k: v for k, v in result.items() if k != "ms"},
-          **{f"ms_{k.replace(' ', '_')}": round(v, 3) for k, v in ms.items()}})
+    result = {"benchmark": "round_parts", "quick": args.quick, **{k: v for k, v in measured.items() if k != "ms"},
+              **{f"ms_{k.replace(' ', '_')}": round(v, 4) for k, v in ms.items()}}
+    emit(result)
     return result
 
 

@@ -105,3 +105,14 @@ def test_scale_benchmark(capsys):
     # n flows of 1..n kB on one 8 Mbit/s link end one by one; the last when every bit has crossed the link
     n = r["shared_link_flows"]
     assert n == 200 and r["shared_link_end_s"] == pytest.approx(8e3 * n * (n + 1) / 2 / 8e6, rel=1e-12)
+
+
+def test_round_parts_benchmark(capsys):
+    r = run_benchmark("round_parts", capsys)
+    assert (r["devices"], r["participants"], r["rounds"]) == (400, 200, 2)
+    assert r["participants"] <= r["events_per_round"] <= 5 * r["participants"] + 10
+    # the parts are nested in the round: set-up, events and the end add up to it (medians of two rounds: means)
+    assert r["ms_round"] == pytest.approx(r["ms_setup_round"] + r["ms_events"] + r["ms_finish_round"], abs=2e-3)
+    assert 0 < r["ms_sample_batches"] <= r["ms_setup_round"] and r["ms_events"] > 0
+    assert 0 < r["ms_aggregate"] + r["ms_device_rows"] + r["ms_trace_flush"] <= r["ms_finish_round"]
+    assert r["ms_bare_SimPy"] > 0
