@@ -137,3 +137,45 @@ def test_lazy_synthetic_rows_equal_the_whole_data_set_and_ignore_the_fleet_size(
         lazy.x_train[np.array([350])]
     assert torch.equal(lazy.x_test.tensor(), whole.x_test) and torch.equal(lazy.y_test.tensor(), whole.y_test)
     assert torch.equal(lazy.y_train.tensor(), whole.y_train)
+
+
+def test_a_worker_tells_lazy_synthetic_data_of_another_seed_apart():
+    from fedsim.cluster.worker import data_digest
+    from fedsim.learn.synthetic import make_synthetic
+
+    def digest(seed, **kw):
+        return data_digest(*make_synthetic(1.0, 1.0, 100, 10, 1, np.random.default_rng(seed), lazy=True, **kw))
+
+    assert digest(3) == digest(3)
+    assert len({digest(3), digest(4), digest(3, num_classes=5)}) == 3
+    whole = data_digest(*make_synthetic(1.0, 1.0, 100, 10, 1, np.random.default_rng(3), lazy=False))
+    assert whole != digest(3)             # held whole, the data themselves are hashed
+
+
+@pytest.mark.parametrize("policy", ["salf", "partial", "fedasync"])
+def test_a_run_on_synthetic_data_made_on_demand_equals_the_run_holding_them(monkeypatch, tmp_path, policy):
+    """The gradient engine, the local trainer and the evaluation see the same rows whether the data are held whole
+    or made on demand: every table and the model are the same."""
+    import pyarrow.parquet as pq
+
+    import fedsim.learn.synthetic as synthetic
+    from fedsim.learn.rows import LazyRows
+    from fedsim.run import run_scenario
+    from fedsim.sim.build import load_data
+
+    extra = ["policy.duration_s=0.6", "policy.eval_every_s=0.3"] if policy == "fedasync" else []
+    runs = {}
+    for lazy in (False, True):
+        monkeypatch.setattr(synthetic, "EAGER_BYTES", 0 if lazy else 1 << 28)
+        scn = load_scenario(REPO / "scenarios" / "quickstart.toml",
+                            ["run.rounds=2", "run.eval_every=1", f"policy.name={policy}", *extra])
+        assert isinstance(load_data(scn)[0].x_train, LazyRows) == lazy
+        out = tmp_path / f"lazy={lazy}"
+        run_scenario(scn, out)
+        runs[lazy] = ({name: pq.read_table(out / f"{name}.parquet").replace_schema_metadata(None)
+                       for name in ("events", "devices", "rounds")}, torch.load(out / "model.pt", weights_only=True))
+    (tables, model), (lazy_tables, lazy_model) = runs[False], runs[True]
+    for name, table in tables.items():
+        assert table.equals(lazy_tables[name]), name
+    assert tables["rounds"].column("test_accuracy").null_count < tables["rounds"].num_rows     # it evaluated
+    assert model.keys() == lazy_model.keys() and all(torch.equal(model[k], lazy_model[k]) for k in model)

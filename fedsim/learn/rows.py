@@ -59,7 +59,7 @@ class LazyRows:
     def __getitem__(self, index) -> torch.Tensor:
         """Rows `index` (an index array or tensor, or a slice) as a tensor."""
         if isinstance(index, slice):
-            index = np.arange(len(self))[index]
+            index = np.arange(*index.indices(len(self)))
         x, y = self.source.take(self.part, np.asarray(index, dtype=np.int64))
         return x.to(self.dtype) if self.column == "x" else y
 
