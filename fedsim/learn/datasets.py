@@ -147,10 +147,11 @@ class Synthetic(DataSource):
 
     def memory_bytes(self, n_devices: int, samples_per_device: int) -> int:
         """Both sets held whole, or, when that is more than EAGER_BYTES, the test set (training rows are made
-        on demand then)."""
+        on demand then); and the partition's indices."""
         row_bytes = 60 * 4 + 8
         whole = n_devices * (samples_per_device + self.test_samples_per_device) * row_bytes
-        return whole if whole <= EAGER_BYTES else n_devices * self.test_samples_per_device * row_bytes
+        held = whole if whole <= EAGER_BYTES else n_devices * self.test_samples_per_device * row_bytes
+        return held + super().memory_bytes(n_devices, samples_per_device)
 
 
 def check_dataset(dataset: object) -> str | None:
