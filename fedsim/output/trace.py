@@ -11,14 +11,12 @@ journaled at least once per round (see `TableWriter`), and compacted to Parquet 
 
 from __future__ import annotations
 
-import array
 import enum
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -110,22 +108,6 @@ ROUNDS_SCHEMA = pa.schema([
 ])
 
 
-# Fixed-width columns of tables without nulls buffer into typed arrays: appending costs what a list's does, and
-# a flush hands the buffer to Arrow as it is instead of converting every Python number.
-_TYPECODES = {pa.int16(): "h", pa.int32(): "i", pa.int64(): "q", pa.float64(): "d"}
-
-
-def _buffer(field: pa.Field, typed: bool) -> list | array.array:
-    code = _TYPECODES.get(field.type) if typed else None
-    return [] if code is None or array.array(code).itemsize != field.type.bit_width // 8 else array.array(code)
-
-
-def _column(values: list | array.array, type_: pa.DataType) -> pa.Array:
-    if isinstance(values, array.array):
-        return pa.array(np.frombuffer(values, dtype=type_.to_pandas_dtype()).copy(), type_)   # the buffer is reused
-    return pa.array(values, type_)
-
-
 def _plain(schema: pa.Schema) -> pa.Schema:
     """The journal's schema: dictionary columns as plain strings, so batches need no shared dictionary."""
     fields = [pa.field(f.name, pa.string()) if pa.types.is_dictionary(f.type) else f for f in schema]
@@ -161,12 +143,11 @@ class TableWriter:
     """
 
     def __init__(self, path: Path, schema: pa.Schema, metadata: dict[str, str], flush_rows: int = 65_536,
-                 keep_rows: int | None = None, nulls: bool = True):
-        """`nulls` False: no column takes None, so numeric columns buffer into typed arrays."""
+                 keep_rows: int | None = None):
         self.path = path
         self.schema = schema.with_metadata(metadata)
         self.journal = path.with_suffix(".arrows")
-        self.columns: dict[str, list | array.array] = {f.name: _buffer(f, not nulls) for f in schema}
+        self.columns: dict[str, list] = {name: [] for name in schema.names}
         self.flush_rows = flush_rows
         self._plain = _plain(self.schema)
         self.rows_written = 0
@@ -227,12 +208,12 @@ class TableWriter:
         n = len(self)
         if n == 0 or self._writer is None:
             return
-        arrays = [_column(self.columns[f.name], f.type) for f in self._plain]
+        arrays = [pa.array(self.columns[f.name], f.type) for f in self._plain]
         self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._plain))
         self._sink.flush()
         self.rows_written += n
         for col in self.columns.values():
-            del col[:]
+            col.clear()
 
     def close(self, complete: bool = True, last_row: dict[str, Any] | None = None) -> None:
         """Stop writing; if the run completed, write the Parquet file from the journal, with the values of
@@ -288,10 +269,8 @@ class TraceWriter:
             body = {"schema_version": SCHEMA_VERSION, **description}
             write_atomic(Path(run_dir) / TRACE_JSON, (json.dumps(body, indent=2) + "\n").encode())
         keep = keep_rows or {}
-        self.events = TableWriter(run_dir / "events.parquet", EVENTS_SCHEMA, meta, keep_rows=keep.get("events"),
-                                  nulls=False)
-        self.devices = TableWriter(run_dir / "devices.parquet", DEVICES_SCHEMA, meta, keep_rows=keep.get("devices"),
-                                   nulls=False)
+        self.events = TableWriter(run_dir / "events.parquet", EVENTS_SCHEMA, meta, keep_rows=keep.get("events"))
+        self.devices = TableWriter(run_dir / "devices.parquet", DEVICES_SCHEMA, meta, keep_rows=keep.get("devices"))
         self.rounds = TableWriter(run_dir / "rounds.parquet", ROUNDS_SCHEMA, meta, keep_rows=keep.get("rounds"))
         cols = self.events.columns
         self._appends = tuple(cols[name].append for name in EVENTS_SCHEMA.names)
