@@ -179,3 +179,19 @@ def test_a_run_on_synthetic_data_made_on_demand_equals_the_run_holding_them(monk
         assert table.equals(lazy_tables[name]), name
     assert tables["rounds"].column("test_accuracy").null_count < tables["rounds"].num_rows     # it evaluated
     assert model.keys() == lazy_model.keys() and all(torch.equal(model[k], lazy_model[k]) for k in model)
+
+
+def test_lazy_rows_made_by_several_threads_at_once_are_the_same_rows():
+    """Dask runs a worker's shard tasks in threads that share the run's data: each device is made whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedsim.learn.rows import take_rows
+    from fedsim.learn.synthetic import make_synthetic
+
+    whole, _ = make_synthetic(1.0, 1.0, 400, 10, 1, np.random.default_rng(8), lazy=False)
+    lazy, _ = make_synthetic(1.0, 1.0, 400, 10, 1, np.random.default_rng(8), lazy=True)
+    batches = [np.random.default_rng(i).choice(4000, 500, replace=False) for i in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda idx: take_rows(lazy.x_train, lazy.y_train, idx), batches))
+    for idx, (x, y) in zip(batches, got):
+        assert torch.equal(x, whole.x_train[idx]) and torch.equal(y, whole.y_train[idx])

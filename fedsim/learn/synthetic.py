@@ -25,6 +25,7 @@ the test set concatenates every device's test samples in device order.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -69,6 +70,7 @@ class SyntheticDevices:
         self._bits = np.random.Philox(key=self.key)
         self._gen = np.random.Generator(self._bits)
         self._state = self._bits.state
+        self._lock = threading.Lock()     # one generator, sought per device: one device at a time (Dask threads)
         self._whole: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _seek(self, device: int, part: int) -> None:
@@ -91,14 +93,15 @@ class SyntheticDevices:
         for lo in range(0, len(devices), step):
             chunk = devices[lo:lo + step].tolist()
             drawn = np.empty((len(chunk), width + m * D))
-            for i, d in enumerate(chunk):
-                seek(d, 0)
-                if part == TRAIN:
-                    normal(out=drawn[i])                  # the function, then the training inputs
-                else:
-                    normal(out=drawn[i, :width])
-                    seek(d, 1)
-                    normal(out=drawn[i, width:])
+            with self._lock:
+                for i, d in enumerate(chunk):
+                    seek(d, 0)
+                    if part == TRAIN:
+                        normal(out=drawn[i])                  # the function, then the training inputs
+                    else:
+                        normal(out=drawn[i, :width])
+                        seek(d, 1)
+                        normal(out=drawn[i, width:])
             f, z = drawn[:, :width], drawn[:, width:].reshape(len(chunk), m, D)
             u, shift = math.sqrt(self.alpha) * f[:, 0], math.sqrt(self.beta) * f[:, 1]
             biases = f[:, 2:2 + C] + u[:, None]
