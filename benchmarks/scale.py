@@ -5,8 +5,10 @@
 1. Fleets of N devices with K participants per round: the paper MLP on synthetic data (10 samples per
    device, one test sample, one torch thread), SALF with a 0.1 s deadline, the real `Server`, trace and gradients. Each size
    runs in a fresh subprocess, which reports the seconds its imports took, the build (`build_components` and
-   the `Server`), the median wall time of a round (the first round, which warms torch up, left out), its
-   events per round and its own peak RSS (`ru_maxrss`).
+   the `Server`), the median wall time of a round (the first round, which warms torch up, left out), the
+   last round (the only one evaluated: a fleet whose data are made on demand makes its test set there), its
+   events per round and its own peak RSS (`ru_maxrss`). Two fleets run again with churn (exponential on and
+   off periods, means 600 s and 120 s): a round then selects from the devices online.
 2. The reference of a round: bare SimPy scheduling the same number of events as the round did, as K
    chains of timeouts whose callbacks schedule the next (how fedsim's device rounds work), nothing else.
 3. A crowded link: n = 1,000 and 3,000 flows of sizes 1, 2, ..., n kB start together on one access point's
@@ -69,11 +71,15 @@ name = "salf"
 deadline_s = 0.1
 """
 
-SIZES = ((1_000, 100), (100_000, 100), (1_000_000, 100), (2_000, 1_000))
-QUICK_SIZES = ((1_000, 100), (10_000, 100), (1_000, 1_000))
+CHURN = ('latency_s = 0.01\navailability = { on_s = { dist = "exponential", mean = 600 }, '
+         'off_s = { dist = "exponential", mean = 120 } }')
+# (N, K, churn)
+SIZES = ((1_000, 100, False), (100_000, 100, False), (1_000_000, 100, False), (2_000, 1_000, False),
+         (1_000, 100, True), (1_000_000, 100, True))
+QUICK_SIZES = ((1_000, 100, False), (10_000, 100, False), (1_000, 1_000, False), (1_000, 100, True))
 
 
-def fleet_child(devices: int, participants: int, rounds: int) -> None:
+def fleet_child(devices: int, participants: int, rounds: int, churn: bool = False) -> None:
     """Run in a fresh subprocess: imports, build, `rounds` + 1 rounds; print the figures as JSON."""
     start = time.perf_counter()
     import simpy
@@ -89,8 +95,8 @@ def fleet_child(devices: int, participants: int, rounds: int) -> None:
     torch.set_num_threads(1)        # as `fedsim run` and the sweep runner: one thread per process
 
     start = time.perf_counter()
-    scn = parse_scenario(SCALE_TOML.format(devices=devices, participants=participants, rounds=rounds + 1),
-                         "benchmarks/scale.py")
+    text = SCALE_TOML.format(devices=devices, participants=participants, rounds=rounds + 1)
+    scn = parse_scenario(text.replace("latency_s = 0.01", CHURN) if churn else text, "benchmarks/scale.py")
     comp = build_components(scn)
     with tempfile.TemporaryDirectory() as tmp:
         trace = TraceWriter(Path(tmp), {})
@@ -105,8 +111,8 @@ def fleet_child(devices: int, participants: int, rounds: int) -> None:
     per_round = [b - a for a, b in zip(ends[1:], ends[2:])]      # round 0 warms torch up
     events_per_round = events / (rounds + 1)
     print(json.dumps({
-        "devices": devices, "participants": participants, "rounds": rounds, "import_s": import_s,
-        "build_s": build_s, "ms_per_round": statistics.median(per_round) * 1e3,
+        "devices": devices, "participants": participants, "churn": churn, "rounds": rounds, "import_s": import_s,
+        "build_s": build_s, "ms_per_round": statistics.median(per_round) * 1e3, "last_round_s": per_round[-1],
         "events_per_round": events_per_round,
         "simpy_ms_per_round": bare_simpy_round_ms(participants, round(events_per_round), rounds),
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))     # Linux: kilobytes
@@ -138,9 +144,10 @@ def _chain(env, delays: list[float], i: int) -> None:
         env.timeout(delays[i]).callbacks.append(lambda _event: _chain(env, delays, i + 1))
 
 
-def fleet(devices: int, participants: int, rounds: int) -> dict:
+def fleet(devices: int, participants: int, churn: bool, rounds: int) -> dict:
     out = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--child", str(devices), str(participants),
-                          "--rounds", str(rounds)], cwd=REPO, capture_output=True, text=True, check=False)
+                          "--rounds", str(rounds)] + ["--churn"] * churn, cwd=REPO, capture_output=True, text=True,
+                         check=False)
     if out.returncode != 0:
         raise SystemExit(f"scale subprocess (N={devices}, K={participants}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -239,19 +246,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-million", action="store_true", help="leave out the N = 1,000,000 fleet")
     ap.add_argument("--links-only", action="store_true", help="only the crowded link (no fleets)")
     ap.add_argument("--child", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--churn", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 10)
     if args.child is not None:
-        fleet_child(*args.child, rounds)
+        fleet_child(*args.child, rounds, args.churn)
         return {}
     sizes = QUICK_SIZES if args.quick else tuple(s for s in SIZES if not (args.no_million and s[0] == 1_000_000))
     sizes = () if args.links_only else sizes
     print(f"benchmarks.scale: paper MLP on synthetic data, SALF, {rounds} rounds timed per fleet")
-    runs = [fleet(n, k, rounds) for n, k in sizes]
+    runs = [fleet(n, k, churn, rounds) for n, k, churn in sizes]
     print_table("fleets (each in its own process)",
-                ["N", "K", "import s", "build s", "ms/round", "bare SimPy ms/round", "events/round", "peak RSS MB"],
-                [[r["devices"], r["participants"], r["import_s"], r["build_s"], r["ms_per_round"],
-                  r["simpy_ms_per_round"], round(r["events_per_round"]), r["rss_mb"]] for r in runs])
+                ["N", "K", "churn", "import s", "build s", "ms/round", "bare SimPy ms/round", "events/round",
+                 "last round s", "peak RSS MB"],
+                [[r["devices"], r["participants"], "yes" if r["churn"] else "no", r["import_s"], r["build_s"],
+                  r["ms_per_round"], r["simpy_ms_per_round"], round(r["events_per_round"]), r["last_round_s"],
+                  r["rss_mb"]] for r in runs])
     flow_counts = (200,) if args.quick else (1_000, 3_000)
     links = {}
     for n_flows in flow_counts:
@@ -264,8 +274,9 @@ def main(argv=None) -> dict:
     n_flows = flow_counts[0]
     wall, end_s, simgrid = links[n_flows]["wall_s"], links[n_flows]["end_s"], links[n_flows]["simgrid"]
 
-    def pick(n: int, k: int, key: str):
-        return next((round(r[key], 3) for r in runs if (r["devices"], r["participants"]) == (n, k)), None)
+    def pick(n: int, k: int, key: str, churn: bool = False):
+        return next((round(r[key], 3) for r in runs if (r["devices"], r["participants"], r["churn"]) == (n, k, churn)),
+                    None)
 
     k1000 = next((r for r in runs if r["participants"] == 1_000), None)
     result = {"benchmark": "scale", "quick": args.quick, "rounds": rounds,
@@ -273,6 +284,9 @@ def main(argv=None) -> dict:
               "build_s_1m": pick(1_000_000, 100, "build_s"), "rss_mb_1m": pick(1_000_000, 100, "rss_mb"),
               "ms_per_round_1m": pick(1_000_000, 100, "ms_per_round"),
               "ms_per_round_1k": pick(1_000, 100, "ms_per_round"),
+              "ms_per_round_1k_churn": pick(1_000, 100, "ms_per_round", churn=True),
+              "ms_per_round_1m_churn": pick(1_000_000, 100, "ms_per_round", churn=True),
+              "last_round_s_1m": pick(1_000_000, 100, "last_round_s"),
               "ms_per_round_k1000": None if k1000 is None else round(k1000["ms_per_round"], 3),
               "simpy_ms_per_round_k1000": None if k1000 is None else round(k1000["simpy_ms_per_round"], 3),
               "shared_link_flows": n_flows, "shared_link_1000_s": round(wall, 4) if n_flows == 1_000 else None,

@@ -23,7 +23,7 @@ __all__ = ["COMPONENT_STREAMS", "KEYED_STREAMS", "component_rng", "component_see
            "keyed_seed_sequence"]
 
 COMPONENT_STREAMS: dict[str, int] = {
-    "data": 0,          # a data set's own draws (synthetic data)
+    "data": 0,          # a data set's own draws (synthetic data: the key of its per-device Philox streams)
     "partition": 1,     # the partition of the training samples across devices (iid, dirichlet)
     "model": 2,         # the model's initial weights (through one torch.Generator seed)
     "fleet": 3,         # per-device speeds and link rates (measured phones, FLASH users)

@@ -91,13 +91,15 @@ def test_engine_benchmark(capsys):
 
 def test_scale_benchmark(capsys):
     r = run_benchmark("scale", capsys)
-    sizes = [(f["devices"], f["participants"]) for f in r["fleets"]]
-    assert sizes == [(1_000, 100), (10_000, 100), (1_000, 1_000)] and r["rounds"] == 2
+    sizes = [(f["devices"], f["participants"], f["churn"]) for f in r["fleets"]]
+    assert sizes == [(1_000, 100, False), (10_000, 100, False), (1_000, 1_000, False), (1_000, 100, True)]
+    assert r["rounds"] == 2 and r["ms_per_round_1k_churn"] == pytest.approx(r["fleets"][3]["ms_per_round"], abs=6e-4)
     for f in r["fleets"]:
         # SALF, 3 layers, star network, ideal uploads: a participant's round is at most download, forward and
         # 3 backward timeouts, plus a few events of the round itself, and never less than its download
         assert f["participants"] <= f["events_per_round"] <= 5 * f["participants"] + 10
         assert f["import_s"] > 0 and f["build_s"] > 0 and f["ms_per_round"] > 0 and f["simpy_ms_per_round"] > 0
+        assert f["last_round_s"] > 0
         assert f["rss_mb"] > 50
     assert r["build_s_1m"] is None and r["rss_mb_1m"] is None     # --quick leaves the million out
     # the headline is the raw figure to 3 decimals, the table's to 4: equal up to those roundings
@@ -118,3 +120,13 @@ def test_startup_benchmark(capsys):
     assert r["import_build_s"] == pytest.approx(r["import_s"] + r["build_s"], abs=2e-4)
     assert r["build_process_s"] >= r["import_build_s"] - 1e-3
 
+
+def test_round_parts_benchmark(capsys):
+    r = run_benchmark("round_parts", capsys)
+    assert (r["devices"], r["participants"], r["rounds"]) == (400, 200, 2)
+    assert r["participants"] <= r["events_per_round"] <= 5 * r["participants"] + 10
+    # the parts are nested in the round: set-up, events and the end add up to it (medians of two rounds: means)
+    assert r["ms_round"] == pytest.approx(r["ms_setup_round"] + r["ms_events"] + r["ms_finish_round"], abs=2e-3)
+    assert 0 < r["ms_sample_batches"] <= r["ms_setup_round"] and r["ms_events"] > 0
+    assert 0 < r["ms_aggregate"] + r["ms_device_rows"] + r["ms_trace_flush"] <= r["ms_finish_round"]
+    assert r["ms_bare_SimPy"] > 0

@@ -280,3 +280,31 @@ def test_many_devices_one_process():
     env.run(until=600.0)
     # 10,000 watched devices, about 2 switches per 720 s each.
     assert count[0] == pytest.approx(10_000 * 600 * 2 / 720, rel=0.05)
+
+
+def test_event_driven_online_set_equals_asking_every_device():
+    """The online set kept event by event (rounds going forward, participants watched in between, a look back)
+    gives the ids a fresh source gives when every device is asked at that time."""
+    specs = [ChurnSpec(exponential(40.0), exponential(15.0), InitialState.STATIONARY), None,
+             ChurnSpec(fixed(3.0), Dist(DistKind.UNIFORM, 1.0, 9.0), InitialState.OFFLINE)]
+    cls = np.arange(3_000) % 3
+    kept = RenewalAvailability(cls, specs, np.random.default_rng(4))
+    times = [0.0, 0.0, 0.5, 0.5, 2.0, 3.0, 3.0, 7.25, 60.0, 61.0, 1.5, 62.0, 62.0, 500.0, 499.0, 900.0]
+    watched = np.random.default_rng(0).choice(3_000, 300, replace=False)
+    for at in times:
+        fresh = RenewalAvailability(cls, specs, np.random.default_rng(4))
+        expected = np.flatnonzero(fresh.online_mask(np.arange(3_000), at))
+        got = kept.online_devices(at)
+        assert np.array_equal(got, expected), at
+        kept.next_switches(watched, at + 4.0)          # a round's watcher advances its participants further
+    # nothing switched between two queries: the same array, not rebuilt
+    assert kept.online_devices(904.0) is kept.online_devices(904.0)
+    assert not kept.online_devices(904.0).flags.writeable      # the pool policies select from, shared
+
+
+def test_trace_online_set_is_rebuilt_only_past_a_switch(trace_file):
+    avail = load_availability_trace(trace_file, 4)
+    first = avail.online_devices(5.0)
+    assert avail.online_devices(5.9) is first and first.tolist() == [0, 1, 2]
+    for at, online in list(EXPECTED_ONLINE.items())[::-1] + list(EXPECTED_ONLINE.items()):
+        assert avail.online_devices(at).tolist() == online, at

@@ -13,7 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedsim.learn.data import (Dataset, Partition, load_mnist, make_synthetic, partition_dirichlet,
+from fedsim.learn.synthetic import make_synthetic
+from fedsim.learn.data import (Dataset, Partition, load_mnist, partition_dirichlet,
                          partition_iid, read_idx)
 from fedsim.errors import DataError
 

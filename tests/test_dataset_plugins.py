@@ -316,7 +316,7 @@ def test_a_plugin_may_name_its_own_field(blobs, capsys):
 
 
 def test_the_builtin_datasets_are_plugins_of_the_same_interface():
-    from fedsim.learn.data import make_synthetic
+    from fedsim.learn.synthetic import make_synthetic
     from fedsim.learn.datasets import DataSource, Mnist, Synthetic
     from fedsim.seeds import component_rng
     from fedsim.sim.build import build_components

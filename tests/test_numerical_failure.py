@@ -83,7 +83,7 @@ def test_huge_learning_rate_with_drop_fails_too(tmp_path):
     """float32: round 1's loss is huge, then every device's loss is NaN; dropping them cannot save the run."""
     with pytest.raises(NumericalError, match=r"^rounds 1-3: training diverged: .* in rounds 2, 3 every update was "
                                              r"non-finite and dropped \(devices 0, 1, 2"):
-        run(tmp_path, "training.lr=1e6", DROP, "run.rounds=10")
+        run(tmp_path, "training.lr=1e7", DROP, "run.rounds=10")
     assert _status(tmp_path / "run")["status"] == "failed"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fedsim.learn.data import Partition
 from fedsim.output.trace import DeviceStatus
@@ -78,32 +79,125 @@ def test_sample_batches_checks_its_arguments():
         partition.sample_batches(np.array([0]), 0, 1, np.random.default_rng(0))
 
 
-def _synthetic_whole(alpha, beta, n, spd, tpd, rng, dim=60, num_classes=10):
-    """The synthetic generator as it was: every device's W, b and v drawn whole, then the samples (the oracle
-    of the chunked generator, which must give the same numbers from the same stream)."""
-    u = rng.normal(0.0, np.sqrt(alpha), n)
-    shift = rng.normal(0.0, np.sqrt(beta), n)
-    weights = u[:, None, None] + rng.standard_normal((n, num_classes, dim))
-    biases = u[:, None] + rng.standard_normal((n, num_classes))
-    means = shift[:, None] + rng.standard_normal((n, dim))
+def _synthetic_device(alpha, beta, key, device, spd, tpd, dim, classes):
+    """One device's data as the module docstring defines it, drawn with a fresh Philox per stream, in float64,
+    device by device (the oracle of the vectorised, chunked generator)."""
+    def stream(part):
+        return np.random.Generator(np.random.Philox(key=key, counter=[0, 0, device, part]))
+
+    first = stream(0)
+    f = first.standard_normal(2 + classes + dim + classes * dim)
+    u, shift = np.sqrt(alpha) * f[0], np.sqrt(beta) * f[1]
+    b = f[2:2 + classes] + u
+    v = f[2 + classes:2 + classes + dim] + shift
+    w = f[2 + classes + dim:].reshape(classes, dim) + u
     x_std = np.arange(1, dim + 1, dtype=np.float64) ** -0.6
-    xs = means[:, None, :] + rng.standard_normal((n, spd + tpd, dim)) * x_std
-    y = (xs @ weights.transpose(0, 2, 1) + biases[:, None, :]).argmax(axis=-1)
-    x = xs.astype(np.float32)
-    return (x[:, :spd].reshape(-1, dim), y[:, :spd].reshape(-1), x[:, spd:].reshape(-1, dim), y[:, spd:].reshape(-1))
+    out = []
+    for gen, m in ((first, spd), (stream(1), tpd)):        # training inputs follow the function in stream 0
+        x = v + gen.standard_normal((m, dim)) * x_std
+        out += [x.astype(np.float32), np.array([int(np.argmax(w @ row + b)) for row in x], dtype=np.int64)]
+    return out
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 5_000, 1 << 22])
 @pytest.mark.parametrize("n, spd, tpd, dim, classes", [(37, 10, 1, 60, 10), (5, 3, 0, 7, 2), (64, 1, 4, 20, 30)])
-def test_synthetic_data_drawn_chunk_by_chunk_equals_the_whole_draw(monkeypatch, chunk_elements, n, spd, tpd, dim,
-                                                                   classes):
-    import fedsim.learn.data as data
+def test_synthetic_data_equal_each_device_drawn_alone_from_its_own_streams(monkeypatch, chunk_elements, n, spd, tpd,
+                                                                            dim, classes):
+    import fedsim.learn.synthetic as synthetic
 
-    monkeypatch.setattr(data, "_CHUNK_ELEMENTS", chunk_elements)      # one device per chunk, a few, or one chunk
-    dataset, partition = data.make_synthetic(0.5, 0.7, n, spd, tpd, np.random.default_rng(11), dim=dim,
-                                             num_classes=classes)
-    expected = _synthetic_whole(0.5, 0.7, n, spd, tpd, np.random.default_rng(11), dim=dim, num_classes=classes)
+    monkeypatch.setattr(synthetic, "_CHUNK_ELEMENTS", chunk_elements)     # one device per chunk, a few, or one
+    dataset, partition = synthetic.make_synthetic(0.5, 0.7, n, spd, tpd, np.random.default_rng(11), dim=dim,
+                                                  num_classes=classes, lazy=False)
+    key = np.random.default_rng(11).integers(0, 2**64, size=2, dtype=np.uint64)
+    devices = [_synthetic_device(0.5, 0.7, key, k, spd, tpd, dim, classes) for k in range(n)]
+    expected = [np.concatenate([d[i] for d in devices]) for i in range(4)]
     got = (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)
     for g, e in zip(got, expected):
         assert g.numpy().dtype == e.dtype and np.array_equal(g.numpy(), e)
     assert partition.n_devices == n and np.array_equal(partition.device_indices(n - 1), np.arange((n - 1) * spd, n * spd))
+
+
+def test_lazy_synthetic_rows_equal_the_whole_data_set_and_ignore_the_fleet_size():
+    from fedsim.errors import DataError
+    from fedsim.learn.rows import LazyRows, take_rows
+    from fedsim.learn.synthetic import make_synthetic
+
+    whole, _ = make_synthetic(0.5, 2.0, 50, 7, 3, np.random.default_rng(5), lazy=False)
+    lazy, _ = make_synthetic(0.5, 2.0, 50, 7, 3, np.random.default_rng(5), lazy=True)
+    larger, _ = make_synthetic(0.5, 2.0, 5_000_000, 7, 3, np.random.default_rng(5))   # lazy: 5M devices, no data held
+    assert isinstance(lazy.x_train, LazyRows) and isinstance(larger.x_train, LazyRows)
+    assert lazy.x_train.shape == (350, 60) and lazy.y_test.shape == (150,) and len(larger.y_train) == 35_000_000
+    index = np.array([349, 0, 3, 3, 200, 7, 13, 349])          # repeated rows, several rows of one device, any order
+    for data in (lazy, larger):
+        x, y = take_rows(data.x_train, data.y_train, index)
+        assert torch.equal(x, whole.x_train[index]) and torch.equal(y, whole.y_train[index])
+        assert torch.equal(data.x_train[2:9], whole.x_train[2:9]) and torch.equal(data.y_test[index[1:4]], whole.y_test[index[1:4]])
+        assert data.x_train.to(torch.float64)[index].dtype == torch.float64
+    with pytest.raises(DataError, match=r"index out of range 0\.\.349"):
+        lazy.x_train[np.array([350])]
+    assert torch.equal(lazy.x_test.tensor(), whole.x_test) and torch.equal(lazy.y_test.tensor(), whole.y_test)
+    assert torch.equal(lazy.y_train.tensor(), whole.y_train)
+
+
+def test_a_worker_tells_lazy_synthetic_data_of_another_seed_apart():
+    from fedsim.cluster.worker import data_digest
+    from fedsim.learn.synthetic import make_synthetic
+
+    def digest(seed, **kw):
+        return data_digest(*make_synthetic(1.0, 1.0, 100, 10, 1, np.random.default_rng(seed), lazy=True, **kw))
+
+    assert digest(3) == digest(3)
+    assert len({digest(3), digest(4), digest(3, num_classes=5)}) == 3
+    whole = data_digest(*make_synthetic(1.0, 1.0, 100, 10, 1, np.random.default_rng(3), lazy=False))
+    assert whole != digest(3)             # held whole, the data themselves are hashed
+
+
+@pytest.mark.parametrize("policy", ["salf", "partial", "fedasync"])
+def test_a_run_on_synthetic_data_made_on_demand_equals_the_run_holding_them(monkeypatch, tmp_path, policy):
+    """The gradient engine, the local trainer and the evaluation see the same rows whether the data are held whole
+    or made on demand: every table and the model are the same."""
+    import pyarrow.parquet as pq
+
+    import fedsim.learn.synthetic as synthetic
+    from fedsim.learn.rows import LazyRows
+    from fedsim.run import run_scenario
+    from fedsim.sim.build import load_data
+
+    extra = ["policy.duration_s=0.6", "policy.eval_every_s=0.3"] if policy == "fedasync" else []
+    runs = {}
+    for lazy in (False, True):
+        monkeypatch.setattr(synthetic, "EAGER_BYTES", 0 if lazy else 1 << 28)
+        scn = load_scenario(REPO / "scenarios" / "quickstart.toml",
+                            ["run.rounds=2", "run.eval_every=1", f"policy.name={policy}", *extra])
+        assert isinstance(load_data(scn)[0].x_train, LazyRows) == lazy
+        out = tmp_path / f"lazy={lazy}"
+        run_scenario(scn, out)
+        runs[lazy] = ({name: pq.read_table(out / f"{name}.parquet").replace_schema_metadata(None)
+                       for name in ("events", "devices", "rounds")}, torch.load(out / "model.pt", weights_only=True))
+    (tables, model), (lazy_tables, lazy_model) = runs[False], runs[True]
+    for name, table in tables.items():
+        assert table.equals(lazy_tables[name]), name
+    assert tables["rounds"].column("test_accuracy").null_count < tables["rounds"].num_rows     # it evaluated
+    assert model.keys() == lazy_model.keys() and all(torch.equal(model[k], lazy_model[k]) for k in model)
+
+
+def test_lazy_rows_made_by_several_threads_at_once_are_the_same_rows():
+    """Dask runs a worker's shard tasks in threads that share the run's data: each device is made whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedsim.learn.rows import take_rows
+    from fedsim.learn.synthetic import make_synthetic
+
+    whole, _ = make_synthetic(1.0, 1.0, 400, 10, 1, np.random.default_rng(8), lazy=False)
+    lazy, _ = make_synthetic(1.0, 1.0, 400, 10, 1, np.random.default_rng(8), lazy=True)
+    batches = [np.random.default_rng(i).choice(4000, 500, replace=False) for i in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda idx: take_rows(lazy.x_train, lazy.y_train, idx), batches))
+    for idx, (x, y) in zip(batches, got):
+        assert torch.equal(x, whole.x_train[idx]) and torch.equal(y, whole.y_train[idx])
+
+
+def test_the_data_interface_holds_the_synthetic_threshold_without_torch():
+    from fedsim.learn import datasets, synthetic
+
+    assert datasets.EAGER_BYTES == synthetic.EAGER_BYTES

@@ -24,6 +24,7 @@ import torch
 from fedsim.cluster.session import single_thread
 from fedsim.errors import DataError
 from fedsim.learn.grads import LayerSums
+from fedsim.learn.rows import LazyRows
 
 __all__ = ["RunSpec", "Weights", "add_sums", "data_digest", "forget_run", "hold", "load_run", "portable",
            "shard_layer_sums"]
@@ -41,6 +42,9 @@ def data_digest(dataset, partition) -> str:
     """A fingerprint of the training data and partition: a worker checks it rebuilt what the driver has."""
     h = hashlib.blake2b(digest_size=16)
     for a in (dataset.x_train, dataset.y_train, partition.offsets, partition.indices):
+        if isinstance(a, LazyRows):         # rows made on demand: what makes them
+            h.update(f"{a!r} {a.source.describe()}".encode())
+            continue
         arr = np.ascontiguousarray(a.numpy() if isinstance(a, torch.Tensor) else a)
         h.update(f"{arr.dtype}{arr.shape}".encode())
         h.update(arr.reshape(-1).view(np.uint8))

@@ -1,4 +1,4 @@
-"""Datasets (MNIST from IDX files, FedProx synthetic) and their partition across devices.
+"""Datasets (MNIST from IDX files; FedProx synthetic: `fedsim.learn.synthetic`) and their partition across devices.
 
 Every bad file or argument raises `DataError` naming the file or parameter, so the CLI can report
 it in one line; no other exception type escapes `read_idx`, whatever bytes it is fed.
@@ -18,8 +18,7 @@ import torch
 
 from fedsim.errors import DataError
 
-__all__ = ["Dataset", "Partition", "read_idx", "load_mnist", "make_synthetic", "partition_iid",
-           "partition_dirichlet"]
+__all__ = ["Dataset", "Partition", "read_idx", "load_mnist", "partition_iid", "partition_dirichlet"]
 
 # A gzip stream's decompressed size is unknown until it has been read, so without a cap a header
 # lying about its dims would let a gzip bomb grow the bounded read without limit.
@@ -27,7 +26,7 @@ _MAX_GZIP_PAYLOAD_BYTES = 1 << 32
 _GZIP_CHUNK_BYTES = 1 << 23
 _IDX_OTHER_TYPES = {0x09: "signed byte", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32",
                     0x0E: "float64"}
-# Bounds the float64 temporaries of the vectorised generators to a few tens of MB.
+# Bounds the temporaries of the vectorised partition draws to a few tens of MB.
 _CHUNK_ELEMENTS = 1 << 22
 _MNIST_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                 "t10k-labels-idx1-ubyte")
@@ -37,6 +36,7 @@ _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
 # eq=False: the generated __eq__ would compare tensors elementwise and fail on truth-testing.
 @dataclass(frozen=True, eq=False)
 class Dataset:
+    """Training and test sets; a set too large to hold may be `fedsim.learn.rows.LazyRows`, made on demand."""
     x_train: torch.Tensor  # float32, shape (N, *input_shape)
     y_train: torch.Tensor  # int64, shape (N,)
     x_test: torch.Tensor
@@ -239,63 +239,6 @@ def load_mnist(directory: str | Path) -> Dataset:
         tensors += [torch.from_numpy(lut[images]).reshape(-1, 1, 28, 28),
                     torch.from_numpy(labels.astype(np.int64))]
     return Dataset(*tensors, input_shape=(1, 28, 28), num_classes=10)
-
-
-def make_synthetic(alpha: float, beta: float, n_devices: int, samples_per_device: int,
-                   test_samples_per_device: int, rng: np.random.Generator,
-                   dim: int = 60, num_classes: int = 10) -> tuple[Dataset, Partition]:
-    """The synthetic(alpha, beta) data of FedProx (Li et al., MLSys 2020).
-
-    Device k draws u_k ~ N(0, alpha), B_k ~ N(0, beta), W_k ~ N(u_k, 1) of shape
-    (num_classes, dim), b_k ~ N(u_k, 1), v_k ~ N(B_k, 1) per entry, then x ~ N(v_k, diag(j^-1.2))
-    and y = argmax(W_k x + b_k). N's second argument is the variance, as in the paper (the
-    reference code passes alpha and beta as standard deviations; the two agree at 1).
-    beta sets how far apart the devices' inputs lie. alpha, faithfully to the paper and its code,
-    changes nothing: u_k shifts every class's logit by the same u_k * (sum(x) + 1), which argmax
-    ignores, so for a given rng the output is identical for every alpha. The devices' labelling
-    functions still differ, through the N(0, 1) parts of W_k and b_k.
-
-    Device k owns training rows k*samples_per_device .. (k+1)*samples_per_device - 1 (the returned
-    Partition); the test set concatenates every device's test samples in device order.
-    """
-    _require_number("alpha", alpha, 0, strict=False)
-    _require_number("beta", beta, 0, strict=False)
-    _require_ints(n_devices=(n_devices, 1), samples_per_device=(samples_per_device, 1),
-                  test_samples_per_device=(test_samples_per_device, 0), dim=(dim, 1), num_classes=(num_classes, 2))
-    u = rng.normal(0.0, math.sqrt(alpha), n_devices)
-    shift = rng.normal(0.0, math.sqrt(beta), n_devices)
-    spd, tpd, per_device = samples_per_device, test_samples_per_device, samples_per_device + test_samples_per_device
-    step = max(1, _CHUNK_ELEMENTS // (max(per_device, num_classes) * dim))    # devices per chunk
-    chunks = [(lo, min(lo + step, n_devices)) for lo in range(0, n_devices, step)]
-    # W comes first in the stream but is needed only with each chunk's samples, drawn last: the stream is walked
-    # past W chunk by chunk, keeping where each chunk starts, and each chunk is redrawn from there to label its
-    # samples (the same numbers as W drawn whole, without 8 * num_classes * dim bytes held per device).
-    weight_states = []
-    for lo, hi in chunks:
-        weight_states.append(rng.bit_generator.state)
-        rng.standard_normal((hi - lo, num_classes, dim))
-    biases = rng.standard_normal((n_devices, num_classes)) + u[:, None]
-    means = rng.standard_normal((n_devices, dim)) + shift[:, None]
-    x_std = np.arange(1, dim + 1, dtype=np.float64) ** -0.6  # sqrt of the variance j^-1.2
-    x_train, x_test = (np.empty((n_devices * m, dim), dtype=np.float32) for m in (spd, tpd))
-    y_train, y_test = (np.empty(n_devices * m, dtype=np.int64) for m in (spd, tpd))
-    replay = np.random.Generator(type(rng.bit_generator)())
-    for (lo, hi), state in zip(chunks, weight_states):
-        replay.bit_generator.state = state
-        weights = replay.standard_normal((hi - lo, num_classes, dim)) + u[lo:hi, None, None]
-        xs = means[lo:hi, None, :] + rng.standard_normal((hi - lo, per_device, dim)) * x_std
-        with np.errstate(over="ignore", invalid="ignore"):   # checked next, with a message naming beta
-            ys = (xs @ weights.transpose(0, 2, 1) + biases[lo:hi, None, :]).argmax(axis=-1)
-            xs = xs.astype(np.float32)
-        if not np.isfinite(xs).all():
-            raise DataError(f"beta = {beta!r} makes synthetic inputs too large for float32 (non-finite "
-                            "values); use a smaller beta")
-        x_train[lo * spd : hi * spd], y_train[lo * spd : hi * spd] = xs[:, :spd].reshape(-1, dim), ys[:, :spd].ravel()
-        x_test[lo * tpd : hi * tpd], y_test[lo * tpd : hi * tpd] = xs[:, spd:].reshape(-1, dim), ys[:, spd:].ravel()
-
-    dataset = Dataset(*map(torch.from_numpy, (x_train, y_train, x_test, y_test)), input_shape=(dim,),
-                      num_classes=num_classes)
-    return dataset, Partition.blocks(n_devices, spd)
 
 
 def partition_iid(n_samples: int, n_devices: int, samples_per_device: int,

@@ -32,7 +32,8 @@ The contract:
   data set reads (`dir`, `synthetic_alpha`, ...; each declares them in `reads`) is named in a notice
   ("synthetic ignores data.dir"), so `--set data.name=...` switches data sets.
 * `load(request)` runs when a run is built and returns the `fedsim.learn.data.Dataset`: floating-point
-  inputs of shape (N, *input_shape), int64 labels in 0..num_classes-1, non-empty training and test sets.
+  inputs of shape (N, *input_shape), int64 labels in 0..num_classes-1, non-empty training and test sets
+  (tensors, or `fedsim.learn.rows.LazyRows` for a set made on demand, whose labels are then not checked).
   `request` (a `DataRequest`) gives the number of devices, the samples per device, the run's data stream
   `request.rng` (the only randomness a data set may use: the same seed gives the same data) and
   `request.error(key, message)`, the ScenarioError for field `data.<key>`. Anything else `load` raises
@@ -61,6 +62,10 @@ if TYPE_CHECKING:       # torch and the data module are imported when data are l
 
 __all__ = ["DataRequest", "DataSource", "Mnist", "Synthetic", "check_dataset", "check_partition",
            "MAX_SYNTHETIC_VARIANCE"]
+
+# fedsim.learn.synthetic.EAGER_BYTES, here without importing torch (the memory check runs when a scenario is
+# read); tests/test_scale.py checks that the two agree
+EAGER_BYTES = 1 << 28
 
 MAX_SYNTHETIC_VARIANCE = 1e6   # data.synthetic_alpha and _beta: beyond, the generated inputs are not usable numbers
 
@@ -121,7 +126,8 @@ class Mnist(DataSource):
 
 @dataclass(frozen=True)
 class Synthetic(DataSource):
-    """FedProx synthetic(alpha, beta), generated from the data stream; device k owns its own samples."""
+    """FedProx synthetic(alpha, beta), every device from its own stream of the run's data stream; device k owns its
+    own samples. Held whole when it takes at most EAGER_BYTES, else made on demand (`fedsim.learn.synthetic`)."""
     alpha: float = 1.0
     beta: float = 1.0
     test_samples_per_device: int = 20
@@ -134,7 +140,7 @@ class Synthetic(DataSource):
                    fields.integer("test_samples_per_device", 20, low=1, high=1_000_000))
 
     def load(self, request: DataRequest) -> Dataset:
-        from fedsim.learn.data import make_synthetic
+        from fedsim.learn.synthetic import make_synthetic
 
         try:
             dataset, _ = make_synthetic(self.alpha, self.beta, request.n_devices, request.samples_per_device,
@@ -149,7 +155,12 @@ class Synthetic(DataSource):
         return Partition.blocks(request.n_devices, request.samples_per_device)
 
     def memory_bytes(self, n_devices: int, samples_per_device: int) -> int:
-        return n_devices * (samples_per_device + self.test_samples_per_device) * (60 + 1) * 4
+        """Both sets held whole, or, when that is more than EAGER_BYTES, the test set (training rows are made
+        on demand then); and the partition's indices."""
+        row_bytes = 60 * 4 + 8
+        whole = n_devices * (samples_per_device + self.test_samples_per_device) * row_bytes
+        held = whole if whole <= EAGER_BYTES else n_devices * self.test_samples_per_device * row_bytes
+        return held + super().memory_bytes(n_devices, samples_per_device)
 
 
 def check_dataset(dataset: object) -> str | None:
@@ -157,6 +168,7 @@ def check_dataset(dataset: object) -> str | None:
     import torch
 
     from fedsim.learn.data import Dataset
+    from fedsim.learn.rows import LazyRows
 
     if not isinstance(dataset, Dataset):
         return f"must return a fedsim.learn.data.Dataset, got {type(dataset).__name__}"
@@ -168,7 +180,8 @@ def check_dataset(dataset: object) -> str | None:
         return f"returned num_classes {classes!r}; expected a positive int"
     for part in ("train", "test"):
         x, y = getattr(dataset, f"x_{part}"), getattr(dataset, f"y_{part}")
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        lazy = isinstance(x, LazyRows) and isinstance(y, LazyRows)     # made on demand: the labels are not read
+        if not lazy and (not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor)):
             return f"returned x_{part} and y_{part} of types {type(x).__name__}, {type(y).__name__}; expected tensors"
         if not x.is_floating_point():
             return f"returned x_{part} of dtype {x.dtype}; expected floating-point inputs"
@@ -181,6 +194,8 @@ def check_dataset(dataset: object) -> str | None:
             return f"returned {len(x)} {part} inputs but {len(y)} labels"
         if len(y) == 0:
             return f"returned an empty {'training' if part == 'train' else 'test'} set"
+        if lazy:
+            continue
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= classes:
             return f"returned {part} labels in {low}..{high}; expected 0..{classes - 1} ({classes} classes)"

@@ -43,6 +43,7 @@ from torch.func import functional_call, grad, vmap
 from fedsim.errors import FedsimError, NumericalError
 from fedsim.learn.loss import CROSS_ENTROPY, Loss, cross_entropy_rows
 from fedsim.learn.profile import ModelProfile
+from fedsim.learn.rows import take_rows
 
 __all__ = ["GradientEngine", "LayerSums", "DeviceGrads", "GradPath", "batch_coupled_modules", "check_depths", "cross_entropy_rows",
            "resolve_paths"]
@@ -147,7 +148,8 @@ class GradientEngine:
         self.x = x_train.to(dtype)
         self.y = y_train
         self._sample_shape = tuple(self.x.shape[1:])
-        self._x_rows = self.x.reshape(len(self.x), -1)   # a view when x is contiguous: rows gather as one copy
+        # a view when x is contiguous: rows gather as one copy (None: rows made on demand, fedsim.learn.rows)
+        self._x_rows = self.x.reshape(len(self.x), -1) if isinstance(self.x, torch.Tensor) else None
         self._xbuf = torch.empty(0, dtype=dtype)       # reused gather buffer (fresh pages cost page faults)
         self.params = dict(model.named_parameters())
         self.layer_of_param = profile.layer_of_param()
@@ -211,7 +213,9 @@ class GradientEngine:
                     b.copy_(value)
 
     def _gather(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows `idx` of the training set, copied into a buffer reused across calls."""
+        """Rows `idx` of the training set, copied into a buffer reused across calls (or made on demand)."""
+        if self._x_rows is None:
+            return take_rows(self.x, self.y, idx)
         index = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
         n, width = len(index), self._x_rows.shape[1]
         if self._xbuf.numel() < n * width:

@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from fedsim.errors import NumericalError
 from fedsim.learn.loss import CROSS_ENTROPY, Loss
+from fedsim.learn.rows import take_rows
 
 __all__ = ["LocalTrainer", "LocalResult", "leading_slice"]
 
@@ -60,8 +61,8 @@ class LocalTrainer:
         params = {n: t.clone().requires_grad_(True) for n, t in start.items()}
         first_loss = float("nan")
         for s, idx in enumerate(step_batches):
-            index = torch.from_numpy(np.asarray(idx))
-            loss = self.loss.mean(functional_call(net, params, (self.x[index],)), self.y[index])
+            x, y = take_rows(self.x, self.y, idx)
+            loss = self.loss.mean(functional_call(net, params, (x,)), y)
             if prox_mu > 0:
                 loss = loss + prox_mu / 2 * sum(((p - start[n]) ** 2).sum() for n, p in params.items())
             if not torch.isfinite(loss):

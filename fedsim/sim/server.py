@@ -23,14 +23,16 @@ from fedsim.spec.network import AccessKind, Direction, Preset
 from fedsim.world.fleet import Fleet
 from fedsim.learn.grads import GradientEngine
 from fedsim.learn.profile import ModelProfile
+from fedsim.learn.rows import full_tensor
 from fedsim.spec.scenario import Scenario, UploadMode
 from fedsim.learn.local import LocalTrainer
 from fedsim.learn.loss import load_loss
-from fedsim.policies import PolicyState, RoundContext, RoundInputs, RoundUpdate, RunContext, SyncPolicy
+from fedsim.policies import PolicyState, RoundContext, RoundInputs, RunContext, SyncPolicy
 from fedsim.world.stragglers import cap_target_depth, draw_straggler_depths
 from fedsim.world.timing import max_depth_fitting
 from fedsim.output.trace import DeviceStatus, TraceWriter
-from fedsim.sim.health import NumericalHealth, require_finite, devices_text
+from fedsim.sim.finite_update import aggregate_finite
+from fedsim.sim.health import NumericalHealth, devices_text
 from fedsim.seeds import KEYED_STREAMS, component_rng, keyed_rng
 from fedsim.sim.records import device_columns, round_row
 from fedsim.sim.round_batches import planned_batches
@@ -77,9 +79,7 @@ class ServerBase:
         self.fleet = fleet
         self.partition = partition
         self.trace = trace
-        dtype = next(model.parameters()).dtype
-        self.x_test = dataset.x_test.to(dtype)
-        self.y_test = dataset.y_test
+        self._test_set = (dataset.x_test.to(next(model.parameters()).dtype), dataset.y_test)
         self.input_shape = dataset.input_shape
         self.num_classes = dataset.num_classes
         self.availability = _availability(scenario, fleet)
@@ -94,6 +94,22 @@ class ServerBase:
         self.time_budget_s = scenario.run.time_budget_s
         self.ended_by: str | None = None       # "rounds", "time_budget_s" or "duration_s" once the run ends
         self.final_eval: Evaluation | None = None   # an evaluation made after the last row was written
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test inputs and labels; a test set made on demand (`fedsim.learn.rows`) is made when first asked
+        for (the first evaluation)."""
+        x, y = self._test_set
+        if not isinstance(x, torch.Tensor):
+            self._test_set = x, y = full_tensor(x), full_tensor(y)
+        return x, y
+
+    @property
+    def x_test(self) -> torch.Tensor:
+        return self.test_set()[0]
+
+    @property
+    def y_test(self) -> torch.Tensor:
+        return self.test_set()[1]
 
     def last_row_values(self) -> dict:
         """What the last rounds.parquet row holds that is known only when the run has ended."""
@@ -240,7 +256,8 @@ class Server(ServerBase):
         done = [(o.done_at, i) for i, o in enumerate(outcomes) if o.done_at is not None]
         inputs = RoundInputs(setup.context, depths, plan.samples, plan.steps, setup.step_batches,
                              np.array([i for _, i in sorted(done)], dtype=np.int64), setup.quorum, self.trainer)
-        update, dropped, error = self._aggregate_finite(inputs)
+        update, dropped, error = aggregate_finite(self.policy, self.grads, inputs, self.model,
+                                                   self.scenario.training.on_nonfinite)
         for i in dropped:
             outcomes[i].nonfinite = True
         if error is None:
@@ -294,65 +311,6 @@ class Server(ServerBase):
                               dtype=next(self.model.parameters()).dtype, source=self.scenario.source)
             self._submodels[width] = (sub, build_profile(sub, self.input_shape, self.profile.granularity))
         return self._submodels[width]
-
-    def _aggregate_finite(self, inputs: RoundInputs) -> tuple[RoundUpdate, list[int], NumericalError | None]:
-        """(update, dropped participants, error): the policy's update; on NaN/Inf, the participants whose own
-        update is not finite are found, then named in the error (on_nonfinite = "stop") or dropped."""
-        try:
-            update = self.policy.aggregate(inputs, self.grads)
-            require_finite(update)
-            return update, [], None
-        except NumericalError as exc:
-            cause = str(exc)
-        r = inputs.round
-        bad, losses = self._nonfinite_devices(inputs)
-        ids = [int(inputs.devices[i]) for i in bad]
-        nothing = self._no_update(inputs)
-        if bad and self.scenario.training.on_nonfinite == "stop":
-            return nothing, bad, NumericalError(
-                f"round {r}: non-finite loss or gradient in {devices_text(ids)} ({cause}); "
-                "lower training.lr, or set training.on_nonfinite = \"drop\"")
-        if bad:
-            depths = inputs.depths.copy()
-            depths[bad] = 0
-            try:
-                update = self.policy.aggregate(replace(inputs, depths=depths), self.grads)
-                require_finite(update)
-                return update, bad, None
-            except NumericalError as exc:
-                cause = str(exc)
-        # every remaining device is finite alone but not their aggregate: training has diverged
-        live = inputs.depths > 0
-        live[bad] = False
-        worst = max(losses, key=losses.get) if losses else None
-        largest = "" if worst is None else (f"; the largest loss, {losses[worst]:.3g}, is device "
-                                            f"{int(inputs.devices[worst])}'s")
-        return nothing, bad, NumericalError(
-            f"round {r}: non-finite aggregate of {devices_text(inputs.devices[live])}, although "
-            f"each one's update is finite alone ({cause}{largest}): training has diverged; lower training.lr")
-
-    def _no_update(self, inputs: RoundInputs) -> RoundUpdate:
-        return RoundUpdate({n: None for n, _ in self.model.named_parameters()},
-                           np.zeros(inputs.n_layers, dtype=np.int64), None)
-
-    def _nonfinite_devices(self, inputs: RoundInputs) -> tuple[list[int], dict[int, float]]:
-        """Participants (positions) whose own update is not finite, and each other one's training loss.
-
-        Each participant is checked alone by the policy's own aggregation (the same layers, local steps,
-        sub-model and work as in the round), through the same gradient engine."""
-        bad, losses = [], {}
-        for i in np.flatnonzero(inputs.depths > 0):
-            depths = np.zeros_like(inputs.depths)
-            depths[i] = inputs.depths[i]
-            try:
-                alone = self.policy.aggregate(replace(inputs, depths=depths), self.grads)
-                require_finite(alone)
-            except NumericalError:
-                bad.append(int(i))
-                continue
-            if alone.train_loss is not None:
-                losses[int(i)] = alone.train_loss
-        return bad, losses
 
     # -- helpers ----------------------------------------------------------------------------------
     def _set_lr(self, lr: float) -> None:

@@ -58,7 +58,8 @@ ENTRIES: tuple[Entry, ...] = (
     _e("data.samples_per_device", "int", "training samples each device owns"),
     _e("data.synthetic_alpha, data.synthetic_beta", "1.0, 1.0", "synthetic heterogeneity (as in the FedProx "
        "definition, alpha shifts all class scores equally and so does not change labels; beta does)"),
-    _e("data.test_samples_per_device", "20", "synthetic only: held-out samples per device forming the test set"),
+    _e("data.test_samples_per_device", "20", "synthetic only: held-out samples per device forming the test set (a "
+       "fleet whose synthetic data exceed 256 MB makes its rows on demand, and its test set at the first evaluation)"),
     _e("training.batch_size", "int", "mini-batch per device per local step"),
     _e("training.lr, training.momentum", "float, 0.0", "server-side SGD with momentum on the aggregated gradient "
        "(and the devices' local learning rate; the base rate of `lr_schedule` when one is set)"),

@@ -150,6 +150,11 @@ class RenewalAvailability(Availability):
         self._last_at = np.full(self.n_devices, -math.inf)   # time of the last switch
         self._drawn = np.zeros(self.n_devices, dtype=np.int64)  # full periods drawn so far
         self._start(np.arange(self.n_devices))
+        # the online set, event-driven (online_devices): the latest time asked about, a lower bound of every
+        # next switch, and the ids online since the last switch (None: to be rebuilt)
+        self._asked_at = -math.inf
+        self._soonest_at = float(self._next_at.min(initial=math.inf))
+        self._ids: np.ndarray | None = None
 
     def _start(self, devices: np.ndarray) -> None:
         """State at t = 0 for `devices` (also used to replay them from the start)."""
@@ -199,7 +204,11 @@ class RenewalAvailability(Availability):
         back = devices[self._last_at[devices] > at]
         if back.size:   # asked about the past: replay those devices from t = 0 (same stream, same result)
             self._start(back)
+            self._soonest_at, self._ids = -math.inf, None
+        self._asked_at = max(self._asked_at, at)
         todo = devices[self._next_at[devices] <= at]
+        if todo.size:
+            self._ids = None
         while todo.size:
             self._online[todo] = ~self._online[todo]
             self._last_at[todo] = self._next_at[todo]
@@ -211,6 +220,21 @@ class RenewalAvailability(Availability):
         devices = np.asarray(devices, dtype=np.int64)
         self._advance(devices, at)
         return self._online[devices].copy()
+
+    def online_devices(self, at: float) -> np.ndarray:
+        """The online ids, kept as an event-driven set: going forward in time, only the devices whose switch is
+        due are advanced (none, without looking, before the soonest switch), and the ids are rebuilt only when
+        someone switched. A time before one already asked about replays the fleet (the general path)."""
+        if at < self._asked_at:
+            return super().online_devices(at)
+        if at >= self._soonest_at:
+            self._advance(np.flatnonzero(self._next_at <= at), at)
+            self._soonest_at = float(self._next_at.min(initial=math.inf))
+        self._asked_at = at
+        if self._ids is None:
+            self._ids = np.flatnonzero(self._online)
+            self._ids.flags.writeable = False
+        return self._ids
 
     def next_switches(self, devices, after_at):
         devices = np.asarray(devices, dtype=np.int64)
@@ -244,6 +268,9 @@ class TraceAvailability(Availability):
         self.bounds = np.column_stack([start_s, end_s]).reshape(-1).astype(np.float64)
         counts = np.bincount(np.asarray(device, dtype=np.int64), minlength=self.n_devices) * 2
         self.ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._times = np.unique(self.bounds)      # every switch time: the online set is constant in between
+        self._ids_span = (math.inf, -math.inf)    # [from, until) in which `_ids` are the online devices
+        self._ids: np.ndarray | None = None
 
     def _passed(self, devices: np.ndarray, at: float) -> np.ndarray:
         """Number of each device's boundaries <= at."""
@@ -256,6 +283,17 @@ class TraceAvailability(Availability):
     def online_mask(self, devices, at):
         devices = np.asarray(devices, dtype=np.int64)
         return self._passed(devices, at) % 2 == 1
+
+    def online_devices(self, at: float) -> np.ndarray:
+        """The online ids, recomputed only when `at` is past another switch time than the last query's."""
+        since, until = self._ids_span
+        if not since <= at < until:
+            k = int(np.searchsorted(self._times, at, "right"))
+            self._ids_span = (self._times[k - 1] if k else -math.inf, self._times[k] if k < self._times.size
+                              else math.inf)
+            self._ids = super().online_devices(at)
+            self._ids.flags.writeable = False
+        return self._ids
 
     def next_switches(self, devices, after_at):
         devices = np.asarray(devices, dtype=np.int64)
