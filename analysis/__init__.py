@@ -13,7 +13,7 @@ OUT, by default `DIR/analysis/`, and nowhere else:
     gantt           a device timeline of one round: stragglers and interrupted devices, by class
     report          one self-contained HTML page: every figure, one section per group
     paper_check     (kind paper-check) the SALF paper's claims: one table, three figures
-    equal_time      (kind equal-time) policies at equal simulated time, each at its best constant deadline
+    equal_time      (kind equal-time) policies at equal simulated time, each at its best deadline
 
 Runs are grouped by scenario (analysis.runs): the runs of one scenario that differ only by seed form a
 group; groups are never pooled; a run found twice counts once; across seeds, the mean and the sample

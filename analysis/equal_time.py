@@ -1,4 +1,4 @@
-"""Policies compared at equal simulated time: each at its best constant deadline, schedules on their own.
+"""Policies compared at equal simulated time: each family of a policy at its best member.
 
 `python -m analysis.equal_time DIR [--out OUT] --budget-s B [--target A]` (or `fedsim plot equal-time DIR`),
 where DIR holds runs that all stop at the same simulated-time budget B (`run.time_budget_s`); writes into
@@ -7,11 +7,11 @@ OUT, by default DIR/analysis.
 Runs are grouped by scenario, seeds apart (analysis.runs). Per group, the mean and sample standard
 deviation (ddof=1) over seeds of: the rounds completed, the test accuracy at B (the last evaluation at or
 before B), the simulated time and the fleet energy to reach accuracy A (runs that never reach it are counted
-apart), and the fleet energy spent by B. A policy's *best constant deadline* is, among its groups with one
-number as `policy.deadline_s` and the same other settings, the one with the highest mean accuracy at B;
-groups whose deadline is a schedule (a list, a ramp, ADEL-FL's optimised deadlines) and policies without a
-deadline (wait) stand as they are. Figures: accuracy against simulated time for those best groups, and
-accuracy at B against the constant deadline with the schedules as horizontal lines.
+apart), and the fleet energy spent by B. A *family* is a policy with its other settings and the kind of its
+deadline: one number (any value), ADEL-FL's optimised schedule (any R), each other schedule (a list, a ramp)
+alone, or none (wait); each family is shown by its group with the highest mean accuracy at B (a group with
+no evaluation by B last). Figures: accuracy against simulated time for those best groups, and accuracy at B
+against the deadline (ADEL-FL: its mean deadline, B / R), policies without a deadline as horizontal lines.
 """
 
 from __future__ import annotations
@@ -91,7 +91,13 @@ def name(group) -> str:
 
 
 def _score(group, budget_s: float) -> float:
-    return mean_std([accuracy_at(r, budget_s) for r in group.runs])[0]
+    """Mean accuracy at the budget; -inf when no run was evaluated by then (such a group ranks last)."""
+    value = mean_std([accuracy_at(r, budget_s) for r in group.runs])[0]
+    return -math.inf if math.isnan(value) else value
+
+
+def _plotted(score: float) -> float:
+    return math.nan if score == -math.inf else score       # no evaluation by the budget: no point
 
 
 def best_groups(study, budget_s: float) -> list:
@@ -193,7 +199,7 @@ def figures(study, out, budget_s: float) -> list:
     for (policy, other, kind), mine in sorted(lines.items()):
         mine.sort(key=mean_deadline_s)
         xs = [mean_deadline_s(g) for g in mine]
-        ys = [_score(g, budget_s) for g in mine]
+        ys = [_plotted(_score(g, budget_s)) for g in mine]
         colour = colours.get(best_of[(policy, other, kind)].gid, "tab:cyan")
         ax.plot(xs, ys, marker="o" if kind == "constant" else "s", color=colour,
                 linestyle="-" if kind == "constant" else ":")
@@ -201,7 +207,7 @@ def figures(study, out, budget_s: float) -> list:
         ends.append((xs[-1], ys[-1], label, colour))
     for g in headline:
         if mean_deadline_s(g) is None:
-            y = _score(g, budget_s)
+            y = _plotted(_score(g, budget_s))
             ax.axhline(y, linestyle="--", color=colours[g.gid], linewidth=1)
             ends.append((xs_all[-1], y, name(g), colours[g.gid]))
     constants = xs_all

@@ -161,3 +161,16 @@ def test_bad_adel_tables_are_exit_2(tmp_path, capsys, value, words):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     for w in words:
         assert w in err, (w, err)
+
+
+@pytest.mark.parametrize("rounds, total, min_s", [(11, 0.33, 0.03), (7, 3.43, 0.49), (3, 0.3, 0.1)])
+def test_a_budget_of_exactly_r_minimums_ends_at_once_up_to_rounding(rounds, total, min_s):
+    """rounds * min_s and the sum of rounds min_s round apart: every deadline is min_s (no endless shaving)."""
+    t = allocate_deadlines(rounds, total, min_s, _erlang, 2, 1.0)
+    assert np.array_equal(t, np.full(rounds, min_s))
+
+
+def test_indifferent_rounds_take_whole_edges_heaviest_first():
+    """At most one round ends inside a hull edge; with weights decreasing, deadlines do not increase."""
+    t = allocate_deadlines(40, 12.0, 0.05, _erlang, 2, 1.0)
+    assert t.sum() <= 12.0 and t.min() >= 0.05 and np.all(np.diff(t) <= 1e-12)

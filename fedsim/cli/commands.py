@@ -13,7 +13,10 @@ __all__ = ["cmd_policies", "cmd_run", "cmd_sweep", "cmd_validate"]
 
 def _deadline(deadline) -> str:
     """`deadline 0.1 s` for a number; a schedule names itself (`deadline adel (total 6 s, min 0.02 s)`)."""
-    return f"deadline {deadline:g} s" if isinstance(deadline, (int, float)) else f"deadline {deadline}"
+    if isinstance(deadline, (int, float)):
+        return f"deadline {deadline:g} s"
+    text = str(deadline)
+    return f"deadline {text} s" if text.startswith("[") else f"deadline {text}"     # a list: its values in s
 
 
 def cmd_validate(args) -> int:

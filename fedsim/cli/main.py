@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="one HTML page of a run, a sweep or a folder of runs: DIR/report.html "
                                   "(fedsim report DIR --help)")
     sub.add_parser("plot", help="one kind of figure and its tables, into DIR/analysis: accuracy, deadline, pareto, "
-                                "layers, depths, gantt, paper-check (fedsim plot KIND DIR --help)")
+                                "layers, depths, gantt, paper-check, equal-time (fedsim plot KIND DIR --help)")
 
     sub.add_parser("policies", help="every policy: its fields, their defaults and what each does")
 
@@ -111,7 +112,10 @@ def _guarded(command, own_exit: bool = False) -> int:
     except FedsimError as exc:
         _say(f"fedsim: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except BrokenPipeError:
+    except BrokenPipeError as exc:
+        if not _stdout_gone():             # another pipe (a worker's): an error like any other
+            _say(f"fedsim: error: {printable(_os_error(exc))}", file=sys.stderr)
+            return EXIT_ENVIRONMENT
         # the reader of stdout left (`fedsim validate s.toml | head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
@@ -130,6 +134,16 @@ def _guarded(command, own_exit: bool = False) -> int:
     except RecursionError:
         _say("fedsim: error: input nested too deeply (recursion limit reached)", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has left (polling its write end reports an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):     # no poll on this system, or stdout is not a file
+        return False
 
 
 def _say(message: str, file=None) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedsim.errors import ScenarioError
-from fedsim.policies.adel_bound import allocate_deadlines, empirical_miss, erlang_miss
+from fedsim.policies.adel_bound import allocate_deadlines, empirical_miss, erlang_miss, feasible
 from fedsim.policies.schedules import DeadlineSchedule
 from fedsim.policies.sync import RunContext
 from fedsim.seeds import component_rng
@@ -43,10 +43,10 @@ class AdelSchedule(DeadlineSchedule):
 
     def check(self, scenario: Scenario) -> None:
         rounds = scenario.run.rounds
-        if self.total_s < rounds * self.min_s:
+        if not feasible(self.total_s, rounds, self.min_s):
             raise ScenarioError(scenario.source, "policy.deadline_s.total_s",
                                 f"{self.total_s:g} s cannot give run.rounds = {rounds} rounds at least min_s = "
-                                f"{self.min_s:g} s each (needs >= {rounds * self.min_s:g} s)")
+                                f"{self.min_s:.12g} s each (needs >= {rounds * self.min_s:.12g} s)")
 
     def resolve(self, run: RunContext, rounds: int) -> tuple[float, ...]:
         fleet = run.fleet

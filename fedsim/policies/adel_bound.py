@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["allocate_deadlines", "bound_terms", "erlang_miss", "objective", "step_weights", "empirical_miss"]
+__all__ = ["allocate_deadlines", "feasible", "bound_terms", "erlang_miss", "objective", "step_weights", "empirical_miss"]
 
 MissFn = Callable[[np.ndarray], np.ndarray]     # deadlines (R,) -> P_l(T_t), shape (R, L)
 _P_MAX = 1.0 - 1e-12                            # P_l^U = 1 makes the bound infinite: keep it finite
@@ -85,6 +85,12 @@ def objective(deadlines_s: np.ndarray, weights: np.ndarray, miss: MissFn, partic
     return float(weights @ bound_terms(miss(np.asarray(deadlines_s, dtype=np.float64)), participants))
 
 
+def feasible(total_s: float, rounds: int, min_s: float) -> bool:
+    """`rounds` deadlines of at least `min_s` fit `total_s`, up to the run's 1e-9 relative rounding tolerance
+    (three deadlines of 0.1 s fit 0.3 s)."""
+    return total_s >= rounds * min_s * (1.0 - 1e-9)
+
+
 def _lower_hull(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Indices of the lower convex hull of the points (xs increasing), left to right (Andrew's monotone chain)."""
     hull: list[int] = []
@@ -116,16 +122,18 @@ def allocate_deadlines(rounds: int, total_s: float, min_s: float, miss: MissFn, 
     lam is set (bisection) so that the deadlines use the budget. h is tabulated on a grid of deadlines from
     min_s to where it stops falling and replaced by its lower convex hull, so each round's choice is a hull
     vertex (exact when h is convex; otherwise the optimum of the convexified problem); rounds indifferent at
-    the final price share the budget left along their hull edge. Earlier rounds, weighing more, get at least
-    as long. The result is feasible to the last bit; if it is worse than the equal split on the bound itself,
+    the final price take the budget left, whole edges to the heaviest rounds first. Without a learning-rate
+    schedule earlier rounds weigh more and get at least as long. The result is feasible to the last bit; if it is worse than the equal split on the bound itself,
     the equal split is returned.
     """
-    if total_s < rounds * min_s:
+    if not feasible(total_s, rounds, min_s):
         raise ValueError(f"total_s {total_s} < rounds {rounds} x min_s {min_s}")
     weights = step_weights(rounds, kappa, step_shape)
     equal = np.full(rounds, total_s / rounds)
-    if rounds == 1 or total_s == rounds * min_s:
+    if rounds == 1:
         return equal
+    if total_s <= np.full(rounds, min_s).sum():      # no time above the minimum (up to rounding): all at min_s
+        return np.full(rounds, min_s)
 
     def h(t: np.ndarray) -> np.ndarray:
         return bound_terms(miss(t), participants)
@@ -139,7 +147,8 @@ def allocate_deadlines(rounds: int, total_s: float, min_s: float, miss: MissFn, 
     slopes = np.diff(ys) / np.diff(xs)               # increasing, all < 0
 
     def vertex(price: float) -> np.ndarray:          # each round's hull vertex at this price of time
-        return np.searchsorted(slopes, -price / weights, side="left")
+        with np.errstate(divide="ignore", invalid="ignore"):     # a round of weight 0 (a rate decayed to 0)
+            return np.searchsorted(slopes, -price / weights, side="left")
 
     if xs[vertex(0.0)].sum() <= total_s:            # the budget buys every round all it can use
         t = xs[vertex(0.0)]
@@ -157,10 +166,15 @@ def allocate_deadlines(rounds: int, total_s: float, min_s: float, miss: MissFn, 
         at, below = vertex(hi), vertex(lo)
         t = xs[at]
         room = xs[below] - t                         # how far each indifferent round's edge reaches
-        if room.sum() > 0:
-            t = t + room * min(1.0, (total_s - t.sum()) / room.sum())
+        left = total_s - t.sum()
+        for i in np.argsort(-weights, kind="stable"):    # whole edges to the heaviest rounds first, so that at
+            if left <= 0:                                # most one round stops inside an edge (where a
+                break                                    # non-convex h may lie above the hull)
+            give = min(room[i], left)
+            t[i] += give
+            left -= give
     t = np.maximum(t, min_s)
-    while t.sum() > total_s:                         # rounding: shave the largest
+    while t.sum() > total_s and (t > min_s).any():   # rounding: shave the largest
         i = int(np.argmax(t))
         t[i] = max(min_s, t[i] - (t.sum() - total_s) - np.spacing(t[i]))
     better = objective(t, weights, miss, participants) <= objective(equal, weights, miss, participants)
