@@ -97,7 +97,7 @@ batch_size = 10
 lr = 0.1
 
 [fleet]
-participants = 100
+participants = {participants}
 
 """ + PHONE_CLASS + """
 [policy]
@@ -185,7 +185,7 @@ def fleet_child(devices: int, rounds: int) -> None:
     from fedsim.spec.scenario import parse_scenario
 
     start = time.perf_counter()
-    scn = parse_scenario(FLEET_TOML.format(devices=devices, rounds=rounds), "benchmarks/engine.py")
+    scn = parse_scenario(FLEET_TOML.format(devices=devices, participants=100, rounds=rounds), "benchmarks/engine.py")
     with tempfile.TemporaryDirectory() as tmp:
         summary = run_scenario(scn, Path(tmp) / "run")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: kilobytes

@@ -34,42 +34,9 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO, emit, print_table
+from benchmarks.engine import FLEET_TOML
 
-SCALE_TOML = """
-[run]
-name = "scale"
-seed = 0
-rounds = {rounds}
-eval_every = 1000000
-
-[model]
-name = "mlp"
-
-[data]
-name = "synthetic"
-samples_per_device = 10
-test_samples_per_device = 1
-
-[training]
-batch_size = 10
-lr = 0.1
-
-[fleet]
-participants = {participants}
-
-[[fleet.classes]]
-name = "phone"
-count = {devices}
-speed_flops = {{ dist = "lognormal", median = 2.0e7, sigma = 0.3 }}
-slowdown = {{ dist = "uniform", low = 1.0, high = 3.0 }}
-downlink_bps = 5.0e7
-uplink_bps = 1.0e7
-latency_s = 0.01
-
-[policy]
-name = "salf"
-deadline_s = 0.1
-"""
+SCALE_TOML = FLEET_TOML      # the paper MLP on synthetic data, one phone class, SALF at 0.1 s
 
 CHURN = ('latency_s = 0.01\navailability = { on_s = { dist = "exponential", mean = 600 }, '
          'off_s = { dist = "exponential", mean = 120 } }')
