@@ -29,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 
+from fedsim.spec.scenario import TIME_RTOL
+
 __all__ = ["allocate_deadlines", "feasible", "bound_terms", "erlang_miss", "objective", "step_weights", "empirical_miss"]
 
 MissFn = Callable[[np.ndarray], np.ndarray]     # deadlines (R,) -> P_l(T_t), shape (R, L)
@@ -86,9 +88,9 @@ def objective(deadlines_s: np.ndarray, weights: np.ndarray, miss: MissFn, partic
 
 
 def feasible(total_s: float, rounds: int, min_s: float) -> bool:
-    """`rounds` deadlines of at least `min_s` fit `total_s`, up to the run's 1e-9 relative rounding tolerance
-    (three deadlines of 0.1 s fit 0.3 s)."""
-    return total_s >= rounds * min_s * (1.0 - 1e-9)
+    """`rounds` deadlines of at least `min_s` fit `total_s`, up to the run's relative rounding tolerance
+    (`TIME_RTOL`: three deadlines of 0.1 s fit 0.3 s)."""
+    return total_s >= rounds * min_s * (1.0 - TIME_RTOL)
 
 
 def _lower_hull(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:

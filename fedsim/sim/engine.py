@@ -18,13 +18,10 @@ import simpy
 from fedsim.sim.device_round import DeviceOutcome, DeviceRound, StopCause
 from fedsim.sim.round_setup import RoundSetup
 from fedsim.output.trace import SERVER, EventKind, TraceWriter
+from fedsim.spec.scenario import TIME_RTOL
 
 __all__ = ["DeviceOutcome", "DeviceRound", "RoundSetup", "RoundServer", "StopCause", "run_events", "run_round",
            "serve_rounds"]
-
-# a round ending within this relative distance of run.time_budget_s ends within it: three deadlines of 0.1 s
-# add up to 0.30000000000000004 s, and a budget of 0.3 s must hold them
-BUDGET_RTOL = 1e-9
 
 
 class RoundServer(Protocol):
@@ -81,7 +78,7 @@ def run_round(env: simpy.Environment, server: RoundServer):
     server.unwatch()
     server.active = {}
     outcomes = [device_round.out for device_round in rounds]
-    if server.time_budget_s is not None and env.now > server.time_budget_s * (1.0 + BUDGET_RTOL):
+    if server.time_budget_s is not None and env.now > server.time_budget_s * (1.0 + TIME_RTOL):
         # the round would end after the time budget: the run ends with the round before; this one's events
         # (buffered since the last round's flush) are forgotten and nothing is aggregated
         trace.events.truncate(events_before)

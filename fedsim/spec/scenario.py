@@ -27,7 +27,7 @@ from fedsim.spec.policy import PolicyConfig, read_policy
 from fedsim.spec.toml_text import MAX_DEPTH, MAX_SCENARIO_BYTES, parse_toml, too_deep
 
 __all__ = [
-    "Scenario", "RunSpec", "ModelSpec", "DataSpec", "TrainingSpec", "DeviceClassSpec", "FleetSpec",
+    "TIME_RTOL", "Scenario", "RunSpec", "ModelSpec", "DataSpec", "TrainingSpec", "DeviceClassSpec", "FleetSpec",
     "NetworkSpec", "UploadMode", "load_scenario", "parse_scenario", "MAX_DEVICES", "MAX_CLASSES", "MODEL_GROUP",
     "MODEL_PATHS", "LOSS_PATHS",
 ]
@@ -48,6 +48,11 @@ class UploadMode(enum.Enum):
     IDEAL = "ideal"                  # the paper: whatever is computed by the deadline counts
     AFTER_COMPUTE = "after_compute"  # stop backward early enough to upload before the deadline
     STREAMING = "streaming"          # each finished layer is queued on the uplink at once
+
+
+# sums of simulated durations within this relative distance of a time limit are within it: three deadlines of
+# 0.1 s add up to 0.30000000000000004 s, and a budget of 0.3 s holds them (run.time_budget_s, ADEL-FL's total_s)
+TIME_RTOL = 1e-9
 
 
 @dataclass(frozen=True)
