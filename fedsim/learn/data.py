@@ -90,16 +90,35 @@ class Partition:
     def sample_batches(self, devices: np.ndarray, batch_size: int, steps: int,
                        rng: np.random.Generator) -> list[list[np.ndarray]]:
         """`steps` batches of each of `devices`: the draws of `sample_batch` called `steps` times per device, in
-        that order, from `rng`, with one check for all instead of one per call."""
+        that order, from `rng`, with one check for all instead of one per call.
+
+        Consecutive devices that hold the same number of samples, at most `batch_size`, are shuffled by one
+        `rng.permuted` call over their rows: it shuffles row after row with the same routine (and the same
+        draws) as one `rng.permutation` per row (tests/test_scale.py checks the two against each other)."""
         _require_ints(batch_size=(batch_size, 1), steps=(steps, 0))
         devices = np.asarray(devices, dtype=np.int64)
         for bad in devices[(devices < 0) | (devices >= self.n_devices)][:1]:
             raise DataError(f"Partition: device {int(bad)} out of range 0..{self.n_devices - 1}")
-        out, permutation, choice = [], rng.permutation, rng.choice
-        for lo, hi in zip(self.offsets[devices].tolist(), self.offsets[devices + 1].tolist()):
-            own, size = self.indices[lo:hi], hi - lo
-            out.append([own[permutation(size)] if size <= batch_size else
-                        own[choice(size, size=batch_size, replace=False)] for _ in range(steps)])
+        lo_all, hi_all = self.offsets[devices], self.offsets[devices + 1]
+        sizes = hi_all - lo_all
+        whole = sizes <= batch_size                 # every sample, in a random order
+        # runs of consecutive devices drawn alike: [start, end) with one size, all `whole`, or one device
+        change = np.flatnonzero((sizes[1:] != sizes[:-1]) | ~whole[1:] | ~whole[:-1]) + 1
+        bounds = np.concatenate([[0], change, [len(devices)]]).tolist()
+        out: list[list[np.ndarray]] = []
+        choice = rng.choice
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if start == end:
+                continue
+            size, lo = int(sizes[start]), lo_all[start:end]
+            if whole[start]:
+                order = rng.permuted(np.broadcast_to(np.arange(size, dtype=np.int64), ((end - start) * steps, size)),
+                                     axis=1)
+                rows = self.indices[lo.repeat(steps)[:, None] + order].reshape(end - start, steps, size)
+                out.extend(map(list, rows))
+            else:
+                own = self.indices[int(lo[0]):int(lo[0]) + size]
+                out.append([own[choice(size, size=batch_size, replace=False)] for _ in range(steps)])
         return out
 
     @classmethod

@@ -70,9 +70,9 @@ def check_depths(batches: list[np.ndarray], depths, n_layers: int) -> np.ndarray
         raise ValueError(f"need one depth per mini-batch, got {depths.shape} depths for {len(batches)} batches")
     if depths.size and (depths.min() < 0 or depths.max() > n_layers):
         raise ValueError(f"depths must lie in 0..{n_layers}, got {depths.min()}..{depths.max()}")
-    for i in np.flatnonzero(depths):
-        if len(batches[i]) == 0:
-            raise FedsimError(f"device {i} delivered {depths[i]} layer(s) from an empty mini-batch")
+    empty = np.flatnonzero((depths > 0) & (np.fromiter(map(len, batches), np.int64, len(batches)) == 0))
+    for i in empty[:1]:
+        raise FedsimError(f"device {i} delivered {depths[i]} layer(s) from an empty mini-batch")
     return depths
 
 
@@ -242,8 +242,8 @@ class GradientEngine:
         if live.size == 0:
             return LayerSums({}, np.zeros(self.profile.n_layers, dtype=np.int64), 0.0, 0)
         order = live[np.argsort(-depths[live], kind="stable")]   # deepest first: each depth one block
-        sizes = np.fromiter((len(batches[i]) for i in order), dtype=np.int64, count=len(order))
-        x, y = self._gather(np.concatenate([batches[i] for i in order]))
+        sizes = np.fromiter(map(len, map(batches.__getitem__, order.tolist())), dtype=np.int64, count=len(order))
+        x, y = self._gather(np.concatenate(list(map(batches.__getitem__, order.tolist()))))
         uniform = w is None and bool((sizes == sizes[0]).all())
         weights = None if uniform else torch.from_numpy(np.repeat(1.0 / sizes, sizes)).to(x.dtype)
         # the rows of device i weigh w_i / its batch size in the loss differentiated, 1 / its batch size in loss_sum
@@ -295,7 +295,7 @@ class GradientEngine:
         buffer_dim = 0 if coupled else None
         grad_fn = vmap(grad(device_loss, has_aux=True), in_dims=(None, None, buffer_dim, 0, 0),
                        randomness="different")
-        sizes = np.fromiter((len(b) for b in batches), dtype=np.int64, count=len(batches))
+        sizes = np.fromiter(map(len, batches), dtype=np.int64, count=len(batches))
         keys = depths if self._vmap_by_depth else np.full(len(batches), n_layers)
         for d, size in sorted({(int(keys[i]), int(sizes[i])) for i in live}, reverse=True):
             members = live[(keys[live] == d) & (sizes[live] == size)]

@@ -18,7 +18,7 @@ def planned_batches(partition: Partition, seed: int, round_: int, planned: np.nd
     the sizes agree, their first samples when it plans fewer (a uniform subset too: a draw is in random order),
     drawn anew at that size from round `round_`'s `batch` stream, in participant order, when it plans more.
     `who` names the policy in the error of a plan larger than what a device holds (`ctx.held`)."""
-    if all(int(planned[i]) == len(steps[0]) for i, steps in enumerate(drawn)):
+    if np.array_equal(planned, ctx.samples):          # the sizes drawn (`ctx.samples`, one per device)
         return drawn
     over = np.flatnonzero(planned > ctx.held)
     if len(over):
