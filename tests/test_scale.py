@@ -11,10 +11,10 @@ import torch
 from fedsim.learn.data import Partition
 from fedsim.output.trace import DeviceStatus
 from fedsim.sim.device_round import DeviceOutcome, StopCause
+from fedsim.sim.outcomes import RoundOutcomes
 from fedsim.sim.records import device_columns, device_row
 from conftest import REPO
 from fedsim.spec.scenario import load_scenario
-
 
 
 def _outcomes(rng: np.random.Generator, n: int) -> list[DeviceOutcome]:
@@ -41,7 +41,9 @@ def test_device_columns_equal_the_rows_built_one_by_one(n):
     speed = rng.lognormal(16, 1, n) / rng.uniform(1, 3, n)
     end_at = 1.5
     idle = np.array([max(0.0, end_at - o.active_until_at) for o in outcomes])
-    columns, total_j = device_columns(4, devices, class_index, classes, statuses, samples, speed, outcomes, idle)
+    columns, total_j = device_columns(4, devices, class_index, classes, [s.value for s in statuses], samples, speed,
+                                      RoundOutcomes.of(outcomes), idle)
+    columns = {name: np.asarray(values).tolist() for name, values in columns.items()}
     rows, expected_j = [], 0.0
     for i, o in enumerate(outcomes):
         row, energy_j = device_row(4, int(devices[i]), classes[class_index[i]], statuses[i], o.depth, int(samples[i]),
@@ -56,6 +58,25 @@ def test_device_columns_equal_the_rows_built_one_by_one(n):
     assert total_j == expected_j           # summed device by device: the same float, not merely close
 
 
+@pytest.mark.parametrize("n", [0, 1, 57])
+def test_round_outcomes_read_as_the_device_outcomes_they_gather(n):
+    rng = np.random.default_rng(100 + n)
+    outcomes = _outcomes(rng, n)
+    for o in outcomes:
+        if rng.random() < 0.5:
+            o.done_at = float(rng.choice([0.25, 0.5, 1.0]))     # ties: participant order breaks them
+        elif rng.random() < 0.3:
+            o.stopped = StopCause.QUORUM
+    nonfinite = rng.random(n) < 0.1
+    cols = RoundOutcomes.of(outcomes)
+    cols.nonfinite[nonfinite] = True
+    assert cols.statuses(3) == [DeviceStatus.NONFINITE.value if bad else o.status(3).value
+                                for o, bad in zip(outcomes, nonfinite)]
+    assert cols.done_order().tolist() == [i for _, i in sorted((o.done_at, i) for i, o in enumerate(outcomes)
+                                                               if o.done_at is not None)]
+    assert cols.any_cut() == any(o.done_at is None and o.stopped is None for o in outcomes)
+
+
 def test_batches_of_many_devices_draw_what_sample_batch_draws_device_by_device():
     sizes = [0, 1, 5, 8, 9, 40, 3, 8]
     partition = Partition.from_lists([np.arange(s) + 100 * k for k, s in enumerate(sizes)])
@@ -67,6 +88,22 @@ def test_batches_of_many_devices_draw_what_sample_batch_draws_device_by_device()
         assert len(many) == len(one_by_one)
         for a, b in zip(many, one_by_one):
             assert len(a) == len(b) == steps and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_runs_of_devices_alike_are_shuffled_at_once_as_one_by_one(seed):
+    # runs of consecutive devices holding the same number of samples (at most the batch) are drawn by one
+    # `permuted` call; other devices, one by one; the stream must be the same and so must what follows it
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([0, 1, 3, 4, 12], size=30)
+    partition = Partition.from_lists([np.arange(s) + 100 * k for k, s in enumerate(sizes)])
+    devices = np.repeat(rng.permutation(30)[:12], rng.integers(1, 4, size=12))
+    for batch, steps in ((4, 1), (4, 2), (12, 3), (1, 1)):
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        many = partition.sample_batches(devices, batch, steps, a)
+        one_by_one = [[partition.sample_batch(int(d), batch, b) for _ in range(steps)] for d in devices]
+        assert [[x.tolist() for x in d] for d in many] == [[x.tolist() for x in d] for d in one_by_one]
+        assert a.random() == b.random()            # the stream is left where the device-by-device draws leave it
 
 
 def test_sample_batches_checks_its_arguments():

@@ -149,6 +149,7 @@ class TableWriter:
         self.schema = schema.with_metadata(metadata)
         self.journal = path.with_suffix(".arrows")
         self.columns: dict[str, list] = {name: [] for name in schema.names}
+        self._batches: list[pa.RecordBatch] = []      # rows given as arrays, before the rows in `columns`
         self.flush_rows = flush_rows
         self._plain = _plain(self.schema)
         self.rows_written = 0
@@ -176,7 +177,7 @@ class TableWriter:
         os.replace(tmp, self.journal)
 
     def __len__(self) -> int:
-        return len(next(iter(self.columns.values())))
+        return sum(b.num_rows for b in self._batches) + len(next(iter(self.columns.values())))
 
     def _check(self, names: Any) -> None:
         if names.keys() != self.columns.keys():
@@ -200,21 +201,51 @@ class TableWriter:
         if len(self) >= self.flush_rows:
             self.flush()
 
+    def extend_arrays(self, **cols) -> None:
+        """Rows given as arrays (numpy or Arrow), one per column; the names must be exactly the table's columns.
+        They are kept as one record batch, after the rows buffered so far, until the next flush (no flush here:
+        a round's rows are flushed together at its end)."""
+        self._check(cols)
+        self._seal()
+        arrays = [pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array)
+                  else cols[f.name].cast(f.type) for f in self._plain]
+        self._batches.append(pa.RecordBatch.from_arrays(arrays, schema=self._plain))
+
+    def _seal(self) -> None:
+        """The rows buffered in `columns` as a record batch at the end of `_batches`."""
+        if len(next(iter(self.columns.values()))):
+            arrays = [pa.array(self.columns[f.name], f.type) for f in self._plain]
+            self._batches.append(pa.RecordBatch.from_arrays(arrays, schema=self._plain))
+            for col in self.columns.values():
+                col.clear()
+
     def truncate(self, rows: int) -> None:
         """Forget the rows buffered after the first `rows` (rows already flushed stay)."""
+        in_batches = sum(b.num_rows for b in self._batches)
+        if rows >= in_batches:
+            for col in self.columns.values():
+                del col[rows - in_batches:]
+            return
         for col in self.columns.values():
-            del col[rows:]
+            col.clear()
+        kept, left = [], rows
+        for batch in self._batches:
+            if left > 0:
+                kept.append(batch.slice(0, min(left, batch.num_rows)))
+            left -= batch.num_rows
+        self._batches = kept
 
     def flush(self) -> None:
         n = len(self)
         if n == 0 or self._writer is None:
             return
-        arrays = [pa.array(self.columns[f.name], f.type) for f in self._plain]
-        self._writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self._plain))
+        self._seal()
+        batch = (self._batches[0] if len(self._batches) == 1 else
+                 pa.Table.from_batches(self._batches, schema=self._plain).combine_chunks().to_batches()[0])
+        self._writer.write_batch(batch)
         self._sink.flush()
         self.rows_written += n
-        for col in self.columns.values():
-            col.clear()
+        self._batches = []
 
     def close(self, complete: bool = True, last_row: dict[str, Any] | None = None) -> None:
         """Stop writing; if the run completed, write the Parquet file from the journal, with the values of
@@ -297,6 +328,11 @@ class TraceWriter:
         a_layer(layer)
         a_bytes(nbytes)
         a_energy(energy_j)
+
+    def event_rows(self, **columns) -> None:
+        """Many events rows at once, as arrays (every events column), buffered like `event`'s until the round's
+        flush (`end_round`)."""
+        self.events.extend_arrays(**columns)
 
     def end_round(self) -> None:
         """Called once per round: a crash loses at most the round in flight."""

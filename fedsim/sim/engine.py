@@ -13,14 +13,17 @@ from __future__ import annotations
 import gc
 from typing import Callable, Protocol
 
+import numpy as np
 import simpy
 
 from fedsim.sim.device_round import DeviceOutcome, DeviceRound, StopCause
+from fedsim.sim.outcomes import RoundOutcomes
 from fedsim.sim.round_setup import RoundSetup
+from fedsim.sim.timeline import Timeline, computable, compute_timeline
 from fedsim.output.trace import SERVER, EventKind, TraceWriter
 from fedsim.spec.scenario import TIME_RTOL
 
-__all__ = ["DeviceOutcome", "DeviceRound", "RoundSetup", "RoundServer", "StopCause", "run_events", "run_round",
+__all__ = ["DeviceOutcome", "DeviceRound", "RoundOutcomes", "RoundSetup", "RoundServer", "StopCause", "run_events", "run_round",
            "serve_rounds"]
 
 
@@ -38,12 +41,16 @@ class RoundServer(Protocol):
     def watch(self, env: simpy.Environment, devices) -> None: ...
     def unwatch(self) -> None: ...
     def finish_round(self, setup: RoundSetup, start_at: float, end_at: float,
-                     outcomes: list[DeviceOutcome]) -> None: ...
+                     outcomes: RoundOutcomes) -> None: ...
     def out_of_time(self, round_: int, end_at: float) -> None: ...
+    def offline_at(self, devices, after_at: float): ...
 
 
-def run_round(env: simpy.Environment, server: RoundServer):
-    """One synchronous round: dispatch every participant, wait for delivery, the deadline or the quorum."""
+def run_round(env: simpy.Environment, server: RoundServer, timeline: bool = True):
+    """One synchronous round: dispatch every participant, wait for delivery, the deadline or the quorum.
+
+    `timeline`: compute a round whose participants cannot affect one another at once (`fedsim.sim.timeline`)
+    rather than event by event; the trace is the same either way."""
     r = server.current_round
     trace = server.trace
     events_before = len(trace.events)
@@ -51,6 +58,55 @@ def run_round(env: simpy.Environment, server: RoundServer):
     start_at = env.now
     trace.event(r, start_at, SERVER, EventKind.ROUND_START)
     deadline_at = None if setup.deadline_s is None else start_at + setup.deadline_s
+    computed = _timeline(server, setup, start_at, deadline_at) if timeline else None
+    if computed is not None:
+        trace.event_rows(**computed.rows)
+        if computed.end_at > env.now:
+            yield env.timeout(_delay_to(env.now, computed.end_at))
+        outcomes = computed.outcomes
+    else:
+        outcomes = yield from _dispatch(env, server, setup, deadline_at)
+    if server.time_budget_s is not None and env.now > server.time_budget_s * (1.0 + TIME_RTOL):
+        # the round would end after the time budget: the run ends with the round before; this one's events
+        # (buffered since the last round's flush) are forgotten and nothing is aggregated
+        trace.events.truncate(events_before)
+        server.out_of_time(r, env.now)
+        return
+    # the deadline ended the round only if it cut a device still working (not one that had left: churn)
+    if deadline_at is not None and env.now >= deadline_at and outcomes.any_cut():
+        trace.event(r, env.now, SERVER, EventKind.DEADLINE)
+    trace.event(r, env.now, SERVER, EventKind.ROUND_END)
+    server.finish_round(setup, start_at, env.now, outcomes)
+
+
+def _timeline(server: RoundServer, setup: RoundSetup, start_at: float, deadline_at: float | None) -> Timeline | None:
+    """The round computed at once, if its participants cannot affect one another and none of them leaves before
+    it stops working (a switch within two ulps of that is left to the event path, which orders such ties)."""
+    if not computable(setup):
+        return None
+    computed = compute_timeline(setup, start_at, deadline_at)
+    leaves_at = server.offline_at(setup.plan.devices, start_at)
+    finite = np.isfinite(leaves_at)
+    if finite.any():
+        margin_at = leaves_at[finite] - 2.0 * np.spacing(leaves_at[finite])
+        if not (computed.finish_at[finite] < margin_at).all():
+            return None
+    return computed
+
+
+def _delay_to(now: float, at: float) -> float:
+    """The delay whose timeout SimPy schedules at exactly `at` (it adds the delay to `now`)."""
+    delay = at - now
+    while now + delay < at:
+        delay = float(np.nextafter(delay, np.inf))
+    while now + delay > at:
+        delay = float(np.nextafter(delay, -np.inf))
+    return delay
+
+
+def _dispatch(env: simpy.Environment, server: RoundServer, setup: RoundSetup, deadline_at: float | None):
+    """The round event by event: one `DeviceRound` per participant; returns their outcomes."""
+    trace = server.trace
     deadline = None if setup.deadline_s is None else env.timeout(setup.deadline_s)
     everyone_ended, quorum_reached = env.event(), env.event()
     left, delivered = setup.plan.n, 0
@@ -77,28 +133,16 @@ def run_round(env: simpy.Environment, server: RoundServer):
                 device_round.interrupt(StopCause.QUORUM)
     server.unwatch()
     server.active = {}
-    outcomes = [device_round.out for device_round in rounds]
-    if server.time_budget_s is not None and env.now > server.time_budget_s * (1.0 + TIME_RTOL):
-        # the round would end after the time budget: the run ends with the round before; this one's events
-        # (buffered since the last round's flush) are forgotten and nothing is aggregated
-        trace.events.truncate(events_before)
-        server.out_of_time(r, env.now)
-        return
-    # the deadline ended the round only if it cut a device still working (not one that had left: churn)
-    if deadline_at is not None and env.now >= deadline_at and any(o.done_at is None and o.stopped is None
-                                                                  for o in outcomes):
-        trace.event(r, env.now, SERVER, EventKind.DEADLINE)
-    trace.event(r, env.now, SERVER, EventKind.ROUND_END)
-    server.finish_round(setup, start_at, env.now, outcomes)
+    return RoundOutcomes.of([device_round.out for device_round in rounds])
 
 
 def serve_rounds(env: simpy.Environment, server: RoundServer, rounds: int,
-                 on_round: Callable[[int], None] | None = None):
+                 on_round: Callable[[int], None] | None = None, timeline: bool = True):
     """The server process: `rounds` synchronous rounds back to back, or as many as end within the time
-    budget (`server.ended_by` says which limit ended the run)."""
+    budget (`server.ended_by` says which limit ended the run). `timeline`: see `run_round`."""
     while server.current_round < rounds:
         yield from server.wait_for_devices(env)
-        yield from run_round(env, server)
+        yield from run_round(env, server, timeline)
         if server.ended_by is not None:
             return
         server.current_round += 1

@@ -18,6 +18,7 @@ import numpy as np
 from fedsim.learn.evaluate import Evaluation
 from fedsim.output.trace import DeviceStatus
 from fedsim.sim.device_round import DeviceOutcome
+from fedsim.sim.outcomes import RoundOutcomes
 from fedsim.spec.scenario import DeviceClassSpec
 
 __all__ = ["PhaseEnergy", "device_columns", "device_row", "round_row"]
@@ -56,18 +57,17 @@ def device_row(round_: int, device: int, spec: DeviceClassSpec, status: DeviceSt
 
 
 def device_columns(round_: int, devices: np.ndarray, class_index: np.ndarray, classes: Sequence[DeviceClassSpec],
-                   statuses: Sequence[DeviceStatus], samples: np.ndarray, speed_flops: np.ndarray,
-                   outcomes: Sequence[DeviceOutcome], idle_s: np.ndarray) -> tuple[dict[str, list], float]:
-    """The devices.parquet rows of one round's participants as columns, and their energy in joules.
+                   statuses: Sequence[str], samples: np.ndarray, speed_flops: np.ndarray, outcomes: RoundOutcomes,
+                   idle_s: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+    """The devices.parquet rows of one round's participants as columns (arrays), and their energy in joules.
 
     Column i holds what `device_row` gives for participant i (device `devices[i]` of class
-    `classes[class_index[i]]`), value for value: the energy is the same IEEE arithmetic in the same order,
-    array-wise, and the total is summed device by device (a cumulative sum), as the rows' loop does."""
+    `classes[class_index[i]]`, status `statuses[i]`), value for value: the energy is the same IEEE arithmetic in
+    the same order, array-wise, and the total is summed device by device (a cumulative sum), as the rows' loop
+    does."""
     n = len(outcomes)
     cls = np.asarray(class_index, dtype=np.int64)
-    download_s = np.fromiter((o.download_s for o in outcomes), np.float64, n)
-    compute_s = np.fromiter((o.compute_s for o in outcomes), np.float64, n)
-    upload_s = np.fromiter((o.upload_s for o in outcomes), np.float64, n)
+    download_s, compute_s, upload_s = outcomes.download_s, outcomes.compute_s, outcomes.upload_s
     idle_s = np.asarray(idle_s, dtype=np.float64)
 
     def power(name: str) -> np.ndarray:
@@ -76,16 +76,15 @@ def device_columns(round_: int, devices: np.ndarray, class_index: np.ndarray, cl
     e_down, e_compute = power("power_rx_w") * download_s, power("power_compute_w") * compute_s
     e_up, e_idle = power("power_tx_w") * upload_s, power("power_idle_w") * idle_s
     energy = e_down + e_compute + e_up + e_idle
-    names = [c.name for c in classes]
+    names = np.array([c.name for c in classes], dtype=object)
     return {
-        "round": [round_] * n, "device": np.asarray(devices, dtype=np.int64).tolist(),
-        "class": [names[c] for c in cls.tolist()], "status": [s.value for s in statuses],
-        "depth": [o.depth for o in outcomes], "layers_computed": [o.layers_computed for o in outcomes],
-        "samples": np.asarray(samples, dtype=np.int64).tolist(),
-        "speed_flops": np.asarray(speed_flops, dtype=np.float64).tolist(),
-        "download_s": download_s.tolist(), "compute_s": compute_s.tolist(), "upload_s": upload_s.tolist(),
-        "idle_s": idle_s.tolist(), "energy_download_j": e_down.tolist(), "energy_compute_j": e_compute.tolist(),
-        "energy_upload_j": e_up.tolist(), "energy_idle_j": e_idle.tolist(), "energy_j": energy.tolist(),
+        "round": np.full(n, round_, dtype=np.int64), "device": np.asarray(devices, dtype=np.int64),
+        "class": names[cls], "status": np.array(statuses, dtype=object).reshape(n),
+        "depth": outcomes.depth, "layers_computed": outcomes.layers_computed,
+        "samples": np.asarray(samples, dtype=np.int64), "speed_flops": np.asarray(speed_flops, dtype=np.float64),
+        "download_s": download_s, "compute_s": compute_s, "upload_s": upload_s, "idle_s": idle_s,
+        "energy_download_j": e_down, "energy_compute_j": e_compute, "energy_upload_j": e_up,
+        "energy_idle_j": e_idle, "energy_j": energy,
     }, float(np.cumsum(energy)[-1]) if n else 0.0
 
 

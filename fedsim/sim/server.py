@@ -15,7 +15,8 @@ import simpy
 import torch
 
 from fedsim.world.churn import AlwaysOnline, build_availability, churn, load_availability_trace
-from fedsim.sim.engine import DeviceOutcome, DeviceRound, RoundSetup, StopCause
+from fedsim.sim.engine import DeviceRound, RoundSetup, StopCause
+from fedsim.sim.outcomes import RoundOutcomes
 from fedsim.errors import FedsimError, NumericalError
 from fedsim.learn.evaluate import Evaluation, evaluate
 from fedsim.world.network import Network, build_topology
@@ -30,7 +31,7 @@ from fedsim.learn.loss import load_loss
 from fedsim.policies import PolicyState, RoundContext, RoundInputs, RunContext, SyncPolicy
 from fedsim.world.stragglers import cap_target_depth, draw_straggler_depths
 from fedsim.world.timing import max_depth_fitting
-from fedsim.output.trace import DeviceStatus, TraceWriter
+from fedsim.output.trace import TraceWriter
 from fedsim.sim.finite_update import aggregate_finite
 from fedsim.sim.health import NumericalHealth, devices_text
 from fedsim.seeds import KEYED_STREAMS, component_rng, keyed_rng
@@ -171,6 +172,11 @@ class Server(ServerBase):
         """Devices that can be selected at `now_at`: the online ones."""
         return self.availability.online_devices(now_at).astype(np.int64, copy=False)
 
+    def offline_at(self, devices: np.ndarray, after_at: float) -> np.ndarray:
+        """When each of the (online) `devices` next goes offline after `after_at`; inf: not after it."""
+        switch_at, online = self.availability.next_switches(devices, after_at)
+        return np.where(online, np.inf, switch_at)
+
     def wait_for_devices(self, env: simpy.Environment):
         """If nobody is online, idle until the first device comes back (a round needs participants)."""
         while len(self.candidates(env.now)) == 0:
@@ -211,14 +217,15 @@ class Server(ServerBase):
         t = self.scenario.training
         step_batches = self.partition.sample_batches(devices, t.batch_size, t.local_steps, rng)
         slowdown = self.fleet.sample_slowdown(devices, rng)
-        samples = np.array([len(b[0]) for b in step_batches], dtype=np.int64)
+        held = self.partition.offsets[devices + 1] - self.partition.offsets[devices]
+        samples = np.minimum(held, t.batch_size).astype(np.int64)        # each drawn batch's size
         mode = self.scenario.network.upload_mode
         ctx = RoundContext(round_, self.profile, self.fleet, devices, slowdown, samples,
                            np.full(len(devices), t.local_steps, dtype=np.int64), mode, t.batch_size,
                            self.submodel, self.policy_state, self.schedule,
                            self.fleet.sample_layer_time(devices, self.profile.n_layers,
                                                         keyed_rng(self.scenario.run.seed, "layer_time", round_)),
-                           self.partition.offsets[devices + 1] - self.partition.offsets[devices])
+                           held)
         deadline_s = self.policy.deadline(round_, ctx)
         if deadline_s is not None and not (deadline_s > 0 and np.isfinite(deadline_s)):
             raise FedsimError(f"{self.scenario.source}: policy.name: {self.policy.describe()} set round "
@@ -245,21 +252,19 @@ class Server(ServerBase):
                           ctx, step_batches, drawn)
 
     def finish_round(self, setup: RoundSetup, start_at: float, end_at: float,
-                     outcomes: list[DeviceOutcome]) -> None:
+                     outcomes: RoundOutcomes) -> None:
         plan = setup.plan
         assert setup.context is not None and setup.step_batches is not None
         self.clock_at = end_at
         if self.scenario.training.lr_schedule is not None:
             self._set_lr(self.scenario.training.lr_at(setup.round, self.scenario.run.rounds))
         n_layers = self.profile.n_layers
-        depths = np.array([o.depth for o in outcomes], dtype=np.int64)
-        done = [(o.done_at, i) for i, o in enumerate(outcomes) if o.done_at is not None]
+        depths = outcomes.depth
         inputs = RoundInputs(setup.context, depths, plan.samples, plan.steps, setup.step_batches,
-                             np.array([i for _, i in sorted(done)], dtype=np.int64), setup.quorum, self.trainer)
+                             outcomes.done_order(), setup.quorum, self.trainer)
         update, dropped, error = aggregate_finite(self.policy, self.grads, inputs, self.model,
                                                    self.scenario.training.on_nonfinite)
-        for i in dropped:
-            outcomes[i].nonfinite = True
+        outcomes.nonfinite[list(dropped)] = True
         if error is None:
             self._apply(update.grads, update.frozen, update.weights)
             live = depths > 0
@@ -341,18 +346,15 @@ class Server(ServerBase):
         for p in params.values():
             p.grad = None
 
-    def _write_devices(self, setup: RoundSetup, end_at: float, outcomes: list[DeviceOutcome]) -> float:
+    def _write_devices(self, setup: RoundSetup, end_at: float, outcomes: RoundOutcomes) -> float:
         """The round's devices rows; returns the fleet's energy in the round (joules)."""
         plan = setup.plan
         assert setup.context is not None
-        n_layers = self.profile.n_layers
         devices = plan.devices
-        statuses = [DeviceStatus.NONFINITE if o.nonfinite else o.status(n_layers) for o in outcomes]
-        active_until = np.fromiter((o.active_until_at for o in outcomes), np.float64, len(outcomes))
-        idle = end_at - active_until
+        idle = end_at - outcomes.active_until_at
         speed_flops = self.fleet.speed_flops[devices] / setup.context.slowdown
         columns, total_j = device_columns(setup.round, devices, self.fleet.class_of[devices], self.fleet.classes,
-                                          statuses, plan.samples, speed_flops, outcomes,
-                                          np.where(idle > 0.0, idle, 0.0))      # max(0.0, idle), as a row does
-        self.trace.devices.extend(**columns)
+                                          outcomes.statuses(self.profile.n_layers), plan.samples, speed_flops,
+                                          outcomes, np.where(idle > 0.0, idle, 0.0))      # max(0.0, idle), as a row does
+        self.trace.devices.extend_arrays(**columns)
         return total_j
