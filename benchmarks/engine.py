@@ -8,7 +8,9 @@
    the update is empty). The server callbacks (`setup_round`: batches and the timing plan;
    `finish_round`: aggregation, device rows, Parquet flush) are timed apart, so "event part" is
    `env.run` minus the callbacks: the SimPy processes and their trace event rows. Events are counted
-   with SimPy's event id counter (every scheduled event takes one).
+   with SimPy's event id counter (every scheduled event takes one). The rounds run event by event (one
+   `DeviceRound` per participant, the path of shared networks, streaming uploads and churn); the same rounds
+   computed at once (`fedsim.sim.timeline`, private links, ideal and after_compute uploads) are timed too.
 2. Peak RSS of a 100,000-device fleet with 100 participants per round running a few rounds of the paper
    MLP on synthetic data (and of a 1,000-device fleet, for the difference), each in a fresh subprocess
    reading its own `resource.getrusage(RUSAGE_SELF).ru_maxrss`. `--fleet-devices N` measures a fleet of N
@@ -121,8 +123,9 @@ def _null_grads(server):
     return NullGrads(g.model, g.profile, g.x[:1], g.y[:1])
 
 
-def engine_rounds(devices: int, rounds: int, deadline_s: float, upload_mode: str) -> dict:
-    """Run `rounds` rounds with the gradient work stubbed out; time the event part apart from the callbacks."""
+def engine_rounds(devices: int, rounds: int, deadline_s: float, upload_mode: str, timeline: bool = False) -> dict:
+    """Run `rounds` rounds with the gradient work stubbed out; time the event part apart from the callbacks.
+    Event by event (one `DeviceRound` per participant), or, with `timeline`, each round computed at once."""
     import simpy
 
     from fedsim.sim.build import build_components
@@ -153,13 +156,13 @@ def engine_rounds(devices: int, rounds: int, deadline_s: float, upload_mode: str
         setup, finish = server.setup_round, server.finish_round
 
         def finish_recording(setup_, start_at, end_at, outcomes, *rest, **kw):
-            depths.append(np.array([o.depth for o in outcomes]))
+            depths.append(outcomes.depth.copy())
             return finish(setup_, start_at, end_at, outcomes, *rest, **kw)
 
         server.setup_round = timed("setup_round", setup)
         server.finish_round = timed("finish_round", finish_recording)
         env = simpy.Environment(initial_time=getattr(server, "clock_at", 0.0))
-        env.process(serve_rounds(env, server, rounds))
+        env.process(serve_rounds(env, server, rounds, timeline=timeline))
         start = time.perf_counter()
         run_events(env)             # as a run does: env.run() with the heap built so far frozen
         total = time.perf_counter() - start
@@ -236,11 +239,14 @@ def main(argv=None) -> dict:
     bare = bare_simpy_events_per_s(50_000 if args.quick else 200_000)
     runs = {mode: engine_rounds(args.devices, rounds, args.deadline, mode)
             for mode in (("ideal",) if args.quick else ("ideal", "after_compute", "streaming"))}
-    rows = [[mode, r["events_per_round"], r["events_per_s"] / 1e6, r["round_event_ms"], r["setup_ms"], r["finish_ms"],
+    at_once = {mode: engine_rounds(args.devices, rounds, args.deadline, mode, timeline=True)
+               for mode in runs if mode != "streaming"}
+    rows = [[mode, r["events_per_round"], r["events_per_s"] / 1e6, r["round_event_ms"],
+             at_once[mode]["round_event_ms"] if mode in at_once else "-", r["setup_ms"], r["finish_ms"],
              r["straggler_fraction"], r["mean_depth"]] for mode, r in runs.items()]
     print_table(f"one round of {args.devices} devices (bare SimPy timeout loop: {bare / 1e6:.2f} M events/s)",
-                ["upload mode", "events/round", "M events/s", "event part ms", "setup_round ms", "finish_round ms",
-                 "stragglers", "mean depth"], rows)
+                ["upload mode", "events/round", "M events/s", "event part ms", "computed at once ms",
+                 "setup_round ms", "finish_round ms", "stragglers", "mean depth"], rows)
     fleet_rounds = 1 if args.quick else 3
     big = fleet_rss(args.fleet_devices, fleet_rounds)
     fleet_rows = [[big["devices"], big["rss_mb"], big["seconds"]]]
@@ -267,8 +273,12 @@ def main(argv=None) -> dict:
               "fleet_rounds": fleet_rounds, "fleet_rounds_run": big["rounds_run"],
               "fleet_1k_rss_mb": None if small is None else round(small["rss_mb"], 1),
               "fleet_kb_per_device": None if per_device_kb is None else round(per_device_kb, 3),
+              "round_event_ms_at_once": round(at_once["ideal"]["round_event_ms"], 2),
               "by_upload_mode": {m: {"round_event_ms": round(r["round_event_ms"], 2),
-                                     "events_per_s": round(r["events_per_s"])} for m, r in runs.items()}}
+                                     "events_per_s": round(r["events_per_s"]),
+                                     "round_event_ms_at_once": (round(at_once[m]["round_event_ms"], 2)
+                                                                if m in at_once else None)}
+                                 for m, r in runs.items()}}
     emit(result)
     return result
 

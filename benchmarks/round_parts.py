@@ -7,8 +7,8 @@ thread, the real `Server`, trace and gradients) and times each part of every rou
 methods wrapped: the round's set-up (of which the mini-batch draws), the events (the round's wall time minus
 the server's callbacks), and the end of the round (of which the policy's aggregation with its gradients, the
 device rows, and the trace flush). Medians over `rounds` rounds (the first, which warms torch up, left out),
-next to bare SimPy scheduling the same number of events (`benchmarks.scale.bare_simpy_round_ms`). The last
-line is one JSON object.
+next to the same round run event by event and bare SimPy scheduling the events the round models
+(`benchmarks.scale.event_path_rounds`, `bare_simpy_round_ms`). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def measure(devices: int, participants: int, rounds: int) -> dict:
     import simpy
     import torch
 
-    from benchmarks.scale import SCALE_TOML, bare_simpy_round_ms
+    from benchmarks.scale import SCALE_TOML, bare_simpy_round_ms, event_path_rounds
     from fedsim.output.trace import TraceWriter
     from fedsim.sim.build import build_components
     from fedsim.sim.engine import run_events, serve_rounds
@@ -82,14 +82,15 @@ def measure(devices: int, participants: int, rounds: int) -> dict:
         env.process(serve_rounds(env, server, rounds + 1, on_round=on_round))
         try:
             run_events(env)
+            events_per_round, event_path_ms = event_path_rounds(server, 3)
         finally:
             server_module.aggregate_finite = original       # the module as it was, for whoever runs next here
-        events_per_round = next(env._eid) / (rounds + 1)
         trace.close()
     per_round = {label: [s * 1e3 for s in spent[label][1:-1]] for label in parts}     # round 0 left out
     median = {label: statistics.median(values) for label, values in per_round.items()}
     median["events"] = statistics.median(
         r - s - f for r, s, f in zip(per_round["round"], per_round["setup_round"], per_round["finish_round"]))
+    median["event by event"] = event_path_ms
     median["bare SimPy"] = bare_simpy_round_ms(participants, round(events_per_round), rounds)
     return {"devices": devices, "participants": participants, "rounds": rounds,
             "events_per_round": events_per_round, "ms": median}
@@ -110,11 +111,12 @@ def main(argv=None) -> dict:
     rows = [["whole round", ms["round"]],
             ["  set-up (selection, plan, draws)", ms["setup_round"]],
             ["    of which mini-batch draws", ms["sample_batches"]],
-            ["  events (device rounds, trace rows)", ms["events"]],
+            ["  device rounds (computed at once) and trace rows", ms["events"]],
             ["  end of round", ms["finish_round"]],
             ["    of which aggregation (gradients)", ms["aggregate"]],
             ["    of which device rows", ms["device rows"]],
             ["    of which trace flush", ms["trace flush"]],
+            ["the whole round, event by event", ms["event by event"]],
             ["bare SimPy, the same events", ms["bare SimPy"]]]
     print_table(f"N {args.devices}, K {args.participants}: median ms per round ({round(measured['events_per_round'])} "
                 "events)", ["part", "ms/round"], rows)

@@ -6,11 +6,14 @@
    device, one test sample, one torch thread), SALF with a 0.1 s deadline, the real `Server`, trace and gradients. Each size
    runs in a fresh subprocess, which reports the seconds its imports took, the build (`build_components` and
    the `Server`), the median wall time of a round (the first round, which warms torch up, left out), the
-   last round (the only one evaluated: a fleet whose data are made on demand makes its test set there), its
-   events per round and its own peak RSS (`ru_maxrss`). Two fleets run again with churn (exponential on and
-   off periods, means 600 s and 120 s): a round then selects from the devices online.
-2. The reference of a round: bare SimPy scheduling the same number of events as the round did, as K
-   chains of timeouts whose callbacks schedule the next (how fedsim's device rounds work), nothing else.
+   last round (the only one evaluated: a fleet whose data are made on demand makes its test set there) and its
+   own peak RSS (`ru_maxrss`). Rounds whose participants cannot affect one another are computed at once
+   (`fedsim.sim.timeline`); three more rounds then run event by event, one `DeviceRound` per participant, which
+   gives the SimPy events a round models (one per phase end, plus the deadline) and that path's ms per round.
+   Two fleets run again with churn (exponential on and off periods, means 600 s and 120 s): a round then
+   selects from the devices online.
+2. The reference of a round: bare SimPy scheduling the events the round models, as K chains of timeouts whose
+   callbacks schedule the next (how fedsim's device rounds work), nothing else.
 3. A crowded link: n = 1,000 and 3,000 flows of sizes 1, 2, ..., n kB start together on one access point's
    link (8 Mbit/s, no private links), so they end one at a time and every end re-shares the others; the wall
    time of the whole run. With SimGrid's Python bindings on the system Python (Debian `python3-simgrid`),
@@ -73,16 +76,33 @@ def fleet_child(devices: int, participants: int, rounds: int, churn: bool = Fals
         env = simpy.Environment()
         env.process(serve_rounds(env, server, rounds + 1, on_round=lambda _done: ends.append(time.perf_counter())))
         run_events(env)
-        events = next(env._eid)     # SimPy numbers every scheduled event from 0
+        per_round = [b - a for a, b in zip(ends[1:], ends[2:])]      # round 0 warms torch up
+        events_per_round, event_path_ms = event_path_rounds(server, 3)
         trace.close()
-    per_round = [b - a for a, b in zip(ends[1:], ends[2:])]      # round 0 warms torch up
-    events_per_round = events / (rounds + 1)
     print(json.dumps({
         "devices": devices, "participants": participants, "churn": churn, "rounds": rounds, "import_s": import_s,
         "build_s": build_s, "ms_per_round": statistics.median(per_round) * 1e3, "last_round_s": per_round[-1],
-        "events_per_round": events_per_round,
+        "events_per_round": events_per_round, "event_path_ms_per_round": event_path_ms,
         "simpy_ms_per_round": bare_simpy_round_ms(participants, round(events_per_round), rounds),
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))     # Linux: kilobytes
+
+
+def event_path_rounds(server, rounds: int) -> tuple[float, float]:
+    """(SimPy events per round, median ms per round) of `rounds` more rounds of `server`'s run, event by event
+    (`serve_rounds(..., timeline=False)`: one `DeviceRound` per participant, one event per phase). The events
+    are those a round models (download, forward, each layer's backward, uploads, the deadline), whether it is
+    computed at once or not: the bare-SimPy reference schedules as many."""
+    import simpy
+
+    from fedsim.sim.engine import run_events, serve_rounds
+
+    env = simpy.Environment(initial_time=server.clock_at)
+    server.ended_by = None
+    ends = [time.perf_counter()]
+    env.process(serve_rounds(env, server, server.current_round + rounds, timeline=False,
+                             on_round=lambda _done: ends.append(time.perf_counter())))
+    run_events(env)
+    return next(env._eid) / rounds, statistics.median(b - a for a, b in zip(ends, ends[1:])) * 1e3
 
 
 def bare_simpy_round_ms(chains: int, events: int, rounds: int) -> float:
@@ -224,11 +244,11 @@ def main(argv=None) -> dict:
     print(f"benchmarks.scale: paper MLP on synthetic data, SALF, {rounds} rounds timed per fleet")
     runs = [fleet(n, k, churn, rounds) for n, k, churn in sizes]
     print_table("fleets (each in its own process)",
-                ["N", "K", "churn", "import s", "build s", "ms/round", "bare SimPy ms/round", "events/round",
-                 "last round s", "peak RSS MB"],
+                ["N", "K", "churn", "import s", "build s", "ms/round", "event by event", "bare SimPy ms/round",
+                 "events/round", "last round s", "peak RSS MB"],
                 [[r["devices"], r["participants"], "yes" if r["churn"] else "no", r["import_s"], r["build_s"],
-                  r["ms_per_round"], r["simpy_ms_per_round"], round(r["events_per_round"]), r["last_round_s"],
-                  r["rss_mb"]] for r in runs])
+                  r["ms_per_round"], r["event_path_ms_per_round"], r["simpy_ms_per_round"],
+                  round(r["events_per_round"]), r["last_round_s"], r["rss_mb"]] for r in runs])
     flow_counts = (200,) if args.quick else (1_000, 3_000)
     links = {}
     for n_flows in flow_counts:
