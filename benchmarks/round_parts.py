@@ -8,7 +8,8 @@ methods wrapped: the round's set-up (of which the mini-batch draws), the events 
 the server's callbacks), and the end of the round (of which the policy's aggregation with its gradients, the
 device rows, and the trace flush). Medians over `rounds` rounds (the first, which warms torch up, left out),
 next to the same round run event by event and bare SimPy scheduling the events the round models
-(`benchmarks.scale.event_path_rounds`, `bare_simpy_round_ms`). The last line is one JSON object.
+(`benchmarks.scale.event_path_rounds`; each timed round is followed by a bare-SimPy round, timed apart:
+`benchmarks.scale.interleaved_rounds`). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def measure(devices: int, participants: int, rounds: int) -> dict:
     import simpy
     import torch
 
-    from benchmarks.scale import SCALE_TOML, bare_simpy_round_ms, event_path_rounds
+    from benchmarks.scale import EVENT_PATH_ROUNDS, SCALE_TOML, event_path_rounds, interleaved_rounds
     from fedsim.output.trace import TraceWriter
     from fedsim.sim.build import build_components
     from fedsim.sim.engine import run_events, serve_rounds
@@ -54,14 +55,18 @@ def measure(devices: int, participants: int, rounds: int) -> dict:
     from fedsim.spec.scenario import parse_scenario
 
     torch.set_num_threads(1)
-    scn = parse_scenario(SCALE_TOML.format(devices=devices, participants=participants, rounds=rounds + 1),
-                         "benchmarks/round_parts.py")
+    scn = parse_scenario(SCALE_TOML.format(devices=devices, participants=participants,
+                                           rounds=1 + EVENT_PATH_ROUNDS + rounds), "benchmarks/round_parts.py")
     comp = build_components(scn)
-    parts = ("round", "setup_round", "sample_batches", "finish_round", "aggregate", "device rows", "trace flush")
+    parts = ("setup_round", "sample_batches", "finish_round", "aggregate", "device rows", "trace flush")
     spent: dict[str, list[float]] = defaultdict(lambda: [0.0])
     with tempfile.TemporaryDirectory() as tmp:
         trace = TraceWriter(Path(tmp), {})
         server = Server(scn, comp.model, comp.profile, comp.fleet, comp.partition, comp.dataset, trace)
+        env = simpy.Environment()
+        env.process(serve_rounds(env, server, 1))       # round 0 warms torch up
+        run_events(env)
+        events_per_round, event_path_ms = event_path_rounds(server, EVENT_PATH_ROUNDS)
         _timed(server, "setup_round", spent, "setup_round")
         _timed(server.partition, "sample_batches", spent, "sample_batches")
         _timed(server, "finish_round", spent, "finish_round")
@@ -69,29 +74,23 @@ def measure(devices: int, participants: int, rounds: int) -> dict:
         _timed(server_module, "aggregate_finite", spent, "aggregate")
         _timed(server, "_write_devices", spent, "device rows")
         _timed(trace, "end_round", spent, "trace flush")
-        last = [time.perf_counter()]
 
-        def on_round(_done: int) -> None:
-            now = time.perf_counter()
-            spent["round"][-1] = now - last[0]
-            last[0] = now
+        def next_round(_done: int) -> None:
             for label in parts:
                 spent[label].append(0.0)
 
-        env = simpy.Environment()
-        env.process(serve_rounds(env, server, rounds + 1, on_round=on_round))
         try:
-            run_events(env)
-            events_per_round, event_path_ms = event_path_rounds(server, 3)
+            round_s, bare_s = interleaved_rounds(server, rounds, participants, round(events_per_round), next_round)
         finally:
             server_module.aggregate_finite = original       # the module as it was, for whoever runs next here
         trace.close()
-    per_round = {label: [s * 1e3 for s in spent[label][1:-1]] for label in parts}     # round 0 left out
+    per_round = {label: [s * 1e3 for s in spent[label][:-1]] for label in parts}
+    per_round["round"] = [s * 1e3 for s in round_s]
     median = {label: statistics.median(values) for label, values in per_round.items()}
     median["events"] = statistics.median(
         r - s - f for r, s, f in zip(per_round["round"], per_round["setup_round"], per_round["finish_round"]))
     median["event by event"] = event_path_ms
-    median["bare SimPy"] = bare_simpy_round_ms(participants, round(events_per_round), rounds)
+    median["bare SimPy"] = statistics.median(bare_s) * 1e3
     return {"devices": devices, "participants": participants, "rounds": rounds,
             "events_per_round": events_per_round, "ms": median}
 

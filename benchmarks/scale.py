@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from benchmarks.common import REPO, emit, print_table
 from benchmarks.engine import FLEET_TOML
@@ -65,26 +66,58 @@ def fleet_child(devices: int, participants: int, rounds: int, churn: bool = Fals
     torch.set_num_threads(1)        # as `fedsim run` and the sweep runner: one thread per process
 
     start = time.perf_counter()
-    text = SCALE_TOML.format(devices=devices, participants=participants, rounds=rounds + 1)
+    text = SCALE_TOML.format(devices=devices, participants=participants, rounds=1 + EVENT_PATH_ROUNDS + rounds)
     scn = parse_scenario(text.replace("latency_s = 0.01", CHURN) if churn else text, "benchmarks/scale.py")
     comp = build_components(scn)
     with tempfile.TemporaryDirectory() as tmp:
         trace = TraceWriter(Path(tmp), {})
         server = Server(scn, comp.model, comp.profile, comp.fleet, comp.partition, comp.dataset, trace)
         build_s = time.perf_counter() - start
-        ends = [time.perf_counter()]
         env = simpy.Environment()
-        env.process(serve_rounds(env, server, rounds + 1, on_round=lambda _done: ends.append(time.perf_counter())))
+        env.process(serve_rounds(env, server, 1))       # round 0 warms torch up
         run_events(env)
-        per_round = [b - a for a, b in zip(ends[1:], ends[2:])]      # round 0 warms torch up
-        events_per_round, event_path_ms = event_path_rounds(server, 3)
+        events_per_round, event_path_ms = event_path_rounds(server, EVENT_PATH_ROUNDS)
+        per_round, bare = interleaved_rounds(server, rounds, participants, round(events_per_round))
         trace.close()
     print(json.dumps({
         "devices": devices, "participants": participants, "churn": churn, "rounds": rounds, "import_s": import_s,
         "build_s": build_s, "ms_per_round": statistics.median(per_round) * 1e3, "last_round_s": per_round[-1],
         "events_per_round": events_per_round, "event_path_ms_per_round": event_path_ms,
-        "simpy_ms_per_round": bare_simpy_round_ms(participants, round(events_per_round), rounds),
+        "simpy_ms_per_round": statistics.median(bare) * 1e3,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))     # Linux: kilobytes
+
+
+EVENT_PATH_ROUNDS = 3
+
+
+def interleaved_rounds(server, rounds: int, chains: int, events: int,
+                       on_round: Callable[[int], None] | None = None) -> tuple[list[float], list[float]]:
+    """(wall seconds of each of the run's next `rounds` rounds, of each bare-SimPy round): every round is
+    followed by one round of bare SimPy scheduling `events` timeouts in `chains` chains (`bare_simpy_round_s`),
+    outside the round's time, so that both see the machine as it is at that moment. `on_round` runs first at
+    the end of each round (outside its time too)."""
+    import random
+
+    import simpy
+
+    from fedsim.sim.engine import run_events, serve_rounds
+
+    env = simpy.Environment(initial_time=server.clock_at)
+    server.ended_by = None
+    round_s, bare_s = [], []
+    rnd = random.Random(0)
+    last = [time.perf_counter()]
+
+    def after_round(done: int) -> None:
+        round_s.append(time.perf_counter() - last[0])
+        if on_round is not None:
+            on_round(done)
+        bare_s.append(bare_simpy_round_s(chains, events, rnd))
+        last[0] = time.perf_counter()
+
+    env.process(serve_rounds(env, server, server.current_round + rounds, on_round=after_round))
+    run_events(env)
+    return round_s, bare_s
 
 
 def event_path_rounds(server, rounds: int) -> tuple[float, float]:
@@ -105,25 +138,19 @@ def event_path_rounds(server, rounds: int) -> tuple[float, float]:
     return next(env._eid) / rounds, statistics.median(b - a for a, b in zip(ends, ends[1:])) * 1e3
 
 
-def bare_simpy_round_ms(chains: int, events: int, rounds: int) -> float:
-    """Median ms of a round of bare SimPy: `events` timeouts in `chains` callback chains (a fresh environment
-    per round, as fedsim's rounds each start afresh), nothing else."""
-    import random
-
+def bare_simpy_round_s(chains: int, events: int, rnd) -> float:
+    """Wall seconds of one round of bare SimPy: `events` timeouts of random delays (`rnd`) in `chains` callback
+    chains, in a fresh environment (as fedsim's rounds each start afresh), nothing else."""
     import simpy
 
-    times = []
-    rnd = random.Random(0)
     lengths = [events // chains + (i < events % chains) for i in range(chains)]
-    for _ in range(rounds):
-        delays = [[rnd.random() for _ in range(n)] for n in lengths]
-        start = time.perf_counter()
-        env = simpy.Environment()
-        for chain in delays:
-            _chain(env, chain, 0)
-        env.run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    delays = [[rnd.random() for _ in range(n)] for n in lengths]
+    start = time.perf_counter()
+    env = simpy.Environment()
+    for chain in delays:
+        _chain(env, chain, 0)
+    env.run()
+    return time.perf_counter() - start
 
 
 def _chain(env, delays: list[float], i: int) -> None:
