@@ -5,6 +5,7 @@ equal `sample_batch` called device by device on the same stream."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -41,9 +42,11 @@ def test_device_columns_equal_the_rows_built_one_by_one(n):
     speed = rng.lognormal(16, 1, n) / rng.uniform(1, 3, n)
     end_at = 1.5
     idle = np.array([max(0.0, end_at - o.active_until_at) for o in outcomes])
-    columns, total_j = device_columns(4, devices, class_index, classes, [s.value for s in statuses], samples, speed,
-                                      RoundOutcomes.of(outcomes), idle)
-    columns = {name: np.asarray(values).tolist() for name, values in columns.items()}
+    columns, total_j = device_columns(4, devices, class_index, classes, np.array([list(DeviceStatus).index(s)
+                                                                                  for s in statuses], dtype=np.int64),
+                                      samples, speed, RoundOutcomes.of(outcomes), idle)
+    columns = {name: values.to_pylist() if isinstance(values, pa.Array) else np.asarray(values).tolist()
+               for name, values in columns.items()}
     rows, expected_j = [], 0.0
     for i, o in enumerate(outcomes):
         row, energy_j = device_row(4, int(devices[i]), classes[class_index[i]], statuses[i], o.depth, int(samples[i]),
@@ -70,8 +73,8 @@ def test_round_outcomes_read_as_the_device_outcomes_they_gather(n):
     nonfinite = rng.random(n) < 0.1
     cols = RoundOutcomes.of(outcomes)
     cols.nonfinite[nonfinite] = True
-    assert cols.statuses(3) == [DeviceStatus.NONFINITE.value if bad else o.status(3).value
-                                for o, bad in zip(outcomes, nonfinite)]
+    assert [list(DeviceStatus)[j] for j in cols.statuses(3)] == [DeviceStatus.NONFINITE if bad else o.status(3)
+                                                                  for o, bad in zip(outcomes, nonfinite)]
     assert cols.done_order().tolist() == [i for _, i in sorted((o.done_at, i) for i, o in enumerate(outcomes)
                                                                if o.done_at is not None)]
     assert cols.any_cut() == any(o.done_at is None and o.stopped is None for o in outcomes)

@@ -114,8 +114,8 @@ class Partition:
             if whole[start]:
                 order = rng.permuted(np.broadcast_to(np.arange(size, dtype=np.int64), ((end - start) * steps, size)),
                                      axis=1)
-                rows = self.indices[lo.repeat(steps)[:, None] + order].reshape(end - start, steps, size)
-                out.extend(map(list, rows))
+                rows = self.indices[lo.repeat(steps)[:, None] + order]
+                out.extend([[r] for r in rows] if steps == 1 else map(list, rows.reshape(end - start, steps, size)))
             else:
                 own = self.indices[int(lo[0]):int(lo[0]) + size]
                 out.append([own[choice(size, size=batch_size, replace=False)] for _ in range(steps)])

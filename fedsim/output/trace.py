@@ -15,8 +15,9 @@ import enum
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -59,6 +60,21 @@ class DeviceStatus(enum.Enum):
 
 _EVENT_NAMES = [k.value for k in EventKind]
 _STATUS_NAMES = [s.value for s in DeviceStatus]
+
+
+def category_column(names: Sequence[str] | pa.Array, positions: np.ndarray) -> pa.Array:
+    """The strings `names[positions]` as an Arrow column, made without a Python string per row."""
+    names = names if isinstance(names, pa.Array) else pa.array(list(names), pa.string())
+    return names.take(pa.array(positions, pa.int64()))
+
+
+def status_column(positions: np.ndarray) -> pa.Array:
+    """devices.parquet statuses from positions in `DeviceStatus` (its members in definition order)."""
+    return category_column(_STATUS_ARROW, positions)
+
+
+_EVENT_NAMES_ARROW = pa.array(_EVENT_NAMES, pa.string())
+_STATUS_ARROW = pa.array(_STATUS_NAMES, pa.string())
 
 EVENTS_SCHEMA = pa.schema([
     ("round", pa.int32()),
@@ -240,9 +256,8 @@ class TableWriter:
         if n == 0 or self._writer is None:
             return
         self._seal()
-        batch = (self._batches[0] if len(self._batches) == 1 else
-                 pa.Table.from_batches(self._batches, schema=self._plain).combine_chunks().to_batches()[0])
-        self._writer.write_batch(batch)
+        for batch in self._batches:          # in order: the journal's rows are the table's rows
+            self._writer.write_batch(batch)
         self._sink.flush()
         self.rows_written += n
         self._batches = []
@@ -329,10 +344,10 @@ class TraceWriter:
         a_bytes(nbytes)
         a_energy(energy_j)
 
-    def event_rows(self, **columns) -> None:
+    def event_rows(self, *, event: np.ndarray, **columns) -> None:
         """Many events rows at once, as arrays (every events column), buffered like `event`'s until the round's
-        flush (`end_round`)."""
-        self.events.extend_arrays(**columns)
+        flush (`end_round`). `event` holds positions in `EventKind` (its members in definition order)."""
+        self.events.extend_arrays(event=category_column(_EVENT_NAMES_ARROW, event), **columns)
 
     def end_round(self) -> None:
         """Called once per round: a crash loses at most the round in flight."""

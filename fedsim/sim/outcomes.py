@@ -16,8 +16,8 @@ from fedsim.sim.device_round import DeviceOutcome, StopCause
 
 __all__ = ["RoundOutcomes"]
 
-_STATUS = np.array([s.value for s in (DeviceStatus.NOTHING, DeviceStatus.PARTIAL, DeviceStatus.COMPLETE,
-                                      DeviceStatus.OFFLINE, DeviceStatus.NONFINITE)], dtype=object)
+_NOTHING, _PARTIAL, _COMPLETE, _OFFLINE, _NONFINITE = (list(DeviceStatus).index(s) for s in (
+    DeviceStatus.NOTHING, DeviceStatus.PARTIAL, DeviceStatus.COMPLETE, DeviceStatus.OFFLINE, DeviceStatus.NONFINITE))
 
 
 @dataclass
@@ -62,9 +62,9 @@ class RoundOutcomes:
         """Whether some participant was still working when the round ended it (not one that had stopped)."""
         return bool((~self.delivered_all & ~self.stopped).any())
 
-    def statuses(self, n_layers: int) -> list[str]:
-        """Each participant's devices.parquet status, as `DeviceOutcome.status` (nonfinite first)."""
-        code = np.where(self.depth == 0, 0, np.where(self.depth == n_layers, 2, 1))
-        code = np.where(self.offline, 3, code)
-        code = np.where(self.nonfinite, 4, code)
-        return _STATUS[code].tolist()
+    def statuses(self, n_layers: int) -> np.ndarray:
+        """Each participant's devices.parquet status as a position in `DeviceStatus` (its members in definition
+        order), as `DeviceOutcome.status` gives it (nonfinite first)."""
+        code = np.where(self.depth == 0, _NOTHING, np.where(self.depth == n_layers, _COMPLETE, _PARTIAL))
+        code = np.where(self.offline, _OFFLINE, code)
+        return np.where(self.nonfinite, _NONFINITE, code)

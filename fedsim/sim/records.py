@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fedsim.learn.evaluate import Evaluation
-from fedsim.output.trace import DeviceStatus
+from fedsim.output.trace import DeviceStatus, category_column, status_column
 from fedsim.sim.device_round import DeviceOutcome
 from fedsim.sim.outcomes import RoundOutcomes
 from fedsim.spec.scenario import DeviceClassSpec
@@ -57,12 +57,13 @@ def device_row(round_: int, device: int, spec: DeviceClassSpec, status: DeviceSt
 
 
 def device_columns(round_: int, devices: np.ndarray, class_index: np.ndarray, classes: Sequence[DeviceClassSpec],
-                   statuses: Sequence[str], samples: np.ndarray, speed_flops: np.ndarray, outcomes: RoundOutcomes,
+                   statuses: np.ndarray, samples: np.ndarray, speed_flops: np.ndarray, outcomes: RoundOutcomes,
                    idle_s: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
     """The devices.parquet rows of one round's participants as columns (arrays), and their energy in joules.
 
     Column i holds what `device_row` gives for participant i (device `devices[i]` of class
-    `classes[class_index[i]]`, status `statuses[i]`), value for value: the energy is the same IEEE arithmetic in
+    `classes[class_index[i]]`, status `DeviceStatus` number `statuses[i]`), value for value (the class and status
+    columns are Arrow strings, the others numpy arrays): the energy is the same IEEE arithmetic in
     the same order, array-wise, and the total is summed device by device (a cumulative sum), as the rows' loop
     does."""
     n = len(outcomes)
@@ -76,10 +77,9 @@ def device_columns(round_: int, devices: np.ndarray, class_index: np.ndarray, cl
     e_down, e_compute = power("power_rx_w") * download_s, power("power_compute_w") * compute_s
     e_up, e_idle = power("power_tx_w") * upload_s, power("power_idle_w") * idle_s
     energy = e_down + e_compute + e_up + e_idle
-    names = np.array([c.name for c in classes], dtype=object)
     return {
         "round": np.full(n, round_, dtype=np.int64), "device": np.asarray(devices, dtype=np.int64),
-        "class": names[cls], "status": np.array(statuses, dtype=object).reshape(n),
+        "class": category_column([c.name for c in classes], cls), "status": status_column(statuses),
         "depth": outcomes.depth, "layers_computed": outcomes.layers_computed,
         "samples": np.asarray(samples, dtype=np.int64), "speed_flops": np.asarray(speed_flops, dtype=np.float64),
         "download_s": download_s, "compute_s": compute_s, "upload_s": upload_s, "idle_s": idle_s,

@@ -17,6 +17,7 @@ import torch
 from fedsim.world.churn import AlwaysOnline, build_availability, churn, load_availability_trace
 from fedsim.sim.engine import DeviceRound, RoundSetup, StopCause
 from fedsim.sim.outcomes import RoundOutcomes
+from fedsim.sim.round_setup import ParticipantClasses
 from fedsim.errors import FedsimError, NumericalError
 from fedsim.learn.evaluate import Evaluation, evaluate
 from fedsim.world.network import Network, build_topology
@@ -242,7 +243,7 @@ class Server(ServerBase):
             drawn = draw_straggler_depths(self.scenario.fleet.depth_model, len(devices), self.profile.n_layers,
                                           keyed_rng(self.scenario.run.seed, "depth_model", round_))
             plan = cap_target_depth(plan, drawn)
-        powers = [self.fleet.classes[c] for c in self.fleet.class_of[devices]]
+        powers = ParticipantClasses(self.fleet.classes, self.fleet.class_of[devices])
         if self.topology is not None:
             if self.network is None or self.network.env is not env:
                 self.network = Network(env, self.topology)

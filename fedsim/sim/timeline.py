@@ -28,7 +28,7 @@ import numpy as np
 
 from fedsim.output.trace import EventKind
 from fedsim.sim.outcomes import RoundOutcomes
-from fedsim.sim.round_setup import RoundSetup
+from fedsim.sim.round_setup import RoundSetup, power_table
 from fedsim.spec.scenario import UploadMode
 from fedsim.world.stragglers import NOT_A_STRAGGLER
 
@@ -36,9 +36,10 @@ __all__ = ["Timeline", "computable", "compute_timeline"]
 
 # the phases of a chain
 _DOWNLOAD, _FORWARD, _BACKWARD, _UPLOAD = 0, 1, 2, 3
-_END_KIND = np.array([EventKind.DOWNLOAD_END.value, EventKind.FORWARD_END.value, EventKind.BACKWARD_END.value,
-                      EventKind.UPLOAD_END.value, EventKind.DOWNLOAD_START.value, EventKind.UPLOAD_START.value,
-                      EventKind.CUT.value, EventKind.STRAGGLER.value], dtype=object)
+_KINDS = list(EventKind)
+_END_KIND = np.array([_KINDS.index(k) for k in (EventKind.DOWNLOAD_END, EventKind.FORWARD_END, EventKind.BACKWARD_END,
+                                                 EventKind.UPLOAD_END, EventKind.DOWNLOAD_START, EventKind.UPLOAD_START,
+                                                 EventKind.CUT, EventKind.STRAGGLER)], dtype=np.int64)
 _DOWNLOAD_START, _UPLOAD_START, _CUT, _STRAGGLER = 4, 5, 6, 7
 
 
@@ -48,7 +49,8 @@ class Timeline:
     outcomes: RoundOutcomes
     finish_at: np.ndarray         # (n,) when each participant stopped working
     end_at: float                 # when the last one did (the start if there is none)
-    rows: dict[str, np.ndarray]   # the events rows after `round_start`, as columns of the events table
+    rows: dict[str, np.ndarray]   # the events rows after `round_start`, as columns of the events table (`event`:
+                                  # positions in `EventKind`, as `TraceWriter.event_rows` takes them)
 
 
 def computable(setup: RoundSetup) -> bool:
@@ -92,7 +94,7 @@ def compute_timeline(setup: RoundSetup, start_at: float, deadline_at: float | No
     waits = cut & (began_at < limit_at)          # cut at the deadline, by its event; others at once
     finish_at = np.where(cut, np.where(waits, limit_at, began_at), began_at)
 
-    power = _powers(setup)            # (n, 4): rx, compute, compute, tx by phase kind
+    power = power_table(setup.powers)            # (n, 4): rx, compute, compute, tx by phase kind
     energy = power[rows_n, kind] * dur
     cut_kind = kind[np.arange(n), np.minimum(done, width - 1)]
     cut_s = np.where(cut, finish_at - began_at, 0.0)
@@ -104,17 +106,6 @@ def compute_timeline(setup: RoundSetup, start_at: float, deadline_at: float | No
                  n_steps, order_ev, ev_dev, ev_step, ev_pos, deadline_pos)
     end = float(finish_at.max()) if n else float(start_at)
     return Timeline(outcomes, finish_at, end, rows)
-
-
-def _powers(setup: RoundSetup) -> np.ndarray:
-    """(n, 4): each participant's power (W) by phase kind: download, forward, backward, upload. The participants
-    share a few class specs: each is read once."""
-    specs = setup.powers
-    ids = np.fromiter(map(id, specs), dtype=np.int64, count=len(specs))
-    _, first, which = np.unique(ids, return_index=True, return_inverse=True)
-    table = np.array([[c.power_rx_w, c.power_compute_w, c.power_compute_w, c.power_tx_w]
-                      for c in (specs[j] for j in first.tolist())], dtype=np.float64).reshape(len(first), 4)
-    return table[which.reshape(-1)]
 
 
 def _outcomes(kind, dur, done, cut, cut_kind, cut_s, finish_at, target, uploads, width) -> RoundOutcomes:
@@ -151,7 +142,7 @@ def _event_order(end_at, done, waits, began_at, limit_at, n):
     n_ev = int(first[-1])
     ev_dev = np.repeat(np.arange(n), counts)
     ev_step = np.arange(n_ev) - first[ev_dev]
-    times = end_at[ev_dev, ev_step]
+    times = end_at[np.arange(end_at.shape[1])[None, :] < done[:, None]]     # flat order: device, then step
     has_deadline = bool(waits.any())
     if has_deadline:
         times = np.append(times, limit_at)
@@ -204,7 +195,8 @@ def _rows(setup, plan, start_at, end_at, kind, k, energy, done, cut, waits, cut_
     root_cut = (now_cut & (done == 0)).astype(np.int64)
     root_size = straggler + 1 + root_cut
     # the events, in flat order (participant by participant, phase by phase): their rows' sizes
-    ph = kind[np.arange(width)[None, :] < done[:, None]]
+    mask = np.arange(width)[None, :] < done[:, None]          # the phases done, in flat order
+    ph = kind[mask]
     i, s = ev_dev, ev_step
     nxt = np.minimum(s + 1, width - 1)
     up = (s + 1 < n_steps[i]) & (kind[i, nxt] == _UPLOAD)
@@ -249,7 +241,6 @@ def _rows(setup, plan, start_at, end_at, kind, k, energy, done, cut, waits, cut_
     down, upl = ph == _DOWNLOAD, ph == _UPLOAD
     nbytes[down] = plan.download_bytes[i[down]]
     nbytes[upl] = plan.upload_bytes[i[upl], k[i[upl], s[upl]]]
-    mask = np.arange(width)[None, :] < done[:, None]
     put(at, end_at[mask], i, ph, np.where(ph >= _BACKWARD, layer_order[k[mask]], -1), nbytes, energy[mask])
     put(at[up] + 1, end_at[i[up], s[up]], i[up], _UPLOAD_START, layer_order[k[i[up], nxt[up]]])
     c = ev_cut
