@@ -101,7 +101,7 @@ def compute_timeline(setup: RoundSetup, start_at: float, deadline_at: float | No
     cut_j = power[np.arange(n), cut_kind] * cut_s
     outcomes = _outcomes(kind, dur, done, cut, cut_kind, cut_s, finish_at, target, uploads, width)
 
-    order_ev, ev_dev, ev_step, ev_pos, deadline_pos = _event_order(end_at, done, waits, began_at, limit_at, n)
+    order_ev, ev_dev, ev_step, ev_pos, deadline_pos = _event_order(end_at, done, waits, limit_at, n)
     rows = _rows(setup, plan, start_at, end_at, kind, k, energy, done, cut, waits, cut_kind, cut_j, finish_at,
                  n_steps, order_ev, ev_dev, ev_step, ev_pos, deadline_pos)
     end = float(finish_at.max()) if n else float(start_at)
@@ -132,7 +132,7 @@ def _outcomes(kind, dur, done, cut, cut_kind, cut_s, finish_at, target, uploads,
                          stopped=np.zeros(n, dtype=bool), nonfinite=np.zeros(n, dtype=bool))
 
 
-def _event_order(end_at, done, waits, began_at, limit_at, n):
+def _event_order(end_at, done, waits, limit_at, n):
     """The order SimPy processes the round's events in: the phase ends done, then the deadline if it cuts.
 
     Returns the events in order (as flat indices), each event's device and step, each event's position, and the
@@ -173,6 +173,8 @@ def _event_order(end_at, done, waits, began_at, limit_at, n):
                 break
             order[slots] = again
             pos[again] = slots
+        else:       # each pass places one more link of every chain of ties: a chain is shorter than the events
+            raise RuntimeError("the order of a round's simultaneous events did not settle")
     deadline_pos = int(pos[-1]) if has_deadline else -1
     return order, ev_dev, ev_step, pos[:n_ev], deadline_pos
 
