@@ -1,12 +1,15 @@
-"""The selection pool of a churned fleet: rank-select on block counts, against the plain computation it
-replaces."""
+"""The selection pool of a churned fleet: rank-select on block counts and the calendar of due switches, each
+against the plain computation it replaces."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 
 from fedsim.world.counted_mask import BLOCK, CountedMask
+from fedsim.world.switch_calendar import WINDOW_MIN, SwitchCalendar
 
 
 # -- rank-select ------------------------------------------------------------------------------------------------
@@ -51,3 +54,62 @@ def test_positions_are_listed_once_per_state():
     mask[1] = True
     counted.flipped(np.array([1]))
     assert counted.version == version + 1 and counted.positions()[:2].tolist() == [0, 1]
+
+
+# -- the calendar of due switches -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [50, WINDOW_MIN, 5 * WINDOW_MIN, 40_000])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_calendar_names_every_device_due(n, seed):
+    """An owner advancing what the calendar names, moving other devices forward and back (a replay) and some to
+    never: at every query, every device whose next switch is due has been named since it was last moved."""
+    rng = np.random.default_rng(seed)
+    next_at = rng.exponential(30.0, n)
+    next_at[rng.random(n) < 0.05] = math.inf                 # never switches
+    next_at[rng.random(n) < 0.05] = 12.5                      # ties
+    calendar = SwitchCalendar(next_at)
+    at = 0.0
+    for step in range(150):
+        at += float(rng.exponential(2.0)) * (10.0 if step % 40 == 39 else 1.0)   # some long leaps
+        named = calendar.due(at)
+        expected = np.flatnonzero(next_at <= at)
+        assert np.isin(expected, named).all(), (step, at)
+        # advance what is due (an owner skips the stale names), sometimes past several periods
+        due = np.unique(named[next_at[named] <= at])
+        next_at[due] = at + rng.exponential(30.0, due.size) * rng.choice([0.01, 1.0], due.size)
+        calendar.moved(due)
+        # others moved: a participant advanced ahead, a replay from the past, one that stops switching
+        others = rng.choice(n, size=min(n, 5), replace=False)
+        next_at[others] = np.where(rng.random(others.size) < 0.5, at + rng.exponential(5.0, others.size),
+                                   rng.uniform(0.0, at + 1.0, others.size))
+        next_at[others[0]] = math.inf
+        calendar.moved(others)
+    final = calendar.due(at)
+    assert np.isin(np.flatnonzero(next_at <= at), final).all()
+
+
+def test_calendar_window_holds_a_share_of_a_large_fleet():
+    next_at = np.random.default_rng(3).exponential(100.0, 64 * WINDOW_MIN)
+    calendar = SwitchCalendar(next_at)
+    assert calendar.due(0.0).size == 0
+    assert calendar.until_s == pytest.approx(np.sort(next_at)[4 * WINDOW_MIN - 1])    # 1/16 of the fleet
+    small = SwitchCalendar(np.array([1.0, math.inf, 3.0]))
+    assert small.due(2.0).tolist() == [0] and small.until_s == math.inf
+
+
+def test_calendar_sorts_in_many_late_entries():
+    """Moves inside the window wait in a late list until it holds WINDOW_MIN entries, then join the sorted ones."""
+    n = 3 * WINDOW_MIN
+    next_at = np.arange(1.0, n + 1.0)
+    calendar = SwitchCalendar(next_at)
+    assert calendar.due(0.5).size == 0 and calendar.until_s == WINDOW_MIN
+    rng = np.random.default_rng(2)
+    for batch in np.array_split(rng.permutation(n), 6):          # half of them sooner, one move at a time or many
+        next_at[batch] = rng.uniform(0.5, 2 * WINDOW_MIN, batch.size)
+        for part in (batch[:3], batch[3:]):
+            calendar.moved(part)
+    for at in (0.75, 10.0, 10.0, WINDOW_MIN / 2, WINDOW_MIN - 1.0):
+        named = calendar.due(at)
+        assert np.isin(np.flatnonzero(next_at <= at), named).all(), at
+        next_at[named[next_at[named] <= at]] = math.inf
+        calendar.moved(named)
