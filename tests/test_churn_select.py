@@ -1,5 +1,5 @@
-"""The selection pool of a churned fleet: rank-select on block counts and the calendar of due switches, each
-against the plain computation it replaces."""
+"""The selection pool of a churned fleet: rank-select on block counts, the calendar of due switches, and
+the candidates a round draws from, each against the plain computation it replaces."""
 
 from __future__ import annotations
 
@@ -8,6 +8,12 @@ import math
 import numpy as np
 import pytest
 
+from fedsim.policies.overselect import Overselect
+from fedsim.policies.wait import Wait
+from fedsim.spec.availability import ChurnSpec, InitialState
+from fedsim.spec.distributions import Dist, DistKind
+from fedsim.world.candidates import ArrayCandidates, MaskCandidates
+from fedsim.world.churn import RenewalAvailability
 from fedsim.world.counted_mask import BLOCK, CountedMask
 from fedsim.world.switch_calendar import WINDOW_MIN, SwitchCalendar
 
@@ -113,3 +119,62 @@ def test_calendar_sorts_in_many_late_entries():
         assert np.isin(np.flatnonzero(next_at <= at), named).all(), at
         next_at[named[next_at[named] <= at]] = math.inf
         calendar.moved(named)
+
+
+# -- the candidates of a round ------------------------------------------------------------------------------------
+
+SPECS = [ChurnSpec(Dist(DistKind.EXPONENTIAL, 40.0), Dist(DistKind.EXPONENTIAL, 15.0), InitialState.STATIONARY),
+         None, ChurnSpec(Dist(DistKind.FIXED, 3.0), Dist(DistKind.UNIFORM, 1.0, 9.0), InitialState.OFFLINE)]
+
+
+def test_candidates_take_what_a_fresh_source_lists():
+    cls = np.arange(6_000) % 3
+    kept = RenewalAvailability(cls, SPECS, np.random.default_rng(4))
+    watched = np.random.default_rng(0).choice(6_000, 300, replace=False)
+    rng = np.random.default_rng(9)
+    for at in [0.0, 0.5, 3.0, 7.25, 60.0, 61.0, 1.5, 62.0, 500.0, 499.0, 900.0, 900.0]:
+        expected = np.flatnonzero(RenewalAvailability(cls, SPECS, np.random.default_rng(4))
+                                  .online_mask(np.arange(6_000), at))
+        pool = kept.candidates(at)
+        assert len(pool) == expected.size, at
+        positions = rng.integers(0, expected.size, 200)
+        assert np.array_equal(pool.take(positions), expected[positions]), at
+        assert np.array_equal(np.asarray(pool), expected), at
+        kept.next_switches(watched, at + 4.0)
+
+
+def test_candidates_after_a_switch_are_stale():
+    spec = ChurnSpec(Dist(DistKind.FIXED, 1.0), Dist(DistKind.FIXED, 1.0), InitialState.ONLINE)
+    avail = RenewalAvailability(np.zeros(10, dtype=np.int64), [spec], np.random.default_rng(0))
+    pool = avail.candidates(0.5)
+    assert len(pool) == 10 and isinstance(pool, MaskCandidates)
+    assert len(avail.candidates(0.75)) == 10      # nobody switched: still good
+    assert pool.take(np.array([3])).tolist() == [3]
+    assert len(avail.candidates(1.5)) == 0
+    with pytest.raises(RuntimeError, match="stale"):
+        pool.take(np.array([3]))
+
+
+@pytest.mark.parametrize("population", [7, 1_000, 20_000, 830_000])
+def test_drawing_positions_draws_what_drawing_ids_draws(population):
+    """`rng.choice(ids, k, replace=False)` draws positions and indexes `ids` with them (Floyd's algorithm for
+    small k, a tail shuffle above 1/50 of a population over 10,000): drawing the positions alone and taking
+    the ids at them is the same draw, and the default selection and overselect's are unchanged."""
+    ids = np.sort(np.random.default_rng(population).choice(2 * population, population, replace=False))
+    mask = np.zeros(2 * population, dtype=bool)
+    mask[ids] = True
+    pools = [MaskCandidates(CountedMask(mask)), ArrayCandidates(ids)]
+    for k in sorted({1, min(100, population - 1), population // 50 + 1, population - 1}):
+        for seed in range(3):
+            old = np.sort(np.random.default_rng(seed).choice(ids, size=k, replace=False))
+            assert np.array_equal(ids[np.random.default_rng(seed).choice(population, size=k, replace=False)],
+                                  np.random.default_rng(seed).choice(ids, size=k, replace=False))
+            for pool in pools:
+                assert np.array_equal(Wait().select(pool, k, np.random.default_rng(seed)), old)
+                assert np.array_equal(np.sort(np.random.default_rng(seed).choice(pool, size=k, replace=False)), old)
+    assert np.array_equal(Wait().select(pools[0], None, np.random.default_rng(0)), ids)
+    over = Overselect(fraction=1.5)
+    k = min(60, population // 2)
+    n = math.ceil(1.5 * k - 1e-9)
+    old = np.sort(np.random.default_rng(5).choice(ids, size=min(n, population), replace=False))
+    assert np.array_equal(over.select(pools[0], k, np.random.default_rng(5)), old)

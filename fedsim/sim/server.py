@@ -15,6 +15,7 @@ import simpy
 import torch
 
 from fedsim.world.churn import AlwaysOnline, build_availability, churn, load_availability_trace
+from fedsim.world.candidates import Candidates
 from fedsim.sim.engine import DeviceOutcome, DeviceRound, RoundSetup, StopCause
 from fedsim.errors import FedsimError, NumericalError
 from fedsim.learn.evaluate import Evaluation, evaluate
@@ -167,9 +168,9 @@ class Server(ServerBase):
         self.schedule = self.policy.schedule(run)      # deadlines chosen before the first round, or None
 
     # -- engine callbacks -------------------------------------------------------------------------
-    def candidates(self, now_at: float) -> np.ndarray:
+    def candidates(self, now_at: float) -> Candidates:
         """Devices that can be selected at `now_at`: the online ones."""
-        return self.availability.online_devices(now_at).astype(np.int64, copy=False)
+        return self.availability.candidates(now_at)
 
     def wait_for_devices(self, env: simpy.Environment):
         """If nobody is online, idle until the first device comes back (a round needs participants)."""
