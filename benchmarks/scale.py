@@ -1,6 +1,6 @@
 """Large fleets, big rounds and crowded links.
 
-    python -m benchmarks.scale [--quick] [--rounds R] [--no-million] [--links-only]
+    python -m benchmarks.scale [--quick] [--rounds R] [--no-million] [--links-only] [--churn-only]
 
 1. Fleets of N devices with K participants per round: the paper MLP on synthetic data (10 samples per
    device, one test sample, one torch thread), SALF with a 0.1 s deadline, the real `Server`, trace and gradients. Each size
@@ -259,6 +259,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=None, help="rounds timed per fleet (default 10; --quick 2)")
     ap.add_argument("--no-million", action="store_true", help="leave out the N = 1,000,000 fleet")
     ap.add_argument("--links-only", action="store_true", help="only the crowded link (no fleets)")
+    ap.add_argument("--churn-only", action="store_true", help="of the fleets, only those with churn")
     ap.add_argument("--child", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--churn", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -267,7 +268,7 @@ def main(argv=None) -> dict:
         fleet_child(*args.child, rounds, args.churn)
         return {}
     sizes = QUICK_SIZES if args.quick else tuple(s for s in SIZES if not (args.no_million and s[0] == 1_000_000))
-    sizes = () if args.links_only else sizes
+    sizes = () if args.links_only else tuple(s for s in sizes if s[2] or not args.churn_only)
     print(f"benchmarks.scale: paper MLP on synthetic data, SALF, {rounds} rounds timed per fleet")
     runs = [fleet(n, k, churn, rounds) for n, k, churn in sizes]
     print_table("fleets (each in its own process)",

@@ -42,6 +42,7 @@ from fedsim.policies.sync import RoundContext, RoundInputs, RoundUpdate, RunCont
 from fedsim.spec.fields import Fields
 from fedsim.spec.plugins import call_plugin, load_plugin
 from fedsim.spec.scenario import Scenario, TrainingSpec
+from fedsim.world.candidates import Candidates
 
 if TYPE_CHECKING:
     import torch
@@ -125,13 +126,13 @@ class Flower(SyncPolicy):
         return fm.FlowerState.from_json(data, self.label)
 
     # -- a round ---------------------------------------------------------------------------------
-    def select_round(self, round_: int, candidates: np.ndarray, k: int | None, rng: np.random.Generator,
+    def select_round(self, round_: int, candidates: Candidates, k: int | None, rng: np.random.Generator,
                      state: PolicyState | None, model: torch.nn.Module) -> tuple[np.ndarray, PolicyState | None]:
         fm = _flower("<run>", "policy.name")
         assert isinstance(state, fm.FlowerState), "flower's state is made by its start"
         server_round = round_ + 1
         configured = copy.deepcopy(state.strategy)
-        grid = fm.FleetGrid(np.sort(candidates), self.label, server_round)
+        grid = fm.FleetGrid(candidates.ids(), self.label, server_round)
         self._enough_nodes(configured, len(candidates), server_round)
         arrays = fm.model_arrays(model)
         messages = fm.call_strategy(self.label, "configure_train", server_round, state.seed,

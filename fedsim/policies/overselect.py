@@ -16,6 +16,7 @@ from fedsim.policies.layerwise import full_model_update
 from fedsim.policies.sync import RoundInputs, RoundUpdate, SyncPolicy
 from fedsim.spec.fields import Fields
 from fedsim.spec.scenario import TrainingSpec
+from fedsim.world.candidates import Candidates
 
 if TYPE_CHECKING:
     from fedsim.learn.grads import GradientEngine
@@ -40,11 +41,11 @@ class Overselect(SyncPolicy):
     def _k(self, k: int | None, available: int) -> int:
         return min(self.k or k or available, available)
 
-    def select(self, candidates: np.ndarray, k: int | None, rng: np.random.Generator) -> np.ndarray:
+    def select(self, candidates: Candidates, k: int | None, rng: np.random.Generator) -> np.ndarray:
         n = min(math.ceil(self.fraction * self._k(k, len(candidates)) - 1e-9), len(candidates))
         if n >= len(candidates):
-            return candidates
-        return np.sort(rng.choice(candidates, size=n, replace=False))
+            return candidates.ids()
+        return np.sort(candidates.take(rng.choice(len(candidates), size=n, replace=False)))
 
     def quorum(self, n_selected: int, k: int | None) -> int | None:
         return min(self._k(k, n_selected), n_selected)

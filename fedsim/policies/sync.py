@@ -3,7 +3,9 @@
 `fedsim.sim.server.Server` asks, in this order, each round:
 
     select(candidates, k, rng)       which online devices take part (called by `select_round(round, candidates,
-                                     k, rng, state, model)`, which may also update the state for the round)
+                                     k, rng, state, model)`, which may also update the state for the round);
+                                     `candidates` is a `fedsim.world.candidates.Candidates`: its size, the ids
+                                     at some positions (`take`), all of them (`ids()`, `np.asarray`)
     deadline(round, ctx)             the round's deadline in seconds from its start, or None (no deadline)
     plan(ctx, deadline_s)            the work each participant attempts (a `RoundPlan`)
     quorum(n_selected, k)            end the round once this many participants are done (None: never early)
@@ -27,6 +29,7 @@ import numpy as np
 
 from fedsim.policies.base import PolicyBase, PolicyState
 from fedsim.spec.scenario import Scenario, UploadMode
+from fedsim.world.candidates import Candidates
 from fedsim.world.fleet import Fleet
 from fedsim.world.timing import RoundPlan, plan_round
 
@@ -155,13 +158,14 @@ class SyncPolicy(PolicyBase):
         """Every round's deadline, chosen before the first round (None: `deadline` decides round by round)."""
         return None
 
-    def select(self, candidates: np.ndarray, k: int | None, rng: np.random.Generator) -> np.ndarray:
-        """Participants among the online `candidates`: all, or `k` sampled uniformly."""
+    def select(self, candidates: Candidates, k: int | None, rng: np.random.Generator) -> np.ndarray:
+        """Participants among the online `candidates`: all, or `k` sampled uniformly (positions drawn as
+        `rng.choice(ids, k, replace=False)` draws them, without listing the ids)."""
         if k is None or k >= len(candidates):
-            return candidates
-        return np.sort(rng.choice(candidates, size=k, replace=False))
+            return candidates.ids()
+        return np.sort(candidates.take(rng.choice(len(candidates), size=k, replace=False)))
 
-    def select_round(self, round_: int, candidates: np.ndarray, k: int | None, rng: np.random.Generator,
+    def select_round(self, round_: int, candidates: Candidates, k: int | None, rng: np.random.Generator,
                      state: PolicyState | None, model: torch.nn.Module) -> tuple[np.ndarray, PolicyState | None]:
         """The participants of round `round_` and the state the round is planned and aggregated with
         (`RoundContext.state`), given the global `model` (read only). The default is `select`, the state

@@ -15,6 +15,7 @@ import simpy
 import torch
 
 from fedsim.world.churn import AlwaysOnline, build_availability, churn, load_availability_trace
+from fedsim.world.candidates import Candidates
 from fedsim.sim.engine import DeviceRound, RoundSetup, StopCause
 from fedsim.sim.outcomes import RoundOutcomes
 from fedsim.sim.round_setup import ParticipantClasses
@@ -169,9 +170,9 @@ class Server(ServerBase):
         self.schedule = self.policy.schedule(run)      # deadlines chosen before the first round, or None
 
     # -- engine callbacks -------------------------------------------------------------------------
-    def candidates(self, now_at: float) -> np.ndarray:
+    def candidates(self, now_at: float) -> Candidates:
         """Devices that can be selected at `now_at`: the online ones."""
-        return self.availability.online_devices(now_at).astype(np.int64, copy=False)
+        return self.availability.candidates(now_at)
 
     def offline_at(self, devices: np.ndarray, after_at: float) -> np.ndarray:
         """When each of the (online) `devices` next goes offline after `after_at`; inf: not after it."""

@@ -15,6 +15,9 @@ it is asked about. Its k-th duration is a pure function of (key, device, k): a c
 (SplitMix64 mixing of a counter, the construction of Java's SplittableRandom) keyed by 64 bits drawn
 once from the injected Generator. So a device's sequence does not depend on who else was asked about,
 on the query times, or on how many rounds the run has: a longer run replays the same switches first.
+A round's selection pool (`candidates`) is kept event by event: a calendar names the devices whose switch
+is due (`fedsim.world.switch_calendar`) and block counts of the online flags find the K drawn without
+listing the online devices (`fedsim.world.counted_mask`, `fedsim.world.candidates`).
 
 `churn(env, availability, device_ids, on_switch)` is one process for any number of devices, with a heap
 of their next switch times; watching only the current round's participants keeps it cheap.
@@ -34,6 +37,9 @@ import simpy
 
 from fedsim.spec.availability import ChurnSpec, InitialState, read_intervals
 from fedsim.spec.distributions import Dist, DistKind
+from fedsim.world.candidates import ArrayCandidates, Candidates, MaskCandidates
+from fedsim.world.counted_mask import CountedMask
+from fedsim.world.switch_calendar import SwitchCalendar
 
 __all__ = ["Availability", "AlwaysOnline", "RenewalAvailability", "TraceAvailability", "build_availability",
            "load_availability_trace", "churn"]
@@ -59,8 +65,12 @@ class Availability(abc.ABC):
         return bool(self.online_mask(np.array([device]), at)[0])
 
     def online_devices(self, at: float) -> np.ndarray:
-        """Ids of the devices online at `at`, ascending: the server's selection pool."""
+        """Ids of the devices online at `at`, ascending."""
         return np.flatnonzero(self.online_mask(np.arange(self.n_devices), at))
+
+    def candidates(self, at: float) -> Candidates:
+        """The devices online at `at` as the server's selection pool (valid until the next query)."""
+        return ArrayCandidates(self.online_devices(at))
 
 
 class AlwaysOnline(Availability):
@@ -150,11 +160,11 @@ class RenewalAvailability(Availability):
         self._last_at = np.full(self.n_devices, -math.inf)   # time of the last switch
         self._drawn = np.zeros(self.n_devices, dtype=np.int64)  # full periods drawn so far
         self._start(np.arange(self.n_devices))
-        # the online set, event-driven (online_devices): the latest time asked about, a lower bound of every
-        # next switch, and the ids online since the last switch (None: to be rebuilt)
+        # the online set, event-driven (candidates): the latest time asked about, and the online flags' block
+        # counts with the calendar of next switches, both told by `_advance` of every device it changes; made at
+        # the first `candidates` (a run that only asks about devices, as the asynchronous one, needs neither)
         self._asked_at = -math.inf
-        self._soonest_at = float(self._next_at.min(initial=math.inf))
-        self._ids: np.ndarray | None = None
+        self._pool: tuple[CountedMask, SwitchCalendar] | None = None
 
     def _start(self, devices: np.ndarray) -> None:
         """State at t = 0 for `devices` (also used to replay them from the start)."""
@@ -202,39 +212,47 @@ class RenewalAvailability(Availability):
         if devices.size > 1:
             devices = np.unique(devices)   # repeated ids would be advanced as one anyway; keep it explicit
         back = devices[self._last_at[devices] > at]
+        was_online = None if self._pool is None else self._online[devices]
         if back.size:   # asked about the past: replay those devices from t = 0 (same stream, same result)
             self._start(back)
-            self._soonest_at, self._ids = -math.inf, None
         self._asked_at = max(self._asked_at, at)
         todo = devices[self._next_at[devices] <= at]
-        if todo.size:
-            self._ids = None
+        moved = np.union1d(back, todo) if back.size else todo
         while todo.size:
             self._online[todo] = ~self._online[todo]
             self._last_at[todo] = self._next_at[todo]
             self._next_at[todo] = self._last_at[todo] + self._periods(todo)
             self._drawn[todo] += 1
             todo = todo[self._next_at[todo] <= at]
+        if was_online is not None and moved.size:   # the online set's counts and the calendar of switches follow
+            online_count, calendar = self._pool
+            online_count.flipped(devices[self._online[devices] != was_online])
+            calendar.moved(moved)
 
     def online_mask(self, devices, at):
         devices = np.asarray(devices, dtype=np.int64)
         self._advance(devices, at)
         return self._online[devices].copy()
 
-    def online_devices(self, at: float) -> np.ndarray:
-        """The online ids, kept as an event-driven set: going forward in time, only the devices whose switch is
-        due are advanced (none, without looking, before the soonest switch), and the ids are rebuilt only when
-        someone switched. A time before one already asked about replays the fleet (the general path)."""
+    def candidates(self, at: float) -> Candidates:
+        """The online devices, kept event by event: going forward in time, only the devices the calendar names
+        as due are advanced, and the online flags' block counts follow them, so neither finding who switched nor
+        drawing K of the online devices looks at the whole fleet. A time before one already asked about replays
+        the fleet (the general path)."""
         if at < self._asked_at:
-            return super().online_devices(at)
-        if at >= self._soonest_at:
-            self._advance(np.flatnonzero(self._next_at <= at), at)
-            self._soonest_at = float(self._next_at.min(initial=math.inf))
+            return ArrayCandidates(super().online_devices(at))
+        if self._pool is None:
+            self._pool = CountedMask(self._online), SwitchCalendar(self._next_at)
+        online_count, calendar = self._pool
+        due = calendar.due(at)
+        if due.size:
+            self._advance(due, at)
         self._asked_at = at
-        if self._ids is None:
-            self._ids = np.flatnonzero(self._online)
-            self._ids.flags.writeable = False
-        return self._ids
+        return MaskCandidates(online_count)
+
+    def online_devices(self, at: float) -> np.ndarray:
+        """The online ids (listed once per state of the online set: the same read-only array until a switch)."""
+        return self.candidates(at).ids()
 
     def next_switches(self, devices, after_at):
         devices = np.asarray(devices, dtype=np.int64)
