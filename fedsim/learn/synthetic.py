@@ -40,6 +40,8 @@ __all__ = ["SyntheticDevices", "make_synthetic", "EAGER_BYTES"]
 EAGER_BYTES = 1 << 28
 # Bounds the float64 temporaries of one batch of devices to a few tens of MB.
 _CHUNK_ELEMENTS = 1 << 22
+# Draws of at most this many devices reuse one set of temporaries (about 10 MB with 10 samples of 60 inputs)
+_SCRATCH_ROWS = 512
 
 
 def _check(alpha: float, beta: float, n_devices: int, samples_per_device: int, test_samples_per_device: int,
@@ -72,6 +74,17 @@ class SyntheticDevices:
         self._state = self._bits.state
         self._lock = threading.Lock()     # one generator, sought per device: one device at a time (Dask threads)
         self._whole: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch = threading.local()        # each thread's buffers for the draws' temporaries
+
+    def _scratch_for(self, rows: int, drawn: int, weights: int, inputs: int) -> threading.local:
+        """This thread's buffers for `rows` devices' draws (float64: `drawn`, `weights`, `inputs` per device); kept
+        for the next call up to _SCRATCH_ROWS devices (a round's participants), fresh beyond (a whole test set)."""
+        scratch = self._scratch if rows <= _SCRATCH_ROWS else threading.local()
+        if getattr(scratch, "rows", 0) < rows or scratch.drawn.shape[1] != drawn:
+            scratch.rows = rows
+            scratch.drawn = np.empty((rows, drawn))
+            scratch.weights, scratch.inputs = np.empty((rows, weights)), np.empty((rows, inputs))
+        return scratch
 
     def _seek(self, device: int, part: int) -> None:
         """Put the generator at the start of stream `part` of `device`."""
@@ -90,9 +103,13 @@ class SyntheticDevices:
         width = 2 + C + D + C * D
         step = max(1, _CHUNK_ELEMENTS // (width + m * D))
         seek, normal = self._seek, self._gen.standard_normal
+        scratch = self._scratch_for(min(step, len(devices)), width + m * D, C * D, m * D)
         for lo in range(0, len(devices), step):
             chunk = devices[lo:lo + step].tolist()
-            drawn = np.empty((len(chunk), width + m * D))
+            n = len(chunk)
+            # the temporaries live in buffers kept from call to call: fresh ones of this size would cost a page
+            # fault per 4 kB each time, more than the arithmetic
+            drawn = scratch.drawn[:n]
             with self._lock:
                 for i, d in enumerate(chunk):
                     seek(d, 0)
@@ -102,19 +119,21 @@ class SyntheticDevices:
                         normal(out=drawn[i, :width])
                         seek(d, 1)
                         normal(out=drawn[i, width:])
-            f, z = drawn[:, :width], drawn[:, width:].reshape(len(chunk), m, D)
+            f, z = drawn[:, :width], drawn[:, width:].reshape(n, m, D)
             u, shift = math.sqrt(self.alpha) * f[:, 0], math.sqrt(self.beta) * f[:, 1]
             biases = f[:, 2:2 + C] + u[:, None]
             means = f[:, 2 + C:2 + C + D] + shift[:, None]
-            weights = f[:, 2 + C + D:].reshape(-1, C, D) + u[:, None, None]
-            xs = means[:, None, :] + z * self._x_std
+            weights = np.add(f[:, 2 + C + D:].reshape(-1, C, D), u[:, None, None],
+                             out=scratch.weights[:n].reshape(n, C, D))
+            xs = np.multiply(z, self._x_std, out=scratch.inputs[:n].reshape(n, m, D))
+            xs += means[:, None, :]                     # means + z * std (IEEE addition commutes)
             with np.errstate(over="ignore", invalid="ignore"):   # checked next, with a message naming beta
                 ys = (xs @ weights.transpose(0, 2, 1) + biases[:, None, :]).argmax(axis=-1)
-                xs32 = xs.astype(np.float32)
-            if not np.isfinite(xs32).all():
+                xs_out[lo:lo + n] = xs                  # to float32, as astype rounds
+            if not np.isfinite(xs_out[lo:lo + n]).all():
                 raise DataError(f"beta = {self.beta!r} makes synthetic inputs too large for float32 (non-finite "
                                 "values); use a smaller beta")
-            xs_out[lo:lo + len(chunk)], ys_out[lo:lo + len(chunk)] = xs32, ys
+            ys_out[lo:lo + n] = ys
         return xs_out, ys_out
 
     # -- RowSource ---------------------------------------------------------------------------------------
