@@ -122,9 +122,10 @@ def interleaved_rounds(server, rounds: int, chains: int, events: int,
 
 def event_path_rounds(server, rounds: int) -> tuple[float, float]:
     """(SimPy events per round, median ms per round) of `rounds` more rounds of `server`'s run, event by event
-    (`serve_rounds(..., timeline=False)`: one `DeviceRound` per participant, one event per phase). The events
-    are those a round models (download, forward, each layer's backward, uploads, the deadline), whether it is
-    computed at once or not: the bare-SimPy reference schedules as many."""
+    (`serve_rounds(..., timeline=False)`: one `DeviceRound` per participant, one event per phase). The count is
+    SimPy's event ids: the events a round models (download, forward, each layer's backward, uploads, the
+    deadline), whether it is computed at once or not, plus the few of the round itself (the server's wait, the
+    condition that ends it, a churn watcher's wake-ups): the bare-SimPy reference schedules as many."""
     import simpy
 
     from fedsim.sim.engine import run_events, serve_rounds

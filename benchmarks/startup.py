@@ -8,8 +8,9 @@ interpreter's own start is included. The build reads `scenarios/paper_mnist_mlp.
 (`--mnist`, default ../shared/datasets/mnist; the synthetic data set of the same shapes if absent) and times,
 inside the process, what `fedsim run` does before its first round: `load_scenario` (no torch), the data set's
 `prefetch` (MNIST's files read on a background thread), the import of `fedsim.sim.build` (torch), then
-`build_components` (data, model, profile, fleet); "import" is all but the last. Each process also says whether torch, `torch._dynamo` and
-sympy were imported. Prints a table, then one JSON line; `import_build_s` is the headline figure.
+`build_components` (data, model, profile, fleet); "import" is all but the last. Each process also says whether
+torch, `torch._dynamo` and sympy were imported. Prints a table, then one JSON line; `import_build_s` is the
+headline figure.
 """
 
 from __future__ import annotations

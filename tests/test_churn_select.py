@@ -178,3 +178,26 @@ def test_drawing_positions_draws_what_drawing_ids_draws(population):
     n = math.ceil(1.5 * k - 1e-9)
     old = np.sort(np.random.default_rng(5).choice(ids, size=min(n, population), replace=False))
     assert np.array_equal(over.select(pools[0], k, np.random.default_rng(5)), old)
+
+
+@pytest.mark.parametrize("make", ["array", "mask"])
+def test_candidates_read_as_the_array_of_their_ids(make):
+    """A policy written for an array of ids (indexing, masks, slices, iteration, size) reads the same ids."""
+    cls = np.arange(3_000) % 3
+    if make == "array":
+        ids = np.flatnonzero(np.arange(3_000) % 7 != 2)
+        pool = ArrayCandidates(ids)
+    else:
+        avail = RenewalAvailability(cls, SPECS, np.random.default_rng(4))
+        pool = avail.candidates(30.0)
+        ids = np.flatnonzero(avail.online_mask(np.arange(3_000), 30.0))
+    assert pool.size == len(pool) == ids.size and pool.shape == ids.shape
+    assert pool[5] == ids[5] and pool[-1] == ids[-1]
+    assert np.array_equal(pool[[0, 7, 3]], ids[[0, 7, 3]])
+    assert np.array_equal(pool[np.array([4, 4, 1])], ids[[4, 4, 1]])
+    assert np.array_equal(pool[:9], ids[:9]) and np.array_equal(pool[ids % 2 == 0], ids[ids % 2 == 0])
+    assert list(pool)[:5] == ids[:5].tolist()
+    assert np.array_equal(np.sort(np.random.default_rng(1).choice(pool, 10, replace=False)),
+                          np.sort(np.random.default_rng(1).choice(ids, 10, replace=False)))
+    with pytest.raises(ValueError, match="copy"):
+        pool.__array__(np.int32, copy=False)

@@ -63,51 +63,6 @@ def test_real_mnist_loads(mnist):
     assert abs(float(mnist.x_train.std()) - 1.0) < 0.05
 
 
-def test_mnist_read_in_the_background_is_the_mnist_read_in_place(tmp_path):
-    from fedsim.learn import idx
-
-    write_mnist_like(tmp_path / "gz", compress=True, seed=3)
-    in_place = load_mnist(tmp_path / "gz")
-    idx.prefetch_mnist(tmp_path / "gz")
-    idx.prefetch_mnist(tmp_path / "gz")             # asked twice: the newer read is the one kept
-    assert len(idx._pending) == 1
-    ahead = load_mnist(tmp_path / "gz" / ".." / "gz")       # the same directory, named otherwise
-    assert not idx._pending                             # taken once
-    for field in ("x_train", "y_train", "x_test", "y_test"):
-        assert torch.equal(getattr(ahead, field), getattr(in_place, field))
-    # files changed after the background read: the loader reads them anew
-    idx.prefetch_mnist(tmp_path / "gz")
-    idx._pending[(tmp_path / "gz").resolve()].result()
-    write_mnist_like(tmp_path / "gz", compress=True, seed=4, n_train=5)
-    assert load_mnist(tmp_path / "gz").x_train.shape[0] == 5
-    # a bad file: the background read's error is the loader's, word for word
-    (tmp_path / "gz" / f"{NAMES[1]}.gz").write_bytes(gzip.compress(idx_bytes(np.arange(4))))
-    with pytest.raises(DataError) as in_place_error:
-        load_mnist(tmp_path / "gz")
-    idx.prefetch_mnist(tmp_path / "gz")
-    with pytest.raises(DataError) as ahead_error:
-        load_mnist(tmp_path / "gz")
-    assert str(ahead_error.value) == str(in_place_error.value) and "4 labels but" in str(ahead_error.value)
-
-
-def test_commands_start_reading_mnist_before_importing_torch(tmp_path):
-    """`fedsim validate` (and `fedsim run`, through the same `_prefetch`) starts the data set's read before torch
-    is imported, so that the two overlap."""
-    import subprocess
-    import sys
-
-    write_mnist_like(tmp_path / "mnist", compress=True)
-    probe = ("import sys, threading; from fedsim.cli.main import main; import fedsim.learn.idx as idx; "
-             "original = idx.prefetch_mnist\n"
-             "def spy(d):\n    print('torch imported at prefetch:', 'torch' in sys.modules); original(d)\n"
-             "idx.prefetch_mnist = spy\n"
-             f"sys.exit(main(['validate', 'scenarios/paper_mnist_mlp.toml', '--set', 'data.dir=\"{tmp_path / 'mnist'}\"',"
-             " '--set', 'fleet.participants=2', '--set', 'fleet.classes[0].count=4']))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                         text=True, check=False)
-    assert "torch imported at prefetch: False" in out.stdout, out.stderr[-2000:]
-
-
 def test_raw_and_gzipped_idx_load_identically(tmp_path):
     write_mnist_like(tmp_path / "raw", compress=False)
     write_mnist_like(tmp_path / "gz", compress=True)

@@ -9,9 +9,10 @@ must be identical, value for value.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,7 +20,9 @@ import pytest
 import simpy
 
 from conftest import run
+from fedsim.errors import FedsimError
 from fedsim.output.trace import TraceWriter
+from fedsim.policies.salf import Salf
 from fedsim.sim import engine
 from fedsim.sim.round_setup import RoundSetup
 from fedsim.sim.timeline import computable
@@ -194,3 +197,40 @@ def test_whole_runs_match_the_event_path(tmp_path, monkeypatch, overrides):
     events = run(tmp_path, *overrides, name="events", text=TEXT)
     assert _tables(computed) == _tables(events)
     assert any(t is not None for t in would)        # rounds of the first run were computed at once
+
+
+@dataclass(frozen=True)
+class Everyone(Salf):
+    """SALF with every device of the fleet, online or not (a plugin may select offline devices)."""
+    name: ClassVar[str] = "everyone"
+
+    def select(self, candidates, k, rng):
+        return np.arange(3)
+
+
+@dataclass(frozen=True)
+class NegativeDownload(Salf):
+    """SALF whose plan has a download of -0.25 s for its first participant."""
+    name: ClassVar[str] = "negative_download"
+
+    def plan(self, ctx, deadline_s):
+        plan = super().plan(ctx, deadline_s)
+        return replace(plan, download_s=np.where(np.arange(plan.n) == 0, -0.25, plan.download_s))
+
+
+def test_a_device_selected_while_offline_is_left_to_the_event_path(tmp_path, monkeypatch):
+    # device 0 is offline on [0, 1), online on [1, 2), offline again...: the event path's watcher interrupts it
+    overrides = ('policy.name="test_timeline:Everyone"', "policy.deadline_s=30", "run.rounds=1",
+                 'fleet.classes[0].availability={ on_s = 1, off_s = 1, initial = "offline" }')
+    computed = run(tmp_path, *overrides, name="computed", text=TEXT)
+    monkeypatch.setattr(engine, "_timeline", lambda *a: None)
+    events = run(tmp_path, *overrides, name="events", text=TEXT)
+    assert _tables(computed) == _tables(events)
+    assert _tables(events)["devices"]["status"][0] == "offline"
+
+
+def test_a_plan_with_a_negative_duration_is_refused_naming_the_policy(tmp_path):
+    with pytest.raises(FedsimError, match=r"test.toml: policy.name: salf\(mean\) planned round 0 wrongly: "
+                                          r"RoundPlan.download_s holds -0.25 s; durations are finite and >= 0"):
+        run(tmp_path, 'policy.name="test_timeline:NegativeDownload"', "policy.deadline_s=30", "run.rounds=1",
+            text=TEXT)

@@ -111,9 +111,11 @@ def cmd_run(args) -> int:
 def _prefetch(scn) -> None:
     """Start reading the scenario's data files (a data set that can: `DataSource.prefetch`) while torch is
     imported."""
+    from fedsim.spec.plugins import call_plugin
+
     prefetch = getattr(scn.data.loader, "prefetch", None)
-    if prefetch is not None:
-        prefetch()
+    if prefetch is not None:       # a plugin's code: whatever it raises is an error on data.name
+        call_plugin(prefetch, source=scn.source, field="data.name", label=f"data set {scn.data.name!r}")
 
 
 def _threads(n: int) -> None:

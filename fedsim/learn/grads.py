@@ -71,7 +71,8 @@ def check_depths(batches: list[np.ndarray], depths, n_layers: int) -> np.ndarray
     if depths.size and (depths.min() < 0 or depths.max() > n_layers):
         raise ValueError(f"depths must lie in 0..{n_layers}, got {depths.min()}..{depths.max()}")
     empty = np.flatnonzero((depths > 0) & (np.fromiter(map(len, batches), np.int64, len(batches)) == 0))
-    for i in empty[:1]:
+    if empty.size:
+        i = int(empty[0])
         raise FedsimError(f"device {i} delivered {depths[i]} layer(s) from an empty mini-batch")
     return depths
 

@@ -35,17 +35,20 @@ _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
 
 MnistArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
-_pending: dict[Path, Future] = {}       # directory -> its read under way (prefetch_mnist), taken once
+_pending: dict[Path, Future] = {}       # at most one: directory -> its read under way (prefetch_mnist), taken once
 _pending_lock = threading.Lock()
 
 
 def prefetch_mnist(directory: str | Path) -> None:
     """Start reading MNIST from `directory` on a daemon thread; `mnist_arrays` of the same directory takes the
-    result (or the error, raised there as it would have been), unless a file changed since it was read."""
+    result (or the error, raised there as it would have been), unless a file changed since it was read (its size
+    or modification time: a file rewritten with both unchanged would go unnoticed). One read is kept at a time:
+    a newer one replaces it, and any `mnist_arrays` call drops it, taken or not."""
     key = Path(directory).resolve()
     future: Future = Future()
     with _pending_lock:
-        _pending[key] = future          # a newer read replaces an older one not taken
+        _pending.clear()
+        _pending[key] = future
 
     def read() -> None:
         try:
@@ -63,6 +66,7 @@ def mnist_arrays(directory: str | Path) -> MnistArrays:
     key = Path(directory).resolve()
     with _pending_lock:
         future = _pending.pop(key, None)
+        _pending.clear()
     if future is not None:
         try:
             stamp, arrays = future.result()
@@ -150,9 +154,7 @@ def _read_idx_stream(stream, path: Path, file_bytes: int | None) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8).reshape(dims)
 
 
-
-
-def _read_mnist(directory: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _read_mnist(directory: str | Path) -> MnistArrays:
     directory = Path(directory)
     expected_names = ", ".join(f"{n}[.gz]" for n in _MNIST_NAMES)
     if not directory.is_dir():

@@ -165,7 +165,8 @@ class TableWriter:
         self.schema = schema.with_metadata(metadata)
         self.journal = path.with_suffix(".arrows")
         self.columns: dict[str, list] = {name: [] for name in schema.names}
-        self._batches: list[pa.RecordBatch] = []      # rows given as arrays, before the rows in `columns`
+        self._batches: list[pa.RecordBatch] = []      # rows sealed as batches (arrays, and list rows before them),
+                                                       # all before the rows still in `columns`
         self.flush_rows = flush_rows
         self._plain = _plain(self.schema)
         self.rows_written = 0
@@ -225,7 +226,9 @@ class TableWriter:
         self._seal()
         arrays = [pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array)
                   else cols[f.name].cast(f.type) for f in self._plain]
-        self._batches.append(pa.RecordBatch.from_arrays(arrays, schema=self._plain))
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self._plain)
+        if batch.num_rows:
+            self._batches.append(batch)
 
     def _seal(self) -> None:
         """The rows buffered in `columns` as a record batch at the end of `_batches`."""

@@ -11,7 +11,8 @@ from fedsim.policies.asynchronous import AsyncPolicy, is_asynchronous
 from fedsim.policies.base import Aggregation, JSONValue, PolicyBase, PolicyState
 from fedsim.policies.deadline import FixedDeadline
 from fedsim.policies.sync import RoundContext, RoundInputs, RoundUpdate, RunContext, SyncPolicy
+from fedsim.world.candidates import Candidates
 
-__all__ = ["POLICY_PATHS", "Aggregation", "AsyncPolicy", "FixedDeadline", "JSONValue", "PolicyBase", "PolicyState",
+__all__ = ["POLICY_PATHS", "Aggregation", "AsyncPolicy", "Candidates", "FixedDeadline", "JSONValue", "PolicyBase", "PolicyState",
            "RoundContext", "RoundInputs", "RoundUpdate", "RunContext", "SyncPolicy", "is_asynchronous",
            "policy_class", "read_policy"]

@@ -1,11 +1,13 @@
-"""The synchronous engine: the server's rounds, each dispatching its participants' `DeviceRound`s.
+"""The synchronous engine: the server's rounds, each running its participants' device rounds.
 
-`env.now` is the only clock. `run_round` builds the round (`RoundSetup`, from the server), starts every
-participant's `fedsim.sim.device_round.DeviceRound` (a chain of event callbacks: download, forward, one event
-per layer's backward completion, uploads) and waits until all have ended, or until the quorum of
-delivering devices is reached (overselect), when it stops the others where they are. The deadline is one
-SimPy timeout per round that the devices it cuts wait on. Real gradients are computed only after the
-round's events are over, by the server callback (`finish_round`), for exactly what each device delivered.
+`env.now` is the only clock. `run_round` builds the round (`RoundSetup`, from the server). Event by event, it
+starts every participant's `fedsim.sim.device_round.DeviceRound` (a chain of event callbacks: download, forward,
+one event per layer's backward completion, uploads) and waits until all have ended, or until the quorum of
+delivering devices is reached (overselect), when it stops the others where they are; the deadline is one SimPy
+timeout per round that the devices it cuts wait on. A round whose participants cannot affect one another is
+computed at once instead (`fedsim.sim.timeline`: the same rows and outcomes), and the server's process waits
+until its end. Real gradients are computed only after the round's events are over, by the server callback
+(`finish_round`), for exactly what each device delivered.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from fedsim.sim.timeline import Timeline, computable, compute_timeline
 from fedsim.output.trace import SERVER, EventKind, TraceWriter
 from fedsim.spec.scenario import TIME_RTOL
 
-__all__ = ["DeviceOutcome", "DeviceRound", "RoundOutcomes", "RoundSetup", "RoundServer", "StopCause", "run_events", "run_round",
-           "serve_rounds"]
+__all__ = ["DeviceOutcome", "DeviceRound", "RoundOutcomes", "RoundSetup", "RoundServer", "StopCause", "run_events",
+           "run_round", "serve_rounds"]
 
 
 class RoundServer(Protocol):
@@ -43,7 +45,7 @@ class RoundServer(Protocol):
     def finish_round(self, setup: RoundSetup, start_at: float, end_at: float,
                      outcomes: RoundOutcomes) -> None: ...
     def out_of_time(self, round_: int, end_at: float) -> None: ...
-    def offline_at(self, devices, after_at: float): ...
+    def offline_at(self, devices, after_at: float) -> np.ndarray: ...     # next going offline, per device
 
 
 def run_round(env: simpy.Environment, server: RoundServer, timeline: bool = True):

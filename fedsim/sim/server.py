@@ -32,7 +32,7 @@ from fedsim.learn.local import LocalTrainer
 from fedsim.learn.loss import load_loss
 from fedsim.policies import PolicyState, RoundContext, RoundInputs, RunContext, SyncPolicy
 from fedsim.world.stragglers import cap_target_depth, draw_straggler_depths
-from fedsim.world.timing import max_depth_fitting
+from fedsim.world.timing import max_depth_fitting, plan_error
 from fedsim.output.trace import TraceWriter
 from fedsim.sim.finite_update import aggregate_finite
 from fedsim.sim.health import NumericalHealth, devices_text
@@ -175,9 +175,10 @@ class Server(ServerBase):
         return self.availability.candidates(now_at)
 
     def offline_at(self, devices: np.ndarray, after_at: float) -> np.ndarray:
-        """When each of the (online) `devices` next goes offline after `after_at`; inf: not after it."""
+        """When each of `devices` next goes offline after `after_at` (inf: never); `after_at` itself for a device
+        offline then (a policy may select one: the round then runs event by event, as churn dictates)."""
         switch_at, online = self.availability.next_switches(devices, after_at)
-        return np.where(online, np.inf, switch_at)
+        return np.where(online, after_at, switch_at)
 
     def wait_for_devices(self, env: simpy.Environment):
         """If nobody is online, idle until the first device comes back (a round needs participants)."""
@@ -234,6 +235,10 @@ class Server(ServerBase):
                               f"{round_}'s deadline to {deadline_s!r} s; a deadline is a positive number of seconds "
                               "or None")
         plan = self.policy.plan(ctx, deadline_s)
+        wrong = plan_error(plan, self.profile.n_layers)
+        if wrong is not None:
+            raise FedsimError(f"{self.scenario.source}: policy.name: {self.policy.describe()} planned round {round_} "
+                              f"wrongly: {wrong}")
         step_batches = planned_batches(self.partition, self.scenario.run.seed, round_, plan.samples, ctx, step_batches,
                                        f"{self.scenario.source}: policy.name: {self.policy.describe()}")
         if mode is UploadMode.AFTER_COMPUTE and deadline_s is not None:
@@ -357,6 +362,6 @@ class Server(ServerBase):
         speed_flops = self.fleet.speed_flops[devices] / setup.context.slowdown
         columns, total_j = device_columns(setup.round, devices, self.fleet.class_of[devices], self.fleet.classes,
                                           outcomes.statuses(self.profile.n_layers), plan.samples, speed_flops,
-                                          outcomes, np.where(idle > 0.0, idle, 0.0))      # max(0.0, idle), as a row does
+                                          outcomes, np.where(idle > 0.0, idle, 0.0))   # max(0.0, idle), as a row does
         self.trace.devices.extend_arrays(**columns)
         return total_j

@@ -36,10 +36,11 @@ __all__ = ["Timeline", "computable", "compute_timeline"]
 
 # the phases of a chain
 _DOWNLOAD, _FORWARD, _BACKWARD, _UPLOAD = 0, 1, 2, 3
+# the codes of this module's rows (0-3: the phases, whose codes are also their end rows') as positions in EventKind
 _KINDS = list(EventKind)
-_END_KIND = np.array([_KINDS.index(k) for k in (EventKind.DOWNLOAD_END, EventKind.FORWARD_END, EventKind.BACKWARD_END,
-                                                 EventKind.UPLOAD_END, EventKind.DOWNLOAD_START, EventKind.UPLOAD_START,
-                                                 EventKind.CUT, EventKind.STRAGGLER)], dtype=np.int64)
+_EVENT_POSITION = np.array([_KINDS.index(k) for k in (
+    EventKind.DOWNLOAD_END, EventKind.FORWARD_END, EventKind.BACKWARD_END, EventKind.UPLOAD_END,
+    EventKind.DOWNLOAD_START, EventKind.UPLOAD_START, EventKind.CUT, EventKind.STRAGGLER)], dtype=np.int64)
 _DOWNLOAD_START, _UPLOAD_START, _CUT, _STRAGGLER = 4, 5, 6, 7
 
 
@@ -76,46 +77,46 @@ def compute_timeline(setup: RoundSetup, start_at: float, deadline_at: float | No
     exists = step < n_steps[:, None]
     k = np.where(exists, k, 0)
     rows_n = np.arange(n)[:, None]
-    dur = np.where(kind == _DOWNLOAD, plan.download_s[:, None],
+    dur_s = np.where(kind == _DOWNLOAD, plan.download_s[:, None],
                    np.where(kind == _FORWARD, plan.forward_s[:, None],
                             np.where(kind == _BACKWARD, plan.backward_s[rows_n, k], plan.upload_s[rows_n, k])))
-    dur = np.where(exists, dur, 0.0)
+    dur_s = np.where(exists, dur_s, 0.0)
     # end times, added one phase after another from the start, as SimPy's clock adds them
-    end_at = np.empty((n, width))
+    phase_end_at = np.empty((n, width))
     at = np.full(n, float(start_at))
     for s in range(width):
-        at = at + dur[:, s]
-        end_at[:, s] = at
+        at = at + dur_s[:, s]
+        phase_end_at[:, s] = at
     # phases done: those before the first that would end after the deadline
-    over = (end_at > limit_at) | ~exists
+    over = (phase_end_at > limit_at) | ~exists
     done = np.where(over.any(axis=1), over.argmax(axis=1), width).astype(np.int64)
     cut = done < n_steps
-    began_at = np.where(done > 0, end_at[np.arange(n), np.maximum(done - 1, 0)], float(start_at))
+    began_at = np.where(done > 0, phase_end_at[np.arange(n), np.maximum(done - 1, 0)], float(start_at))
     waits = cut & (began_at < limit_at)          # cut at the deadline, by its event; others at once
     finish_at = np.where(cut, np.where(waits, limit_at, began_at), began_at)
 
     power = power_table(setup.powers)            # (n, 4): rx, compute, compute, tx by phase kind
-    energy = power[rows_n, kind] * dur
+    energy = power[rows_n, kind] * dur_s
     cut_kind = kind[np.arange(n), np.minimum(done, width - 1)]
     cut_s = np.where(cut, finish_at - began_at, 0.0)
     cut_j = power[np.arange(n), cut_kind] * cut_s
-    outcomes = _outcomes(kind, dur, done, cut, cut_kind, cut_s, finish_at, target, uploads, width)
+    outcomes = _outcomes(kind, dur_s, done, cut, cut_kind, cut_s, finish_at, target, uploads, width)
 
-    order_ev, ev_dev, ev_step, ev_pos, deadline_pos = _event_order(end_at, done, waits, limit_at, n)
-    rows = _rows(setup, plan, start_at, end_at, kind, k, energy, done, cut, waits, cut_kind, cut_j, finish_at,
+    order_ev, ev_dev, ev_step, ev_pos, deadline_pos = _event_order(phase_end_at, done, waits, limit_at, n)
+    rows = _rows(setup, plan, start_at, phase_end_at, kind, k, energy, done, cut, waits, cut_kind, cut_j, finish_at,
                  n_steps, order_ev, ev_dev, ev_step, ev_pos, deadline_pos)
     end = float(finish_at.max()) if n else float(start_at)
     return Timeline(outcomes, finish_at, end, rows)
 
 
-def _outcomes(kind, dur, done, cut, cut_kind, cut_s, finish_at, target, uploads, width) -> RoundOutcomes:
+def _outcomes(kind, dur_s, done, cut, cut_kind, cut_s, finish_at, target, uploads, width) -> RoundOutcomes:
     """Each participant's seconds per phase, summed one phase after another as `DeviceRound` does (adding 0.0
     for a phase of another kind changes no sum)."""
     n = len(done)
-    download_s = np.where(done > 0, dur[:, 0], 0.0)
+    download_s = np.where(done > 0, dur_s[:, 0], 0.0)
     compute_s, upload_s = np.zeros(n), np.zeros(n)
     for s in range(1, width):
-        d = np.where(s < done, dur[:, s], 0.0)
+        d = np.where(s < done, dur_s[:, s], 0.0)
         is_upload = kind[:, s] == _UPLOAD
         compute_s = compute_s + np.where(is_upload, 0.0, d)
         if uploads:
@@ -132,7 +133,7 @@ def _outcomes(kind, dur, done, cut, cut_kind, cut_s, finish_at, target, uploads,
                          stopped=np.zeros(n, dtype=bool), nonfinite=np.zeros(n, dtype=bool))
 
 
-def _event_order(end_at, done, waits, limit_at, n):
+def _event_order(phase_end_at, done, waits, limit_at, n):
     """The order SimPy processes the round's events in: the phase ends done, then the deadline if it cuts.
 
     Returns the events in order (as flat indices), each event's device and step, each event's position, and the
@@ -142,7 +143,7 @@ def _event_order(end_at, done, waits, limit_at, n):
     n_ev = int(first[-1])
     ev_dev = np.repeat(np.arange(n), counts)
     ev_step = np.arange(n_ev) - first[ev_dev]
-    times = end_at[np.arange(end_at.shape[1])[None, :] < done[:, None]]     # flat order: device, then step
+    times = phase_end_at[np.arange(phase_end_at.shape[1])[None, :] < done[:, None]]     # flat order: device, then step
     has_deadline = bool(waits.any())
     if has_deadline:
         times = np.append(times, limit_at)
@@ -179,7 +180,7 @@ def _event_order(end_at, done, waits, limit_at, n):
     return order, ev_dev, ev_step, pos[:n_ev], deadline_pos
 
 
-def _rows(setup, plan, start_at, end_at, kind, k, energy, done, cut, waits, cut_kind, cut_j, finish_at, n_steps,
+def _rows(setup, plan, start_at, phase_end_at, kind, k, energy, done, cut, waits, cut_kind, cut_j, finish_at, n_steps,
           order, ev_dev, ev_step, ev_pos, deadline_pos) -> dict[str, np.ndarray]:
     """The events rows of the participants, in the order `DeviceRound`s write them.
 
@@ -212,7 +213,7 @@ def _rows(setup, plan, start_at, end_at, kind, k, energy, done, cut, waits, cut_
     group_at = int(root_size.sum()) + np.cumsum(group_size) - group_size
     total = int(root_size.sum() + group_size.sum())
     cols = {"time_s": np.empty(total), "device": np.empty(total, dtype=np.int64),
-            "event": np.empty(total, dtype=np.int64), "layer": np.full(total, -1, dtype=np.int64),
+            "event": np.full(total, -1, dtype=np.int64), "layer": np.full(total, -1, dtype=np.int64),
             "bytes": np.zeros(total, dtype=np.int64), "energy_j": np.zeros(total)}
 
     def put(at, t, d, what, lay=None, nbytes=None, joules=None):
@@ -243,11 +244,11 @@ def _rows(setup, plan, start_at, end_at, kind, k, energy, done, cut, waits, cut_
     down, upl = ph == _DOWNLOAD, ph == _UPLOAD
     nbytes[down] = plan.download_bytes[i[down]]
     nbytes[upl] = plan.upload_bytes[i[upl], k[i[upl], s[upl]]]
-    put(at, end_at[mask], i, ph, np.where(ph >= _BACKWARD, layer_order[k[mask]], -1), nbytes, energy[mask])
-    put(at[up] + 1, end_at[i[up], s[up]], i[up], _UPLOAD_START, layer_order[k[i[up], nxt[up]]])
+    put(at, phase_end_at[mask], i, ph, np.where(ph >= _BACKWARD, layer_order[k[mask]], -1), nbytes, energy[mask])
+    put(at[up] + 1, phase_end_at[i[up], s[up]], i[up], _UPLOAD_START, layer_order[k[i[up], nxt[up]]])
     c = ev_cut
     ci = i[c]
-    put(at[c] + 1 + up[c], end_at[ci, s[c]], ci, _CUT, layer_of(ci, done[ci]), None, cut_j[ci])
+    put(at[c] + 1 + up[c], phase_end_at[ci, s[c]], ci, _CUT, layer_of(ci, done[ci]), None, cut_j[ci])
     if deadline_pos >= 0:       # the deadline's cuts, in the order the devices began to wait for it
         waited_from = w - n - 1                           # since its start (starts come before every event)
         since = done[w] > 0                               # since the end of its last phase
@@ -255,7 +256,9 @@ def _rows(setup, plan, start_at, end_at, kind, k, energy, done, cut, waits, cut_
         w = w[np.argsort(waited_from, kind="stable")]
         put(group_at[deadline_pos] + np.arange(len(w)), finish_at[w], w, _CUT,
             layer_of(w, np.minimum(done[w], width - 1)), None, cut_j[w])
-    cols["event"] = _END_KIND[cols["event"]]
+    if (cols["event"] < 0).any():          # every row's place was counted: a gap would be a miscount
+        raise RuntimeError("a computed round left a row unwritten")
+    cols["event"] = _EVENT_POSITION[cols["event"]]
     return {"round": np.full(total, int(setup.round), dtype=np.int64), **cols}
 
 

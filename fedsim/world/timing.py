@@ -14,7 +14,7 @@ import numpy as np
 if TYPE_CHECKING:       # an annotation only: the policies read timing without importing torch
     from fedsim.learn.profile import ModelProfile
 
-__all__ = ["RoundPlan", "plan_round", "max_depth_fitting", "merge_plans"]
+__all__ = ["RoundPlan", "plan_round", "plan_error", "max_depth_fitting", "merge_plans"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,27 @@ def plan_round(profile: ModelProfile, devices: np.ndarray, speed_flops: np.ndarr
         download_bytes=np.full(len(devices), int(profile.total_bytes), dtype=np.int64),
         target_depth=np.full(len(devices), n_layers, dtype=np.int64),
     )
+
+
+def plan_error(plan: RoundPlan, n_layers: int) -> str | None:
+    """What is wrong with a plan (a policy's), or None: durations finite and >= 0, bytes whole numbers, target
+    depths in 0..n_layers, one row per participant."""
+    n = plan.n
+    for name in ("download_s", "forward_s", "backward_s", "upload_s"):
+        values = np.asarray(getattr(plan, name))
+        if values.shape[:1] != (n,):
+            return f"RoundPlan.{name} has {values.shape[:1]} rows for {n} participants"
+        bad = ~np.isfinite(values) | (values < 0)
+        if bad.any():
+            return f"RoundPlan.{name} holds {float(values[bad].flat[0])!r} s; durations are finite and >= 0"
+    for name in ("upload_bytes", "download_bytes", "target_depth", "samples", "steps"):
+        values = np.asarray(getattr(plan, name))
+        if values.dtype.kind not in "iu":
+            return f"RoundPlan.{name} is {values.dtype}; it holds whole numbers"
+    depth = np.asarray(plan.target_depth)
+    if depth.size and (depth.min() < 0 or depth.max() > n_layers):
+        return f"RoundPlan.target_depth holds {int(depth.min())}..{int(depth.max())}; depths lie in 0..{n_layers}"
+    return None
 
 
 def max_depth_fitting(plan: RoundPlan, deadline_s: float, start_at: float = 0.0) -> np.ndarray:
