@@ -1,6 +1,7 @@
 """Large fleets, big rounds and crowded links.
 
     python -m benchmarks.scale [--quick] [--rounds R] [--no-million] [--links-only] [--churn-only]
+    python -m benchmarks.scale --paired N_SMALL N_LARGE [--rounds R] [--churn]
 
 1. Fleets of N devices with K participants per round: the paper MLP on synthetic data (10 samples per
    device, one test sample, one torch thread), SALF with a 0.1 s deadline, the real `Server`, trace and gradients. Each size
@@ -18,6 +19,10 @@
    link (8 Mbit/s, no private links), so they end one at a time and every end re-shares the others; the wall
    time of the whole run. With SimGrid's Python bindings on the system Python (Debian `python3-simgrid`),
    the same run in SimGrid (one link, `Comm.sendto_async`) is timed in the same run of the benchmark.
+
+`--paired`: only the ratio of a large fleet's round to a small one's (K = 100), both built in one process and
+their rounds alternating, so that both see the machine alike (`paired_child`); its JSON line holds each median
+and the median of the per-pair ratios.
 
 The last line is one JSON object; `build_s_1m`, `rss_mb_1m`, `ms_per_round_k1000`, `simpy_ms_per_round_k1000`,
 `shared_link_1000_s` and `shared_link_3000_s` (with SimGrid's `simgrid_shared_link_s`, `simgrid_shared_link_3000_s`)
@@ -88,6 +93,50 @@ def fleet_child(devices: int, participants: int, rounds: int, churn: bool = Fals
 
 
 EVENT_PATH_ROUNDS = 3
+
+
+def paired_child(small: int, large: int, participants: int, rounds: int, churn: bool) -> None:
+    """Run in a fresh subprocess: two fleets built side by side, their rounds alternating (one of the small fleet,
+    one of the large), so both see the machine alike; print each one's median ms per round and the median of the
+    per-pair ratios as JSON. A shared machine's speed drifts by 2x between separate runs; within a pair it does
+    not."""
+    import simpy
+    import torch
+
+    from fedsim.output.trace import TraceWriter
+    from fedsim.sim.build import build_components
+    from fedsim.sim.engine import run_events, serve_rounds
+    from fedsim.sim.server import Server
+    from fedsim.spec.scenario import parse_scenario
+
+    torch.set_num_threads(1)
+    servers, traces, tmp = [], [], tempfile.TemporaryDirectory()
+    for n in (small, large):
+        text = SCALE_TOML.format(devices=n, participants=participants, rounds=rounds + 2)
+        scn = parse_scenario(text.replace("latency_s = 0.01", CHURN) if churn else text, "benchmarks/scale.py")
+        comp = build_components(scn)
+        (Path(tmp.name) / str(n)).mkdir()
+        trace = TraceWriter(Path(tmp.name) / str(n), {})
+        servers.append(Server(scn, comp.model, comp.profile, comp.fleet, comp.partition, comp.dataset, trace))
+        traces.append(trace)
+    spent: list[list[float]] = [[], []]
+    for r in range(rounds + 1):           # round 0 warms torch up
+        for which, server in enumerate(servers):
+            env = simpy.Environment(initial_time=server.clock_at)
+            server.ended_by = None
+            env.process(serve_rounds(env, server, server.current_round + 1))
+            start = time.perf_counter()
+            run_events(env)
+            if r:
+                spent[which].append(time.perf_counter() - start)
+    for trace in traces:
+        trace.close()
+    tmp.cleanup()
+    ratios = [b / a for a, b in zip(*spent)]
+    print(json.dumps({"small": small, "large": large, "participants": participants, "churn": churn, "rounds": rounds,
+                      "small_ms_per_round": statistics.median(spent[0]) * 1e3,
+                      "large_ms_per_round": statistics.median(spent[1]) * 1e3,
+                      "ratio": statistics.median(ratios)}))
 
 
 def interleaved_rounds(server, rounds: int, chains: int, events: int,
@@ -263,10 +312,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--churn-only", action="store_true", help="of the fleets, only those with churn")
     ap.add_argument("--child", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--churn", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--paired", type=int, nargs=2, default=None, metavar=("N_SMALL", "N_LARGE"),
+                    help="only the paired ratio: two fleets (K = 100) in one process, their rounds alternating")
     args = ap.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 10)
     if args.child is not None:
         fleet_child(*args.child, rounds, args.churn)
+        return {}
+    if args.paired is not None:
+        paired_child(*args.paired, 100, rounds, args.churn)
         return {}
     sizes = QUICK_SIZES if args.quick else tuple(s for s in SIZES if not (args.no_million and s[0] == 1_000_000))
     sizes = () if args.links_only else tuple(s for s in sizes if s[2] or not args.churn_only)

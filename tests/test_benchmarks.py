@@ -112,6 +112,15 @@ def test_scale_benchmark(capsys):
     assert r["shared_link_1000_s"] is None and r["shared_link_3000_s"] is None     # --quick: 200 flows only
 
 
+def test_scale_paired_ratio(capsys):
+    from benchmarks.scale import main
+
+    main(["--paired", "200", "3000", "--rounds", "3"])
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (r["small"], r["large"], r["participants"], r["churn"], r["rounds"]) == (200, 3000, 100, False, 3)
+    assert r["small_ms_per_round"] > 0 and r["large_ms_per_round"] > 0 and r["ratio"] > 0
+
+
 def test_startup_benchmark(capsys):
     """The commands that need no model import no torch; building the paper MLP imports torch but neither
     torch._dynamo (FlopCounterMode) nor sympy (Module.to_empty); the figures add up."""
