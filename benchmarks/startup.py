@@ -6,11 +6,9 @@ and build of the paper's MLP scenario.
 Each figure is the best of N fresh processes (default 5; `--quick`: 1), wall time from `exec` to exit, so the
 interpreter's own start is included. The build reads `scenarios/paper_mnist_mlp.toml` with its MNIST files
 (`--mnist`, default ../shared/datasets/mnist; the synthetic data set of the same shapes if absent) and times,
-inside the process, what `fedsim run` does before its first round: `load_scenario` (no torch), the data set's
-`prefetch` (MNIST's files read on a background thread), the import of `fedsim.sim.build` (torch), then
-`build_components` (data, model, profile, fleet); "import" is all but the last. Each process also says whether
-torch, `torch._dynamo` and sympy were imported. Prints a table, then one JSON line; `import_build_s` is the
-headline figure.
+inside the process, the imports of `fedsim.sim.build` and `fedsim.spec.scenario` plus `load_scenario` and
+`build_components` (data, model, profile, fleet). Each process also says whether torch, `torch._dynamo` and
+sympy were imported. Prints a table, then one JSON line; `import_build_s` is the headline figure.
 """
 
 from __future__ import annotations
@@ -27,12 +25,11 @@ BUILD = r"""
 import json, sys, time
 from pathlib import Path
 start = time.perf_counter()
+from fedsim.sim.build import build_components
 from fedsim.spec.scenario import load_scenario
+imported = time.perf_counter()
 overrides = [f'data.dir="{sys.argv[1]}"'] if Path(sys.argv[1]).is_dir() else ['data.name="synthetic"']
 scn = load_scenario(Path("scenarios/paper_mnist_mlp.toml"), overrides)
-scn.data.loader.prefetch()            # as `fedsim run` does: the data files are read while torch is imported
-from fedsim.sim.build import build_components
-imported = time.perf_counter()
 build_components(scn)
 end = time.perf_counter()
 print(json.dumps({"import_s": imported - start, "build_s": end - imported, "import_build_s": end - start,

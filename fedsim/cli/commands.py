@@ -29,7 +29,6 @@ def cmd_validate(args) -> int:
         scenario_fleet(scn)
         comp = None
     else:
-        _prefetch(scn)
         from fedsim.sim.build import build_components
 
         comp = build_components(scn)      # every check a run makes before it writes: data, model, fleet files
@@ -84,18 +83,16 @@ def cmd_run(args) -> int:
             raise FedsimError("run: give a scenario FILE (or --resume RUN_DIR)")
         progress = Progress(args.scenario.stem, args.quiet)
         progress.phase("reading the scenario")
+        _threads(args.threads)
+        from fedsim.run import run_scenario
+        from fedsim.sim.build import build_components
         from fedsim.spec.scenario import load_scenario
 
         scn = load_scenario(args.scenario, args.overrides)
-        _prefetch(scn)
         progress.name = scn.run.name
         for notice in scn.notices:
             progress.notice(notice)
         progress.phase("loading data, building the model and the fleet")
-        _threads(args.threads)
-        from fedsim.run import run_scenario
-        from fedsim.sim.build import build_components
-
         components = build_components(scn)          # loads data and builds the model: errors before any output
         out = args.out if args.out is not None else Path("runs") / scn.run.name
         with progress.rounds(*_total(scn)) as update:
@@ -106,16 +103,6 @@ def cmd_run(args) -> int:
     print(f"{summary.run_dir}: {summary.rounds} rounds, simulated {summary.sim_time_s:.3f} s, "
           f"test accuracy {acc}")
     return 0
-
-
-def _prefetch(scn) -> None:
-    """Start reading the scenario's data files (a data set that can: `DataSource.prefetch`) while torch is
-    imported."""
-    from fedsim.spec.plugins import call_plugin
-
-    prefetch = getattr(scn.data.loader, "prefetch", None)
-    if prefetch is not None:       # a plugin's code: whatever it raises is an error on data.name
-        call_plugin(prefetch, source=scn.source, field="data.name", label=f"data set {scn.data.name!r}")
 
 
 def _threads(n: int) -> None:

@@ -150,8 +150,7 @@ def _require_number(name: str, value: object, low: float, strict: bool) -> None:
 
 
 def load_mnist(directory: str | Path) -> Dataset:
-    """Load MNIST from the four standard IDX files in `directory`, each raw or `.gz` (`fedsim.learn.idx`, which may
-    have read them already in the background: `prefetch_mnist`).
+    """Load MNIST from the four standard IDX files in `directory`, each raw or `.gz` (read by `fedsim.learn.idx`).
 
     Pixels are normalised with the usual MNIST mean 0.1307 and std 0.3081.
     """

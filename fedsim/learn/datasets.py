@@ -100,10 +100,6 @@ class DataSource(ABC):
         """The data set's own partition across devices; None: fedsim partitions by `data.partition`."""
         return None
 
-    def prefetch(self) -> None:
-        """Start reading the data set's files in the background, without torch, so that `load` finds them read
-        (the command line calls it before importing torch); by default nothing."""
-
     def memory_bytes(self, n_devices: int, samples_per_device: int) -> int:
         """Memory the data will need: by default, the partition's int64 sample indices."""
         return n_devices * samples_per_device * 8
@@ -118,11 +114,6 @@ class Mnist(DataSource):
     @classmethod
     def read(cls, fields: Fields, base_dir: Path | None) -> "Mnist":
         return cls(fields.existing_path("dir", base_dir, kind="dir", what="dataset directory"))
-
-    def prefetch(self) -> None:
-        from fedsim.learn.idx import prefetch_mnist
-
-        prefetch_mnist(self.dir)
 
     def load(self, request: DataRequest) -> Dataset:
         from fedsim.learn.data import load_mnist

@@ -1,10 +1,8 @@
 """IDX files (MNIST's format) read into numpy arrays, with no torch: raw or gzipped, every bad byte a `DataError`.
 
-`mnist_arrays(directory)` is MNIST's four files as normalised float32 images and int64 labels. A command that knows
-its scenario's data before importing torch (`fedsim run`, `fedsim validate`) starts reading them on a background
-thread first (`prefetch_mnist`): the decompression and the conversion then overlap torch's import, and the loader
-takes the arrays from that thread when it asks for the same directory (once; a later load reads the files anew).
-No exception type but `DataError` escapes `read_idx`, whatever bytes it is fed.
+`mnist_arrays(directory)` is MNIST's four files as normalised float32 images and int64 labels; `load_mnist`
+(`fedsim.learn.data`) wraps them as tensors. No exception type but `DataError` escapes `read_idx`, whatever bytes
+it is fed.
 """
 
 from __future__ import annotations
@@ -12,16 +10,14 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import threading
 import zlib
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 
 from fedsim.errors import DataError
 
-__all__ = ["read_idx", "mnist_arrays", "prefetch_mnist"]
+__all__ = ["read_idx", "mnist_arrays"]
 
 # A gzip stream's decompressed size is unknown until it has been read, so without a cap a header
 # lying about its dims would let a gzip bomb grow the bounded read without limit.
@@ -35,59 +31,10 @@ _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
 
 MnistArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
-_pending: dict[Path, Future] = {}       # at most one: directory -> its read under way (prefetch_mnist), taken once
-_pending_lock = threading.Lock()
-
-
-def prefetch_mnist(directory: str | Path) -> None:
-    """Start reading MNIST from `directory` on a daemon thread; `mnist_arrays` of the same directory takes the
-    result (or the error, raised there as it would have been), unless a file changed since it was read (its size
-    or modification time: a file rewritten with both unchanged would go unnoticed). One read is kept at a time:
-    a newer one replaces it, and any `mnist_arrays` call drops it, taken or not."""
-    key = Path(directory).resolve()
-    future: Future = Future()
-    with _pending_lock:
-        _pending.clear()
-        _pending[key] = future
-
-    def read() -> None:
-        try:
-            stamp = _stamp(key)
-            future.set_result((stamp, _read_mnist(directory)))
-        except BaseException as exc:       # handed to the loader, which raises it
-            future.set_exception(exc)
-
-    threading.Thread(target=read, name="fedsim-mnist-prefetch", daemon=True).start()
-
-
 def mnist_arrays(directory: str | Path) -> MnistArrays:
     """(train images (n, 1, 28, 28) float32, train labels int64, test images, test labels) of the four MNIST IDX
     files in `directory` (each raw or `.gz`); pixels normalised with MNIST's mean 0.1307 and std 0.3081."""
-    key = Path(directory).resolve()
-    with _pending_lock:
-        future = _pending.pop(key, None)
-        _pending.clear()
-    if future is not None:
-        try:
-            stamp, arrays = future.result()
-            if stamp == _stamp(key):
-                return arrays
-        except DataError:
-            pass            # read again in place: the error, if any, as the files are now
     return _read_mnist(directory)
-
-
-def _stamp(directory: Path) -> tuple:
-    """What identifies the files a read saw: each candidate file's size and modification time (None: missing)."""
-    out = []
-    for name in _MNIST_NAMES:
-        for path in (directory / name, directory / f"{name}.gz"):
-            try:
-                st = path.stat()
-                out.append((st.st_size, st.st_mtime_ns))
-            except OSError:
-                out.append(None)
-    return tuple(out)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
