@@ -98,9 +98,9 @@ def test_calendar_window_holds_a_share_of_a_large_fleet():
     next_at = np.random.default_rng(3).exponential(100.0, 64 * WINDOW_MIN)
     calendar = SwitchCalendar(next_at)
     assert calendar.due(0.0).size == 0
-    assert calendar.until_s == pytest.approx(np.sort(next_at)[4 * WINDOW_MIN - 1])    # 1/16 of the fleet
+    assert calendar.until_at == pytest.approx(np.sort(next_at)[4 * WINDOW_MIN - 1])    # 1/16 of the fleet
     small = SwitchCalendar(np.array([1.0, math.inf, 3.0]))
-    assert small.due(2.0).tolist() == [0] and small.until_s == math.inf
+    assert small.due(2.0).tolist() == [0] and small.until_at == math.inf
 
 
 def test_calendar_sorts_in_many_late_entries():
@@ -108,7 +108,7 @@ def test_calendar_sorts_in_many_late_entries():
     n = 3 * WINDOW_MIN
     next_at = np.arange(1.0, n + 1.0)
     calendar = SwitchCalendar(next_at)
-    assert calendar.due(0.5).size == 0 and calendar.until_s == WINDOW_MIN
+    assert calendar.due(0.5).size == 0 and calendar.until_at == WINDOW_MIN
     rng = np.random.default_rng(2)
     for batch in np.array_split(rng.permutation(n), 6):          # half of them sooner, one move at a time or many
         next_at[batch] = rng.uniform(0.5, 2 * WINDOW_MIN, batch.size)

@@ -86,13 +86,14 @@ def _timeline(server: RoundServer, setup: RoundSetup, start_at: float, deadline_
     it stops working (a switch within two ulps of that is left to the event path, which orders such ties)."""
     if not computable(setup):
         return None
-    computed = compute_timeline(setup, start_at, deadline_at)
     leaves_at = server.offline_at(setup.plan.devices, start_at)
     finite = np.isfinite(leaves_at)
-    if finite.any():
-        margin_at = leaves_at[finite] - 2.0 * np.spacing(leaves_at[finite])
-        if not (computed.finish_at[finite] < margin_at).all():
-            return None
+    margin_at = leaves_at[finite] - 2.0 * np.spacing(leaves_at[finite])
+    if finite.any() and margin_at.min() <= start_at:
+        return None                 # someone is offline already, or leaves at once: no need to compute the round
+    computed = compute_timeline(setup, start_at, deadline_at)
+    if finite.any() and not (computed.finish_at[finite] < margin_at).all():
+        return None
     return computed
 
 
