@@ -30,7 +30,7 @@ from fedsim.output.trace import EventKind
 from fedsim.sim.outcomes import RoundOutcomes
 from fedsim.sim.round_setup import RoundSetup, power_table
 from fedsim.spec.scenario import UploadMode
-from fedsim.world.stragglers import NOT_A_STRAGGLER
+from fedsim.world.stragglers import NOT_A_STRAGGLER, deepest_layers
 
 __all__ = ["Timeline", "computable", "compute_timeline"]
 
@@ -96,23 +96,52 @@ def compute_timeline(setup: RoundSetup, start_at: float, deadline_at: float | No
     finish_at = np.where(cut, np.where(waits, limit_at, began_at), began_at)
 
     power = power_table(setup.powers)            # (n, 4): rx, compute, compute, tx by phase kind
-    energy = power[rows_n, kind] * dur_s
     cut_kind = kind[np.arange(n), np.minimum(done, width - 1)]
     cut_s = np.where(cut, finish_at - began_at, 0.0)
-    cut_j = power[np.arange(n), cut_kind] * cut_s
-    outcomes = _outcomes(kind, dur_s, done, cut, cut_kind, cut_s, finish_at, target, uploads, width)
-
-    order_ev, ev_dev, ev_step, ev_pos, deadline_pos = _event_order(phase_end_at, done, waits, limit_at, n)
-    rows = _rows(setup, plan, start_at, phase_end_at, kind, k, energy, done, cut, waits, cut_kind, cut_j, finish_at,
-                 n_steps, order_ev, ev_dev, ev_step, ev_pos, deadline_pos)
+    chains = _Chains(kind=kind, k=k, dur_s=dur_s, phase_end_at=phase_end_at, energy_j=power[rows_n, kind] * dur_s,
+                     n_steps=n_steps, target=target, done=done, cut=cut, waits=waits, cut_kind=cut_kind, cut_s=cut_s,
+                     cut_j=power[np.arange(n), cut_kind] * cut_s, finish_at=finish_at)
+    rows = _rows(setup, start_at, chains, _event_order(chains, limit_at))
     end = float(finish_at.max()) if n else float(start_at)
-    return Timeline(outcomes, finish_at, end, rows)
+    return Timeline(_outcomes(chains, uploads), finish_at, end, rows)
 
 
-def _outcomes(kind, dur_s, done, cut, cut_kind, cut_s, finish_at, target, uploads, width) -> RoundOutcomes:
+@dataclass(frozen=True)
+class _Chains:
+    """Every participant's chain of phases (rows: participants; columns of the (n, width) arrays: steps)."""
+    kind: np.ndarray            # (n, width) phase kind at each step (_DOWNLOAD, _FORWARD, _BACKWARD, _UPLOAD)
+    k: np.ndarray               # (n, width) the layer's index in backward order (backward and upload steps)
+    dur_s: np.ndarray           # (n, width) each phase's duration, 0 past the chain's end
+    phase_end_at: np.ndarray    # (n, width) when each phase ends if it runs
+    energy_j: np.ndarray        # (n, width) each phase's energy if it runs
+    n_steps: np.ndarray         # (n,) phases in the chain
+    target: np.ndarray          # (n,) layers it intends to deliver
+    done: np.ndarray            # (n,) phases done (those before the first past the deadline)
+    cut: np.ndarray             # (n,) cut before its chain's end
+    waits: np.ndarray           # (n,) cut by the deadline's event (the others: at once, at the deadline already)
+    cut_kind: np.ndarray        # (n,) the kind of the phase under way at the cut
+    cut_s: np.ndarray           # (n,) its seconds up to the cut (0 if not cut)
+    cut_j: np.ndarray           # (n,) their energy
+    finish_at: np.ndarray       # (n,) when it stopped working
+
+
+@dataclass(frozen=True)
+class _Order:
+    """The order SimPy processes a round's events in: the phase ends done (flat index: participant by participant,
+    step by step), and the deadline if it cuts someone (the last index)."""
+    events: np.ndarray          # event indices in processing order
+    ev_dev: np.ndarray          # each phase end's participant
+    ev_step: np.ndarray         # and step
+    ev_pos: np.ndarray          # each phase end's position in the order
+    deadline_pos: int           # the deadline's position, -1 if it cuts nobody
+
+
+def _outcomes(c: _Chains, uploads: bool) -> RoundOutcomes:
     """Each participant's seconds per phase, summed one phase after another as `DeviceRound` does (adding 0.0
     for a phase of another kind changes no sum)."""
-    n = len(done)
+    kind, dur_s, done, cut, cut_kind, cut_s, finish_at, target = (c.kind, c.dur_s, c.done, c.cut, c.cut_kind, c.cut_s,
+                                                                 c.finish_at, c.target)
+    n, width = kind.shape
     download_s = np.where(done > 0, dur_s[:, 0], 0.0)
     compute_s, upload_s = np.zeros(n), np.zeros(n)
     for s in range(1, width):
@@ -133,11 +162,9 @@ def _outcomes(kind, dur_s, done, cut, cut_kind, cut_s, finish_at, target, upload
                          stopped=np.zeros(n, dtype=bool), nonfinite=np.zeros(n, dtype=bool))
 
 
-def _event_order(phase_end_at, done, waits, limit_at, n):
-    """The order SimPy processes the round's events in: the phase ends done, then the deadline if it cuts.
-
-    Returns the events in order (as flat indices), each event's device and step, each event's position, and the
-    deadline's position (-1 if it cuts nobody)."""
+def _event_order(c: _Chains, limit_at: float) -> _Order:
+    """The order SimPy processes the round's events in: by time, then by the order they were scheduled in."""
+    phase_end_at, done, waits, n = c.phase_end_at, c.done, c.waits, len(c.done)
     counts = done
     first = np.concatenate([[0], np.cumsum(counts)])
     n_ev = int(first[-1])
@@ -176,12 +203,10 @@ def _event_order(phase_end_at, done, waits, limit_at, n):
             pos[again] = slots
         else:       # each pass places one more link of every chain of ties: a chain is shorter than the events
             raise RuntimeError("the order of a round's simultaneous events did not settle")
-    deadline_pos = int(pos[-1]) if has_deadline else -1
-    return order, ev_dev, ev_step, pos[:n_ev], deadline_pos
+    return _Order(order, ev_dev, ev_step, pos[:n_ev], int(pos[-1]) if has_deadline else -1)
 
 
-def _rows(setup, plan, start_at, phase_end_at, kind, k, energy, done, cut, waits, cut_kind, cut_j, finish_at, n_steps,
-          order, ev_dev, ev_step, ev_pos, deadline_pos) -> dict[str, np.ndarray]:
+def _rows(setup: RoundSetup, start_at: float, c: _Chains, o: _Order) -> dict[str, np.ndarray]:
     """The events rows of the participants, in the order `DeviceRound`s write them.
 
     Rows come in groups, one per thing processed: each participant's start (in participant order: its
@@ -189,6 +214,10 @@ def _rows(setup, plan, start_at, phase_end_at, kind, k, energy, done, cut, waits
     order SimPy processes it (a phase end: its row, the next upload's start, a cut at once if the next phase
     cannot start any more; the deadline: the cuts of the devices waiting for it, in the order they began to
     wait). Each row is written at its group's offset plus its place in the group."""
+    plan = setup.plan
+    kind, k, phase_end_at, energy, done, cut, waits = c.kind, c.k, c.phase_end_at, c.energy_j, c.done, c.cut, c.waits
+    cut_kind, cut_j, finish_at, n_steps = c.cut_kind, c.cut_j, c.finish_at, c.n_steps
+    order, ev_dev, ev_step, ev_pos, deadline_pos = o.events, o.ev_dev, o.ev_step, o.ev_pos, o.deadline_pos
     n, width = plan.n, kind.shape[1]
     layer_order = np.asarray(plan.layer_order, dtype=np.int64)
     devices = plan.devices.astype(np.int64)
@@ -234,8 +263,7 @@ def _rows(setup, plan, start_at, phase_end_at, kind, k, energy, done, cut, waits
     idx = np.arange(n)
     if drawn is not None:
         st = np.flatnonzero(straggler)
-        depth = drawn[st].astype(np.int64)
-        put(root_at[st], start_at, st, _STRAGGLER, np.where(depth > 0, layer_order[np.maximum(depth - 1, 0)], -1))
+        put(root_at[st], start_at, st, _STRAGGLER, deepest_layers(plan, drawn[st]))
     put(root_at + straggler, start_at, idx, _DOWNLOAD_START)
     rc = np.flatnonzero(root_cut)
     put(root_at[rc] + straggler[rc] + 1, start_at, rc, _CUT, -1, None, cut_j[rc])

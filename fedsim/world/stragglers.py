@@ -32,7 +32,8 @@ from fedsim.errors import ScenarioError
 from fedsim.spec.depth_model import DepthModelSpec
 from fedsim.world.timing import RoundPlan
 
-__all__ = ["NOT_A_STRAGGLER", "draw_straggler_depths", "cap_target_depth", "deepest_layer", "check_depth_model"]
+__all__ = ["NOT_A_STRAGGLER", "draw_straggler_depths", "cap_target_depth", "deepest_layer", "deepest_layers",
+           "check_depth_model"]
 
 NOT_A_STRAGGLER = -1
 
@@ -56,6 +57,13 @@ def cap_target_depth(plan: RoundPlan, drawn: np.ndarray) -> RoundPlan:
 def deepest_layer(plan: RoundPlan, depth: int) -> int:
     """The forward index of the deepest layer a device of depth `depth` reaches (-1 for depth 0)."""
     return plan.layer_order[depth - 1] if depth > 0 else -1
+
+
+def deepest_layers(plan: RoundPlan, depths: np.ndarray) -> np.ndarray:
+    """`deepest_layer` of each of `depths` (int64)."""
+    order = np.asarray(plan.layer_order, dtype=np.int64)
+    depths = np.asarray(depths, dtype=np.int64)
+    return np.where(depths > 0, order[np.maximum(depths - 1, 0)], -1)
 
 
 def check_depth_model(spec: DepthModelSpec | None, n_layers: int, source: str) -> None:
