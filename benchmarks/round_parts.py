@@ -43,13 +43,11 @@ def _timed(owner, name: str, spent: dict[str, list[float]], label: str) -> None:
 
 
 def measure(devices: int, participants: int, rounds: int) -> dict:
-    import simpy
     import torch
 
-    from benchmarks.scale import EVENT_PATH_ROUNDS, SCALE_TOML, event_path_rounds, interleaved_rounds
+    from benchmarks.scale import EVENT_PATH_ROUNDS, SCALE_TOML, event_path_rounds, interleaved_rounds, more_rounds
     from fedsim.output.trace import TraceWriter
     from fedsim.sim.build import build_components
-    from fedsim.sim.engine import run_events, serve_rounds
     from fedsim.sim import server as server_module
     from fedsim.sim.server import Server
     from fedsim.spec.scenario import parse_scenario
@@ -63,9 +61,7 @@ def measure(devices: int, participants: int, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trace = TraceWriter(Path(tmp), {})
         server = Server(scn, comp.model, comp.profile, comp.fleet, comp.partition, comp.dataset, trace)
-        env = simpy.Environment()
-        env.process(serve_rounds(env, server, 1))       # round 0 warms torch up
-        run_events(env)
+        more_rounds(server, 1)       # round 0 warms torch up
         events_per_round, event_path_ms = event_path_rounds(server, EVENT_PATH_ROUNDS)
         _timed(server, "setup_round", spent, "setup_round")
         _timed(server.partition, "sample_batches", spent, "sample_batches")

@@ -58,11 +58,8 @@ QUICK_SIZES = ((1_000, 100, False), (10_000, 100, False), (1_000, 1_000, False),
 def fleet_child(devices: int, participants: int, rounds: int, churn: bool = False) -> None:
     """Run in a fresh subprocess: imports, build, `rounds` + 1 rounds; print the figures as JSON."""
     start = time.perf_counter()
-    import simpy
-
     from fedsim.output.trace import TraceWriter
     from fedsim.sim.build import build_components
-    from fedsim.sim.engine import run_events, serve_rounds
     from fedsim.sim.server import Server
     from fedsim.spec.scenario import parse_scenario
     import_s = time.perf_counter() - start
@@ -78,9 +75,7 @@ def fleet_child(devices: int, participants: int, rounds: int, churn: bool = Fals
         trace = TraceWriter(Path(tmp), {})
         server = Server(scn, comp.model, comp.profile, comp.fleet, comp.partition, comp.dataset, trace)
         build_s = time.perf_counter() - start
-        env = simpy.Environment()
-        env.process(serve_rounds(env, server, 1))       # round 0 warms torch up
-        run_events(env)
+        more_rounds(server, 1)       # round 0 warms torch up
         events_per_round, event_path_ms = event_path_rounds(server, EVENT_PATH_ROUNDS)
         per_round, bare = interleaved_rounds(server, rounds, participants, round(events_per_round))
         trace.close()
@@ -100,12 +95,10 @@ def paired_child(small: int, large: int, participants: int, rounds: int, churn: 
     one of the large), so both see the machine alike; print each one's median ms per round and the median of the
     per-pair ratios as JSON. A shared machine's speed drifts by 2x between separate runs; within a pair it does
     not."""
-    import simpy
     import torch
 
     from fedsim.output.trace import TraceWriter
     from fedsim.sim.build import build_components
-    from fedsim.sim.engine import run_events, serve_rounds
     from fedsim.sim.server import Server
     from fedsim.spec.scenario import parse_scenario
 
@@ -122,11 +115,8 @@ def paired_child(small: int, large: int, participants: int, rounds: int, churn: 
     spent: list[list[float]] = [[], []]
     for r in range(rounds + 1):           # round 0 warms torch up
         for which, server in enumerate(servers):
-            env = simpy.Environment(initial_time=server.clock_at)
-            server.ended_by = None
-            env.process(serve_rounds(env, server, server.current_round + 1))
             start = time.perf_counter()
-            run_events(env)
+            more_rounds(server, 1)
             if r:
                 spent[which].append(time.perf_counter() - start)
     for trace in traces:
@@ -139,6 +129,20 @@ def paired_child(small: int, large: int, participants: int, rounds: int, churn: 
                       "ratio": statistics.median(ratios)}))
 
 
+def more_rounds(server, rounds: int, timeline: bool = True, on_round: Callable[[int], None] | None = None):
+    """Run the next `rounds` rounds of `server`'s run in a fresh environment that starts at the run's clock, as a run
+    does (`run_events`); returns the environment (its event ids count what was scheduled)."""
+    import simpy
+
+    from fedsim.sim.engine import run_events, serve_rounds
+
+    env = simpy.Environment(initial_time=server.clock_at)
+    server.ended_by = None
+    env.process(serve_rounds(env, server, server.current_round + rounds, on_round=on_round, timeline=timeline))
+    run_events(env)
+    return env
+
+
 def interleaved_rounds(server, rounds: int, chains: int, events: int,
                        on_round: Callable[[int], None] | None = None) -> tuple[list[float], list[float]]:
     """(wall seconds of each of the run's next `rounds` rounds, of each bare-SimPy round): every round is
@@ -147,12 +151,6 @@ def interleaved_rounds(server, rounds: int, chains: int, events: int,
     the end of each round (outside its time too)."""
     import random
 
-    import simpy
-
-    from fedsim.sim.engine import run_events, serve_rounds
-
-    env = simpy.Environment(initial_time=server.clock_at)
-    server.ended_by = None
     round_s, bare_s = [], []
     rnd = random.Random(0)
     last = [time.perf_counter()]
@@ -164,8 +162,7 @@ def interleaved_rounds(server, rounds: int, chains: int, events: int,
         bare_s.append(bare_simpy_round_s(chains, events, rnd))
         last[0] = time.perf_counter()
 
-    env.process(serve_rounds(env, server, server.current_round + rounds, on_round=after_round))
-    run_events(env)
+    more_rounds(server, rounds, on_round=after_round)
     return round_s, bare_s
 
 
@@ -175,16 +172,8 @@ def event_path_rounds(server, rounds: int) -> tuple[float, float]:
     SimPy's event ids: the events a round models (download, forward, each layer's backward, uploads, the
     deadline), whether it is computed at once or not, plus the few of the round itself (the server's wait, the
     condition that ends it, a churn watcher's wake-ups): the bare-SimPy reference schedules as many."""
-    import simpy
-
-    from fedsim.sim.engine import run_events, serve_rounds
-
-    env = simpy.Environment(initial_time=server.clock_at)
-    server.ended_by = None
     ends = [time.perf_counter()]
-    env.process(serve_rounds(env, server, server.current_round + rounds, timeline=False,
-                             on_round=lambda _done: ends.append(time.perf_counter())))
-    run_events(env)
+    env = more_rounds(server, rounds, timeline=False, on_round=lambda _done: ends.append(time.perf_counter()))
     return next(env._eid) / rounds, statistics.median(b - a for a, b in zip(ends, ends[1:])) * 1e3
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -76,10 +77,10 @@ class SyntheticDevices:
         self._whole: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch = threading.local()        # each thread's buffers for the draws' temporaries
 
-    def _scratch_for(self, rows: int, drawn: int, weights: int, inputs: int) -> threading.local:
+    def _scratch_for(self, rows: int, drawn: int, weights: int, inputs: int) -> threading.local | SimpleNamespace:
         """This thread's buffers for `rows` devices' draws (float64: `drawn`, `weights`, `inputs` per device); kept
         for the next call up to _SCRATCH_ROWS devices (a round's participants), fresh beyond (a whole test set)."""
-        scratch = self._scratch if rows <= _SCRATCH_ROWS else threading.local()
+        scratch = self._scratch if rows <= _SCRATCH_ROWS else SimpleNamespace()
         if getattr(scratch, "rows", 0) < rows or scratch.drawn.shape[1] != drawn:
             scratch.rows = rows
             scratch.drawn = np.empty((rows, drawn))

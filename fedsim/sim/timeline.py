@@ -216,7 +216,7 @@ def _rows(setup: RoundSetup, start_at: float, c: _Chains, o: _Order) -> dict[str
     wait). Each row is written at its group's offset plus its place in the group."""
     plan = setup.plan
     kind, k, phase_end_at, energy, done, cut, waits = c.kind, c.k, c.phase_end_at, c.energy_j, c.done, c.cut, c.waits
-    cut_kind, cut_j, finish_at, n_steps = c.cut_kind, c.cut_j, c.finish_at, c.n_steps
+    cut_j, finish_at, n_steps = c.cut_j, c.finish_at, c.n_steps
     order, ev_dev, ev_step, ev_pos, deadline_pos = o.events, o.ev_dev, o.ev_step, o.ev_pos, o.deadline_pos
     n, width = plan.n, kind.shape[1]
     layer_order = np.asarray(plan.layer_order, dtype=np.int64)
