@@ -210,14 +210,6 @@ class TableWriter:
         if len(self) >= self.flush_rows:
             self.flush()
 
-    def extend(self, **cols: list) -> None:
-        """Rows given as columns; the names must be exactly the table's columns."""
-        self._check(cols)
-        for name, col in self.columns.items():
-            col.extend(cols[name])
-        if len(self) >= self.flush_rows:
-            self.flush()
-
     def extend_arrays(self, **cols) -> None:
         """Rows given as arrays (numpy or Arrow), one per column; the names must be exactly the table's columns.
         They are kept as one record batch, after the rows buffered so far, until the next flush (no flush here:
