@@ -65,8 +65,9 @@ def read_data(f: Fields, base_dir: Path | None) -> DataSpec:
     if not isinstance(loader, source_class):
         raise f.error("name", f"data set {name!r}: {source_class.__qualname__}.read must return a "
                               f"{source_class.__qualname__}, got {type(loader).__name__}")
-    others = frozenset().union(_OWN_FIELDS, *(_builtin_reads(n) for n in DATASET_PATHS))
-    ignored = f.ignored_or_unknown(reads | set(_OWN_FIELDS), others, f"data set {name!r}")
+    ignored = f.ignored_or_unknown(
+        reads | set(_OWN_FIELDS), lambda: frozenset().union(_OWN_FIELDS, *(_builtin_reads(n) for n in DATASET_PATHS)),
+        f"data set {name!r}")
     if self_partitioned:     # validated all the same, but a data set that partitions itself has no use for them
         ignored = tuple(sorted(ignored + tuple(f.field(k) for k in ("partition", "dirichlet_alpha") if f.has(k))))
     return DataSpec(name, loader, partition, dirichlet_alpha, samples_per_device, ignored)

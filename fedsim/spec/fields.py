@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from fedsim.errors import ScenarioError
 
@@ -123,12 +123,17 @@ class Fields:
             raise self.error(key, f"must be a non-empty list of tables, got {_show(value)}")
         return [Fields(item, self.source, f"{self.field(key)}[{i}]") for i, item in enumerate(value)]
 
-    def ignored_or_unknown(self, own: Iterable[str], others: Iterable[str], reader: str) -> tuple[str, ...]:
-        """The keys not read here that `others` (other policies, data sets) read, as field paths; any other
-        unread key is an error naming the closest known field. `own`: the keys `reader` may read."""
-        own, others = set(own) | self._read, set(others)
+    def ignored_or_unknown(self, own: Iterable[str], others: Callable[[], Iterable[str]],
+                           reader: str) -> tuple[str, ...]:
+        """The keys not read here that `others()` (the fields other policies or data sets read; asked only when a
+        key is left unread, as it may import them all) read, as field paths; any other unread key is an error
+        naming the closest known field. `own`: the keys `reader` may read."""
+        unread = sorted(set(self.table) - self._read)
+        if not unread:
+            return ()
+        own, others = set(own) | self._read, set(others())
         ignored = []
-        for key in sorted(set(self.table) - self._read):
+        for key in unread:
             if key in others:
                 ignored.append(self.field(key))
                 continue

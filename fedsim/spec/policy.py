@@ -82,6 +82,6 @@ def read_policy(fields: Fields, training: "TrainingSpec") -> tuple[PolicyConfig,
     if undeclared:
         raise fields.error(undeclared[0], f"policy {name!r} read a field it does not declare in its `reads` "
                                           f"({', '.join(sorted(cls.reads)) or 'none'})")
-    others = frozenset().union(*builtin_fields().values())
-    ignored = fields.ignored_or_unknown(cls.reads | {"name"}, others, policy.describe())
+    ignored = fields.ignored_or_unknown(cls.reads | {"name"}, lambda: frozenset().union(*builtin_fields().values()),
+                                        policy.describe())
     return policy, ignored
