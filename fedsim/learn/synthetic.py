@@ -72,7 +72,12 @@ class SyntheticDevices:
         self._x_std = np.arange(1, dim + 1, dtype=np.float64) ** -0.6    # sqrt of the variance j^-1.2
         self._bits = np.random.Philox(key=self.key)
         self._gen = np.random.Generator(self._bits)
-        self._state = self._bits.state
+        # The generator's state with Python ints in lists, not numpy arrays: the state setter reads it element by
+        # element, and numpy scalars make a seek several times slower
+        state = self._bits.state
+        self._state = {**state, "state": {name: [int(v) for v in value] for name, value in state["state"].items()},
+                       "buffer": [int(v) for v in state["buffer"]]}
+        self._counter = self._state["state"]["counter"]
         self._lock = threading.Lock()     # one generator, sought per device: one device at a time (Dask threads)
         self._whole: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch = threading.local()        # each thread's buffers for the draws' temporaries
@@ -90,7 +95,7 @@ class SyntheticDevices:
     def _seek(self, device: int, part: int) -> None:
         """Put the generator at the start of stream `part` of `device`."""
         state = self._state
-        state["state"]["counter"][:] = (0, 0, device, part)
+        self._counter[:] = 0, 0, device, part
         state["buffer_pos"], state["has_uint32"] = 4, 0
         self._bits.state = state
 
