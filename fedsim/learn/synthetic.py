@@ -156,10 +156,14 @@ class SyntheticDevices:
         index = np.asarray(index, dtype=np.int64)
         if index.size and (index.min() < 0 or index.max() >= self.n_rows(part)):
             raise DataError(f"synthetic {part} rows: index out of range 0..{self.n_rows(part) - 1}")
-        devices, slot = np.unique(index // m, return_inverse=True)
+        owner = index // m
+        devices = np.unique(owner)
         xs, ys = self.draw(devices, part)
-        local = index % m
-        return torch.from_numpy(xs[slot, local].reshape(len(index), self.dim)), torch.from_numpy(ys[slot, local])
+        # each row's place among the drawn rows (its device's position in `devices` times m, plus its sample),
+        # then one gather of whole rows: cheaper than np.unique's inverse and a two-index gather
+        drawn_row = np.searchsorted(devices, owner) * m + (index - owner * m)
+        return (torch.from_numpy(np.take(xs.reshape(-1, self.dim), drawn_row, axis=0)),
+                torch.from_numpy(np.take(ys.reshape(-1), drawn_row)))
 
     def whole(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row of `part`, made once and kept."""
