@@ -72,7 +72,12 @@ class SyntheticDevices:
         self._x_std = np.arange(1, dim + 1, dtype=np.float64) ** -0.6    # sqrt of the variance j^-1.2
         self._bits = np.random.Philox(key=self.key)
         self._gen = np.random.Generator(self._bits)
-        self._state = self._bits.state
+        # The generator's state with Python ints in lists, not numpy arrays: the state setter reads it element by
+        # element, and numpy scalars make a seek several times slower
+        state = self._bits.state
+        self._state = {**state, "state": {name: [int(v) for v in value] for name, value in state["state"].items()},
+                       "buffer": [int(v) for v in state["buffer"]]}
+        self._counter = self._state["state"]["counter"]
         self._lock = threading.Lock()     # one generator, sought per device: one device at a time (Dask threads)
         self._whole: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch = threading.local()        # each thread's buffers for the draws' temporaries
@@ -90,7 +95,7 @@ class SyntheticDevices:
     def _seek(self, device: int, part: int) -> None:
         """Put the generator at the start of stream `part` of `device`."""
         state = self._state
-        state["state"]["counter"][:] = (0, 0, device, part)
+        self._counter[:] = 0, 0, device, part
         state["buffer_pos"], state["has_uint32"] = 4, 0
         self._bits.state = state
 
@@ -151,10 +156,14 @@ class SyntheticDevices:
         index = np.asarray(index, dtype=np.int64)
         if index.size and (index.min() < 0 or index.max() >= self.n_rows(part)):
             raise DataError(f"synthetic {part} rows: index out of range 0..{self.n_rows(part) - 1}")
-        devices, slot = np.unique(index // m, return_inverse=True)
+        owner = index // m
+        devices = np.unique(owner)
         xs, ys = self.draw(devices, part)
-        local = index % m
-        return torch.from_numpy(xs[slot, local].reshape(len(index), self.dim)), torch.from_numpy(ys[slot, local])
+        # each row's place among the drawn rows (its device's position in `devices` times m, plus its sample),
+        # then one gather of whole rows: cheaper than np.unique's inverse and a two-index gather
+        drawn_row = np.searchsorted(devices, owner) * m + (index - owner * m)
+        return (torch.from_numpy(np.take(xs.reshape(-1, self.dim), drawn_row, axis=0)),
+                torch.from_numpy(np.take(ys.reshape(-1), drawn_row)))
 
     def whole(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row of `part`, made once and kept."""
