@@ -14,9 +14,7 @@ import numpy as np
 import torch
 
 from fedsim.errors import DataError
-from fedsim.learn.byte_images import ByteImages
-from fedsim.learn.idx import MNIST_PIXEL_VALUES, mnist_bytes, read_idx
-from fedsim.learn.rows import TEST, TRAIN, LazyRows
+from fedsim.learn.idx import mnist_arrays, read_idx
 
 __all__ = ["Dataset", "Partition", "read_idx", "load_mnist", "partition_iid", "partition_dirichlet"]
 
@@ -154,14 +152,11 @@ def _require_number(name: str, value: object, low: float, strict: bool) -> None:
 def load_mnist(directory: str | Path) -> Dataset:
     """Load MNIST from the four standard IDX files in `directory`, each raw or `.gz` (read by `fedsim.learn.idx`).
 
-    Pixels are normalised with the usual MNIST mean 0.1307 and std 0.3081. The images are held as bytes and
-    normalised as rows are gathered (`fedsim.learn.byte_images`): the inputs are `LazyRows`, the labels tensors.
+    Pixels are normalised with the usual MNIST mean 0.1307 and std 0.3081.
     """
-    x_train, y_train, x_test, y_test = mnist_bytes(directory)
-    source = ByteImages({TRAIN: x_train, TEST: x_test}, {TRAIN: y_train, TEST: y_test}, MNIST_PIXEL_VALUES,
-                        name="mnist")
-    return Dataset(LazyRows(source, TRAIN, "x"), source.labels(TRAIN), LazyRows(source, TEST, "x"),
-                   source.labels(TEST), input_shape=source.input_shape, num_classes=10)
+    x_train, y_train, x_test, y_test = mnist_arrays(directory)
+    return Dataset(torch.from_numpy(x_train), torch.from_numpy(y_train), torch.from_numpy(x_test),
+                   torch.from_numpy(y_test), input_shape=(1, 28, 28), num_classes=10)
 
 
 def partition_iid(n_samples: int, n_devices: int, samples_per_device: int,

@@ -33,8 +33,7 @@ The contract:
   ("synthetic ignores data.dir"), so `--set data.name=...` switches data sets.
 * `load(request)` runs when a run is built and returns the `fedsim.learn.data.Dataset`: floating-point
   inputs of shape (N, *input_shape), int64 labels in 0..num_classes-1, non-empty training and test sets
-  (tensors; or inputs made on demand, `fedsim.learn.rows.LazyRows`, with tensor labels or labels made on demand
-  too, which are then not checked).
+  (tensors, or `fedsim.learn.rows.LazyRows` for a set made on demand, whose labels are then not checked).
   `request` (a `DataRequest`) gives the number of devices, the samples per device, the run's data stream
   `request.rng` (the only randomness a data set may use: the same seed gives the same data) and
   `request.error(key, message)`, the ScenarioError for field `data.<key>`. Anything else `load` raises
@@ -181,12 +180,9 @@ def check_dataset(dataset: object) -> str | None:
         return f"returned num_classes {classes!r}; expected a positive int"
     for part in ("train", "test"):
         x, y = getattr(dataset, f"x_{part}"), getattr(dataset, f"y_{part}")
-        lazy = isinstance(y, LazyRows)              # labels made on demand are not read
-        x_ok = isinstance(x, (torch.Tensor, LazyRows))
-        y_ok = isinstance(y, torch.Tensor) or (lazy and isinstance(x, LazyRows))
-        if not (x_ok and y_ok):
-            return (f"returned x_{part} and y_{part} of types {type(x).__name__}, {type(y).__name__}; expected "
-                    "tensors (or LazyRows inputs, with LazyRows or tensor labels)")
+        lazy = isinstance(x, LazyRows) and isinstance(y, LazyRows)     # made on demand: the labels are not read
+        if not lazy and (not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor)):
+            return f"returned x_{part} and y_{part} of types {type(x).__name__}, {type(y).__name__}; expected tensors"
         if not x.is_floating_point():
             return f"returned x_{part} of dtype {x.dtype}; expected floating-point inputs"
         if tuple(x.shape[1:]) != shape:

@@ -1,13 +1,13 @@
 """IDX files (MNIST's format) read into numpy arrays, with no torch: raw or gzipped, every bad byte a `DataError`.
 
-`mnist_bytes(directory)` is MNIST's four files as uint8 images and int64 labels, checked; `normalise` turns
-images into MNIST's normalised float32 inputs (one table look-up per pixel), and `mnist_arrays` does both.
-`load_mnist` (`fedsim.learn.data`) keeps the bytes and normalises the rows a round gathers. No exception type but
-`DataError` escapes `read_idx`, whatever bytes it is fed.
+`mnist_arrays(directory)` is MNIST's four files as normalised float32 images and int64 labels; `load_mnist`
+(`fedsim.learn.data`) wraps them as tensors. No exception type but `DataError` escapes `read_idx`, whatever bytes
+it is fed.
 """
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import zlib
@@ -17,33 +17,24 @@ import numpy as np
 
 from fedsim.errors import DataError
 
-__all__ = ["read_idx", "mnist_bytes", "mnist_arrays", "normalise", "MNIST_PIXEL_VALUES"]
+__all__ = ["read_idx", "mnist_arrays"]
 
 # A gzip stream's decompressed size is unknown until it has been read, so without a cap a header
 # lying about its dims would let a gzip bomb grow the bounded read without limit.
 _MAX_GZIP_PAYLOAD_BYTES = 1 << 32
-_GZIP_CHUNK_BYTES = 1 << 26
+_GZIP_CHUNK_BYTES = 1 << 23
 _IDX_OTHER_TYPES = {0x09: "signed byte", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32",
                     0x0E: "float64"}
 _MNIST_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                 "t10k-labels-idx1-ubyte")
 _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
-# The normalised float32 value of each pixel byte, (b / 255 - mean) / std computed in float64 and rounded once.
-MNIST_PIXEL_VALUES = ((np.arange(256) / 255.0 - _MNIST_MEAN) / _MNIST_STD).astype(np.float32)
 
 MnistArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
 
 def mnist_arrays(directory: str | Path) -> MnistArrays:
     """(train images (n, 1, 28, 28) float32, train labels int64, test images, test labels) of the four MNIST IDX
     files in `directory` (each raw or `.gz`); pixels normalised with MNIST's mean 0.1307 and std 0.3081."""
-    train_images, train_labels, test_images, test_labels = mnist_bytes(directory)
-    return normalise(train_images), train_labels, normalise(test_images), test_labels
-
-
-def normalise(images: np.ndarray) -> np.ndarray:
-    """uint8 images (n, 28, 28) as MNIST's normalised float32 inputs (n, 1, 28, 28)."""
-    return MNIST_PIXEL_VALUES[images].reshape(-1, 1, *images.shape[1:])
+    return _read_mnist(directory)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -55,42 +46,14 @@ def read_idx(path: str | Path) -> np.ndarray:
             raw.seek(0)
             if not is_gzip:
                 return _read_idx_stream(raw, path, file_bytes=os.fstat(raw.fileno()).st_size)
-            return _read_idx_stream(_Inflated(raw.read()), path, file_bytes=None)
+            with gzip.GzipFile(fileobj=raw) as stream:
+                return _read_idx_stream(stream, path, file_bytes=None)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (EOFError, zlib.error) as err:
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise DataError(f"{path}: corrupt gzip stream: {err}") from None
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err.strerror or err}") from None
-
-
-class _Inflated:
-    """The decompressed bytes of a gzip file (all its members, as `gzip` reads them) as a stream whose `read(n)`
-    inflates up to n bytes in one zlib call: the whole of MNIST's images in one call, which `gzip.GzipFile`
-    would make in hundreds of Python-level steps. The gzip trailer's CRC and length are checked at each member's
-    end (zlib.error); a stream cut short raises EOFError."""
-
-    def __init__(self, compressed: bytes):
-        self._inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        self._pending = compressed
-
-    def read(self, n: int) -> bytes:
-        parts, wanted = [], n
-        while wanted > 0:
-            if self._inflater.eof:            # a member ended: another may follow (gzip's concatenation)
-                rest = self._inflater.unused_data
-                if not rest:
-                    break
-                self._inflater, self._pending = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS), rest
-            if not self._pending:
-                raise EOFError("compressed file ended before the end-of-stream marker was reached")
-            part = self._inflater.decompress(self._pending, wanted)
-            self._pending = self._inflater.unconsumed_tail
-            if not part and not self._inflater.eof and not self._pending:
-                raise EOFError("compressed file ended before the end-of-stream marker was reached")
-            parts.append(part)
-            wanted -= len(part)
-        return b"".join(parts)
 
 
 def _read_idx_stream(stream, path: Path, file_bytes: int | None) -> np.ndarray:
@@ -128,21 +91,17 @@ def _read_idx_stream(stream, path: Path, file_bytes: int | None) -> np.ndarray:
                         f"{_MAX_GZIP_PAYLOAD_BYTES} a gzipped IDX file may hold")
     # One byte past the expected size reveals trailing data; growing chunk by chunk keeps memory
     # proportional to what the stream really holds, never to what the header claims.
-    chunks, have = [], 0
-    while have <= expected:
-        chunk = stream.read(min(_GZIP_CHUNK_BYTES, expected + 1 - have))
+    buf = bytearray()
+    while len(buf) <= expected:
+        chunk = stream.read(min(_GZIP_CHUNK_BYTES, expected + 1 - len(buf)))
         if not chunk:
             break
-        chunks.append(chunk)
-        have += len(chunk)
-    check(have, "decompressed stream has" + (" at least" if have > expected else ""))
-    # one chunk (MNIST's images are one) is used as it is: joining would copy it
-    return np.frombuffer(chunks[0] if len(chunks) == 1 else b"".join(chunks), dtype=np.uint8).reshape(dims)
+        buf += chunk
+    check(len(buf), "decompressed stream has" + (" at least" if len(buf) > expected else ""))
+    return np.frombuffer(buf, dtype=np.uint8).reshape(dims)
 
 
-def mnist_bytes(directory: str | Path) -> MnistArrays:
-    """(train images (n, 28, 28) uint8, train labels int64, test images, test labels) of the four MNIST IDX files
-    in `directory` (each raw or `.gz`), checked: shapes, counts, labels in 0..9."""
+def _read_mnist(directory: str | Path) -> MnistArrays:
     directory = Path(directory)
     expected_names = ", ".join(f"{n}[.gz]" for n in _MNIST_NAMES)
     if not directory.is_dir():
@@ -167,5 +126,28 @@ def mnist_bytes(directory: str | Path) -> MnistArrays:
                             f"{images.shape[0]} images")
         if labels.size and labels.max() > 9:
             raise DataError(f"{lbl_path}: label {int(labels.max())} out of range 0..9")
-        arrays += [images, labels.astype(np.int64)]
+        arrays += [_normalised(images).reshape(-1, 1, 28, 28), labels.astype(np.int64)]
     return tuple(arrays)
+
+
+# Each pixel byte's normalised float32 value: (b / 255 - mean) / std in float64, rounded once.
+_PIXEL_VALUES = ((np.arange(256) / 255.0 - _MNIST_MEAN) / _MNIST_STD).astype(np.float32)
+# The values of two adjacent bytes at once: entry p holds the float32 pair (value of p's first byte in memory,
+# value of its second), stored as one uint64, so a table look-up converts two pixels.
+_PAIR = np.arange(65536, dtype=np.uint16).view(np.uint8).reshape(-1, 2)
+_PAIR_VALUES = np.ascontiguousarray(_PIXEL_VALUES[_PAIR]).view(np.uint64).reshape(-1)
+_NORMALISE_CHUNK = 1 << 18      # pixel pairs per look-up: the chunk's int64 index stays in the cache
+
+
+def _normalised(images: np.ndarray) -> np.ndarray:
+    """uint8 images as normalised float32 (the same shape): the float32 of `_PIXEL_VALUES[images]`, two pixels per
+    look-up and in chunks (a single `_PIXEL_VALUES[images]` would first widen all 47 M indices to int64)."""
+    flat = np.ascontiguousarray(images).reshape(-1)
+    out = np.empty(flat.size, dtype=np.float32)
+    pairs = flat.size // 2
+    words, into = flat[:2 * pairs].view(np.uint16), out[:2 * pairs].view(np.uint64)
+    for lo in range(0, pairs, _NORMALISE_CHUNK):
+        np.take(_PAIR_VALUES, words[lo:lo + _NORMALISE_CHUNK], out=into[lo:lo + _NORMALISE_CHUNK])
+    if flat.size % 2:
+        out[-1] = _PIXEL_VALUES[flat[-1]]
+    return out.reshape(images.shape)
