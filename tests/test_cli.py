@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-
 import pyarrow.parquet as pq
 import pytest
 
@@ -71,6 +70,28 @@ def test_run_and_validate_subprocess(tmp_path):
         assert meta[b"scenario.text"].decode() == BASE_TOML
     assert (tmp_path / "r" / "model.pt").exists()
     assert '"completed"' in (tmp_path / "r" / "status.json").read_text()
+
+
+def test_the_command_exits_as_main_returns_and_its_trace_is_whole(tmp_path):
+    """`python -m fedsim.cli` (the `fedsim` entry) skips the interpreter's last garbage scan: what it wrote is
+    the run `main` writes in process, every row, and a bad input still exits 2."""
+    import tomllib
+
+    path = tmp_path / "s.toml"
+    path.write_text(BASE_TOML)
+    res = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", str(path), "--out", str(tmp_path / "cmd"),
+                          "--quiet"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert main(["run", str(path), "--out", str(tmp_path / "inproc"), "--quiet"]) == 0
+    for name in ("events", "rounds", "devices"):
+        a, b = pq.read_table(tmp_path / "cmd" / f"{name}.parquet"), pq.read_table(tmp_path / "inproc" / f"{name}.parquet")
+        assert a.num_rows > 0 and a.equals(b)
+    assert '"completed"' in (tmp_path / "cmd" / "status.json").read_text()
+    bad = subprocess.run([sys.executable, "-m", "fedsim.cli", "validate", str(path), "--set", "policy.deadline_s=-1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "policy.deadline_s" in bad.stderr and "Traceback" not in bad.stderr
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["fedsim"] == "fedsim.cli:entry"
 
 
 def test_same_seed_same_trace_other_seed_differs(tmp_path):

@@ -4,6 +4,6 @@ Bad input exits 2 with one line on stderr, no traceback (`fedsim.cli.main`). The
 in `commands.py`, the progress display in `progress.py`, `report`/`plot` (the analysis package) in `study.py`.
 """
 
-from fedsim.cli.main import main
+from fedsim.cli.main import entry, main
 
-__all__ = ["main"]
+__all__ = ["main", "entry"]

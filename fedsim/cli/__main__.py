@@ -1,5 +1,3 @@
-import sys
+from fedsim.cli.main import entry
 
-from fedsim.cli.main import main
-
-sys.exit(main())
+entry()
