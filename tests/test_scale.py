@@ -241,3 +241,22 @@ def test_the_data_interface_holds_the_synthetic_threshold_without_torch():
     from fedsim.learn import datasets, synthetic
 
     assert datasets.EAGER_BYTES == synthetic.EAGER_BYTES
+
+
+def test_lazy_rows_take_a_boolean_mask_as_a_tensor_does_and_an_empty_index_on_a_fresh_thread():
+    import threading
+
+    from fedsim.learn.synthetic import make_synthetic
+
+    whole, _ = make_synthetic(0.5, 1.0, 20, 3, 1, np.random.default_rng(8), lazy=False)
+    lazy, _ = make_synthetic(0.5, 1.0, 20, 3, 1, np.random.default_rng(8), lazy=True)
+    mask = whole.y_train < 5
+    assert torch.equal(lazy.x_train[mask], whole.x_train[mask]) and len(lazy.x_train[mask]) == int(mask.sum())
+    assert torch.equal(lazy.y_train[mask.numpy()], whole.y_train[mask])
+    with pytest.raises(IndexError, match="boolean mask"):
+        lazy.x_train[np.ones(5, dtype=bool)]
+    got = []
+    thread = threading.Thread(target=lambda: got.append(lazy.x_train[np.array([], dtype=np.int64)]))
+    thread.start()
+    thread.join()
+    assert got and tuple(got[0].shape) == (0, 60)

@@ -60,7 +60,12 @@ class LazyRows:
         """Rows `index` (an index array or tensor, or a slice) as a tensor."""
         if isinstance(index, slice):
             index = np.arange(*index.indices(len(self)))
-        x, y = self.source.take(self.part, np.asarray(index, dtype=np.int64))
+        index = np.asarray(index.numpy() if isinstance(index, torch.Tensor) else index)
+        if index.dtype == bool:                 # a mask, as a tensor takes it (not rows 0 and 1)
+            if index.shape != (len(self),):
+                raise IndexError(f"a boolean mask of shape {index.shape} for {len(self)} rows")
+            index = np.flatnonzero(index)
+        x, y = self.source.take(self.part, index.astype(np.int64, copy=False))
         return x.to(self.dtype) if self.column == "x" else y
 
     def tensor(self) -> torch.Tensor:

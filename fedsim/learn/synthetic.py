@@ -86,7 +86,7 @@ class SyntheticDevices:
         """This thread's buffers for `rows` devices' draws (float64: `drawn`, `weights`, `inputs` per device); kept
         for the next call up to _SCRATCH_ROWS devices (a round's participants), fresh beyond (a whole test set)."""
         scratch = self._scratch if rows <= _SCRATCH_ROWS else SimpleNamespace()
-        if getattr(scratch, "rows", 0) < rows or scratch.drawn.shape[1] != drawn:
+        if getattr(scratch, "rows", -1) < rows or scratch.drawn.shape[1] != drawn:
             scratch.rows = rows
             scratch.drawn = np.empty((rows, drawn))
             scratch.weights, scratch.inputs = np.empty((rows, weights)), np.empty((rows, inputs))
