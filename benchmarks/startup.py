@@ -5,11 +5,11 @@ and build of the paper's MLP scenario.
 
 Each figure is the best of N fresh processes (default 5; `--quick`: 1), wall time from `exec` to exit, so the
 interpreter's own start is included. The processes cache compiled modules as Python does by default
-(PYTHONDONTWRITEBYTECODE is dropped from their environment), so all but the first start from bytecode. The build reads `scenarios/paper_mnist_mlp.toml` with its MNIST files
-(`--mnist`, default ../shared/datasets/mnist; the synthetic data set of the same shapes if absent) and times,
-inside the process, the imports of `fedsim.sim.build` and `fedsim.spec.scenario` plus `load_scenario` and
-`build_components` (data, model, profile, fleet). Each process also says whether torch, `torch._dynamo` and
-sympy were imported. Prints a table, then one JSON line; `import_build_s` is the headline figure.
+(PYTHONDONTWRITEBYTECODE is dropped from their environment), so all but the first start from bytecode. The build
+reads `scenarios/paper_mnist_mlp.toml` with its MNIST files (`--mnist`, default ../shared/datasets/mnist; the
+synthetic data set of the same shapes if absent) and times, inside the process, the imports of `fedsim.sim.build`
+and `fedsim.spec.scenario` plus `load_scenario` and `build_components` (data, model, profile, fleet). Each process
+also says whether torch, `torch._dynamo` and sympy were imported. Prints a table, then one JSON line; `import_build_s` is the headline figure.
 """
 
 from __future__ import annotations

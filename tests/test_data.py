@@ -17,7 +17,6 @@ from fedsim.learn.synthetic import make_synthetic
 from fedsim.learn.data import (Dataset, Partition, load_mnist, partition_dirichlet,
                          partition_iid, read_idx)
 from fedsim.errors import DataError
-from fedsim.learn.rows import full_tensor
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
 NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -60,9 +59,8 @@ def test_real_mnist_loads(mnist):
     assert mnist.input_shape == (1, 28, 28) and mnist.num_classes == 10
     counts = np.bincount(mnist.y_train.numpy(), minlength=10)
     assert counts.tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-    x_train = full_tensor(mnist.x_train)
-    assert abs(float(x_train.mean())) < 0.01
-    assert abs(float(x_train.std()) - 1.0) < 0.05
+    assert abs(float(mnist.x_train.mean())) < 0.01
+    assert abs(float(mnist.x_train.std()) - 1.0) < 0.05
 
 
 def test_raw_and_gzipped_idx_load_identically(tmp_path):
@@ -70,12 +68,12 @@ def test_raw_and_gzipped_idx_load_identically(tmp_path):
     write_mnist_like(tmp_path / "gz", compress=True)
     raw, gz = load_mnist(tmp_path / "raw"), load_mnist(tmp_path / "gz")
     for field in ("x_train", "y_train", "x_test", "y_test"):
-        assert torch.equal(full_tensor(getattr(raw, field)), full_tensor(getattr(gz, field)))
+        assert torch.equal(getattr(raw, field), getattr(gz, field))
     assert raw.x_train.shape == (7, 1, 28, 28) and raw.y_test.shape == (3,)
     pixels = read_idx(tmp_path / "raw" / NAMES[0])
     assert pixels.dtype == np.uint8
     expected = ((pixels.astype(np.float64) / 255 - 0.1307) / 0.3081).astype(np.float32)
-    np.testing.assert_array_equal(full_tensor(raw.x_train).numpy()[:, 0], expected)
+    np.testing.assert_array_equal(raw.x_train.numpy()[:, 0], expected)
 
 
 def test_gzip_detected_by_content_not_name(tmp_path):

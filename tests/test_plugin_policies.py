@@ -218,3 +218,16 @@ def test_ignored_fields_do_not_change_a_runs_identity():
     assert identity('policy.name="wait"', "policy.deadline_s=0.1") == identity('policy.name="wait"', "policy.deadline_s=0.2")
     assert identity("policy.deadline_s=0.1") != identity("policy.deadline_s=0.2")
     assert identity('policy.name="wait"', "run.seed=4")["group"] == identity('policy.name="wait"')["group"]
+
+
+def test_reading_a_scenario_imports_the_other_policies_only_to_name_a_field_it_ignores():
+    """Every built-in policy's fields are looked up only when the `[policy]` table holds a key its policy does
+    not read (to tell a field another policy reads, named in a notice, from a misspelt one)."""
+    code = ("import sys; from pathlib import Path; from fedsim.spec.scenario import load_scenario; "
+            "scn = load_scenario(Path('scenarios/quickstart.toml'), sys.argv[1:]); "
+            "print(scn.ignored, 'fedsim.policies.fedbuff' in sys.modules, 'fedsim.policies.heterofl' in sys.modules)")
+    quiet = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert quiet.stdout.split() == ["()", "False", "False"]
+    other = subprocess.run([sys.executable, "-c", code, "policy.buffer_size=3"], cwd=REPO, capture_output=True,
+                           text=True, check=True)
+    assert other.stdout.split() == ["('policy.buffer_size',)", "True", "True"]
